@@ -1,0 +1,47 @@
+# triton-rag: `make serve` runs the real tritonserver on this machine; `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 is the CPU build on this project's CI machines; on a GPU machine pick a CUDA build, e.g. TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+
+# make serve EMBED_MODEL=Qwen/Qwen3-Embedding-8B RERANK_MODEL=/models/Qwen3-Reranker-4B EMBED_DIM=1024
+SET :=
+ifdef EMBED_MODEL
+SET += --set embed.model=$(EMBED_MODEL)
+endif
+ifdef RERANK_MODEL
+SET += --set rerank.model=$(RERANK_MODEL)
+endif
+ifdef EMBED_DIM
+SET += --set embed.dim=$(EMBED_DIM)
+endif
+SERVE_ARGS ?=
+
+.PHONY: install test-tools prepare serve test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[embedded,test]'
+	@touch $@
+
+# perf_analyzer (and docker-compose for the compose check): see tools/install_test_tools.sh
+test-tools: install
+	bash tools/install_test_tools.sh $(VENV)
+
+prepare: install
+	$(PY) -m triton_rag prepare $(SET)
+
+serve: install
+	$(PY) -m triton_rag serve $(SET) $(SERVE_ARGS)
+
+test: install test-tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .cache model_repository/*/config.pbtxt model_repository/*/1/hf model_repository/*/1/tokenizer

@@ -1,0 +1,149 @@
+"""The tensor contract of every model in the repository: the one place where names, dtypes and dims live.
+
+The config generator renders these into config.pbtxt files and `docs/CONTRACT.md` is generated from them (a test
+keeps the two in sync), so clients, engines and docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Model names. The first three are client-facing; encoders are the compute engines behind them.
+EMBED_ENDPOINT = "qwen_embed"
+RERANK_ENDPOINT = "qwen_rerank"
+EMBED_ENCODER = "qwen_embed_encoder"
+RERANK_ENCODER = "qwen_rerank_encoder"
+
+#: pgvector's HNSW/IVFFlat indexes stop at 2000 dimensions, hence the default embedding size.
+DEFAULT_EMBED_DIM = 2000
+MIN_EMBED_DIM = 32
+
+#: Order of the reranker head's two logits.
+RERANK_LOGIT_ORDER = ("no", "yes")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str  # Triton config type, e.g. "TYPE_STRING"
+    dims: tuple[int, ...]
+    doc: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    name: str
+    doc: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    #: (preferred batch sizes, max queue delay in microseconds); None: no dynamic batcher.
+    dynamic_batching: tuple[tuple[int, ...], int] | None = None
+    client_facing: bool = True
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def embed_endpoint(dim: int) -> ModelContract:
+    return ModelContract(
+        name=EMBED_ENDPOINT,
+        doc="Text embeddings (Qwen3-Embedding recipe, or mean pooling for BERT-family embedders).",
+        max_batch_size=32,
+        dynamic_batching=((4, 8, 16), 3000),
+        inputs=(
+            TensorSpec("TEXT", "TYPE_STRING", (1,), "UTF-8 text to embed. Empty text is an error."),
+            TensorSpec(
+                "INSTRUCTION",
+                "TYPE_STRING",
+                (1,),
+                "Task instruction. When non-empty the row is a query, formatted "
+                "`Instruct: {INSTRUCTION}\\nQuery:{TEXT}`; empty or absent: a document, no prompt.",
+                optional=True,
+            ),
+        ),
+        outputs=(
+            TensorSpec(
+                "EMBEDDING",
+                "TYPE_FP16",
+                (dim,),
+                f"Pooled, truncated to {dim} dims (Matryoshka), then L2-normalised.",
+            ),
+            TensorSpec(
+                "TRUNCATED",
+                "TYPE_BOOL",
+                (1,),
+                "True when the text was cut at max_length (only with overflow = \"truncate\").",
+            ),
+        ),
+    )
+
+
+def rerank_endpoint() -> ModelContract:
+    return ModelContract(
+        name=RERANK_ENDPOINT,
+        doc="Relevance of a document to a query: P(\"yes\") by the Qwen3-Reranker recipe, one pair per row.",
+        max_batch_size=16,
+        dynamic_batching=((2, 4, 8), 5000),
+        inputs=(
+            TensorSpec("QUERY", "TYPE_STRING", (1,), "UTF-8 query. Empty is an error."),
+            TensorSpec("DOCUMENT", "TYPE_STRING", (1,), "UTF-8 document. Empty is an error."),
+            TensorSpec(
+                "INSTRUCTION",
+                "TYPE_STRING",
+                (1,),
+                "Task instruction; empty or absent: the configured default instruction.",
+                optional=True,
+            ),
+        ),
+        outputs=(
+            TensorSpec("SCORE", "TYPE_FP32", (1,), "softmax([no, yes])[yes] = sigmoid(yes - no), in [0, 1]."),
+            TensorSpec(
+                "TRUNCATED",
+                "TYPE_BOOL",
+                (1,),
+                "True when the pair was cut at max_length (only with overflow = \"truncate\").",
+            ),
+        ),
+    )
+
+
+_ENCODER_INPUTS = (
+    TensorSpec("INPUT_IDS", "TYPE_INT64", (-1,), "Token ids, one row per text, padded to the batch's longest row."),
+    TensorSpec("ATTENTION_MASK", "TYPE_INT64", (-1,), "1 for real tokens, 0 for padding (either side)."),
+)
+
+
+def embed_encoder(hidden_size: int) -> ModelContract:
+    return ModelContract(
+        name=EMBED_ENCODER,
+        doc="Compute engine of qwen_embed: transformer plus pooling, nothing per token leaves it.",
+        max_batch_size=32,
+        client_facing=False,
+        inputs=_ENCODER_INPUTS,
+        outputs=(
+            TensorSpec(
+                "POOLED",
+                "TYPE_FP32",
+                (hidden_size,),
+                "Pooled final hidden state (last real token, or mean over real tokens); not normalised.",
+            ),
+        ),
+    )
+
+
+def rerank_encoder() -> ModelContract:
+    return ModelContract(
+        name=RERANK_ENCODER,
+        doc="Compute engine of qwen_rerank: transformer plus the two LM-head rows for \"no\" and \"yes\".",
+        max_batch_size=16,
+        client_facing=False,
+        inputs=_ENCODER_INPUTS,
+        outputs=(
+            TensorSpec(
+                "LOGITS",
+                "TYPE_FP32",
+                (2,),
+                "Logits of the tokens \"no\" and \"yes\" (in that order) at the last real position.",
+            ),
+        ),
+    )

@@ -1,0 +1,18 @@
+"""What turns encoder outputs into endpoint outputs: Matryoshka truncation plus normalisation, and rerank scores."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def matryoshka_normalize(pooled: np.ndarray, dim: int) -> np.ndarray:
+    """Keep the first `dim` features, then L2-normalise (Qwen3-Embedding MRL): FP16 rows of unit length."""
+    head = pooled[:, :dim].astype(np.float32)
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    return (head / np.maximum(norms, 1e-12)).astype(np.float16)
+
+
+def yes_probability(logits_no_yes: np.ndarray) -> np.ndarray:
+    """softmax([no, yes])[yes], computed as sigmoid(yes - no) in float64 for stability; shape [rows, 1]."""
+    diff = logits_no_yes[:, 1].astype(np.float64) - logits_no_yes[:, 0].astype(np.float64)
+    return (1.0 / (1.0 + np.exp(-diff))).astype(np.float32).reshape(-1, 1)

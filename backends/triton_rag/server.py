@@ -1,0 +1,222 @@
+"""Run the real tritonserver bundled in the nvidia-pytriton wheel (the embedded default; no Docker).
+
+Two details make the bundled server usable from a virtual environment:
+- the python backend stub must match the running Python: we copy the wheel's stub for this Python into a backend
+  directory of our own, and put the wheel's private libraries (libcudart, ...) on LD_LIBRARY_PATH;
+- the stub starts an *isolated* interpreter (PYTHONPATH is ignored) that finds its prefix by looking up `python3` on
+  PATH, so the environment's bin directory goes first on PATH and the stub then sees this environment's packages.
+
+The server runs in its own process group; stopping it (SIGTERM, then SIGKILL after a grace period) always takes the
+whole group down, so no python stub outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def free_ports() -> Ports:
+    """Three ports the OS reports free on loopback (for tests that run beside a live server)."""
+    sockets = [socket.socket() for _ in range(3)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        http, grpc, metrics = (sock.getsockname()[1] for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return Ports(http, grpc, metrics)
+
+
+def pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent
+
+
+def tritonserver_binary() -> Path:
+    return pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+
+
+def prepare_backends(cache_dir: Path) -> Path:
+    """A backend directory whose python backend uses the stub built for the running Python version."""
+    source = pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        available = sorted(p.name for p in (source / "python_backend_stubs").iterdir())
+        raise RuntimeError(f"nvidia-pytriton has no python backend stub for Python {version} (it has {available})")
+    backends = cache_dir / "triton-backends" / version
+    python_backend = backends / "python"
+    python_backend.mkdir(parents=True, exist_ok=True)
+    for file in (*(source / "backends" / "python").glob("*.*"), stub):
+        if file.is_file():
+            target = python_backend / file.name
+            if not target.exists() or target.stat().st_mtime < file.stat().st_mtime:
+                shutil.copy2(file, target)
+    return backends
+
+
+def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([env_bin, env.get("PATH", "")])
+    libs = [str(sysconfig.get_config_var("LIBDIR")), str(pytriton_root().parent / "nvidia_pytriton.libs")]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")  # the endpoints tokenize in several processes already
+    return env
+
+
+def server_command(
+    repository: Path,
+    backends: Path,
+    ports: Ports,
+    load_models: Sequence[str] = ("*",),
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    command = [
+        str(tritonserver_binary()),
+        f"--model-repository={repository.resolve()}",
+        f"--backend-directory={backends.resolve()}",
+        "--model-control-mode=explicit",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-port={ports.metrics}",
+        "--allow-metrics=true",
+        "--exit-timeout-secs=20",
+        "--strict-readiness=true",
+    ]
+    command += [f"--load-model={name}" for name in load_models]
+    return command + list(extra_args)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the launcher dies, so a killed launcher leaves no server behind."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class TritonServer:
+    def __init__(
+        self,
+        repository: Path,
+        cache_dir: Path,
+        ports: Ports = Ports(),
+        load_models: Sequence[str] = ("*",),
+        extra_args: Sequence[str] = (),
+        log: IO[bytes] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.ports = ports
+        self.command = server_command(repository, prepare_backends(cache_dir), ports, load_models, extra_args)
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            env=server_environment(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT if self.log is not None else None,
+            preexec_fn=_die_with_parent,
+        )
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until every model asked for is loaded; raise if the server exits or the time runs out."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s")
+
+    def stop(self, grace: float = 30.0) -> int:
+        """SIGTERM the server, wait up to `grace` seconds, then SIGKILL its process group (stubs included)."""
+        if self.process is None:
+            return 0
+        pgid = self.process.pid  # the server leads its own session and process group
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # anything left in the group: stubs of a server that did not clean up
+        except ProcessLookupError:
+            pass
+        return self.process.wait()
+
+    def serve_forever(self, grace: float = 30.0) -> int:
+        """Run in the foreground until the server exits or SIGINT/SIGTERM arrives; then stop it cleanly.
+
+        The signal handler only forwards SIGTERM: waiting happens here, in one place, so the handler can never
+        deadlock against a wait that it interrupted."""
+        stop_requested: list[float] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            if not stop_requested and self.process is not None:
+                stop_requested.append(time.monotonic())
+                print(f"\nreceived {signal.Signals(signum).name}: stopping tritonserver", file=sys.stderr, flush=True)
+                os.kill(self.process.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        self.start()
+        assert self.process is not None
+        while True:
+            try:
+                code = self.process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_requested and time.monotonic() - stop_requested[0] > grace:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # stubs of a server that did not clean up
+        except ProcessLookupError:
+            pass
+        return 0 if stop_requested else code

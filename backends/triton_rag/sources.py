@@ -1,0 +1,104 @@
+"""Where a configured model comes from: a local directory, the Hugging Face hub, or (loudly) the offline set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from triton_rag.offline import OFFLINE_MARKER, build_tiny_qwen3
+
+Origin = Literal["local", "hub", "offline"]
+Log = Callable[[str], None]
+
+
+class ModelSourceError(RuntimeError):
+    """The configured model cannot be found; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    requested: str
+    path: Path
+    origin: Origin
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    @property
+    def is_offline_stand_in(self) -> bool:
+        return (self.path / OFFLINE_MARKER).exists()
+
+
+def _banner(lines: list[str], log: Log) -> None:
+    width = max(len(line) for line in lines) + 4
+    log("!" * width)
+    for line in lines:
+        log(f"! {line.ljust(width - 4)} !")
+    log("!" * width)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str, dest: Path, log: Log) -> Path:
+    """Download a hub snapshot into `dest`; raises ConnectionError when the hub cannot be reached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    log(f"downloading {repo_id} from the Hugging Face hub into {dest}")
+    try:
+        snapshot_download(
+            repo_id,
+            local_dir=str(dest),
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Normalize/*"],
+        )
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise ModelSourceError(f"{repo_id}: {exc}") from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ConnectionError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    return dest
+
+
+def resolve_model(
+    spec: str,
+    kind: Literal["embed", "rerank"],
+    cache_dir: Path,
+    offline_fallback: bool,
+    log: Log = print,
+) -> ResolvedModel:
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ModelSourceError(f"{local} has no config.json: not a Hugging Face model directory")
+        return ResolvedModel(spec, local.resolve(), "local")
+    if not _looks_like_hub_id(spec):
+        raise ModelSourceError(f"{spec!r} is neither an existing directory nor a hub id of the form org/name")
+    dest = cache_dir / "hub" / spec.replace("/", "--")
+    try:
+        return ResolvedModel(spec, _download(spec, dest, log), "hub")
+    except ConnectionError as exc:
+        if (dest / "config.json").exists():
+            log(f"the hub is unreachable ({exc}); using the copy of {spec} downloaded earlier at {dest}")
+            return ResolvedModel(spec, dest, "hub")
+        if not offline_fallback:
+            raise ModelSourceError(f"cannot download {spec}: {exc}; offline fallback is off") from exc
+        _banner(
+            [
+                f"The Hugging Face hub cannot be reached ({exc}).",
+                f"{spec} is NOT available: falling back to a tiny RANDOM-WEIGHT Qwen3 {kind} model.",
+                "Its outputs are noise. Set a local model directory in rag.toml for real results.",
+            ],
+            log,
+        )
+        path = build_tiny_qwen3(kind, cache_dir / "offline" / f"tiny-qwen3-{kind}", cache_dir, log)
+        return ResolvedModel(spec, path, "offline")

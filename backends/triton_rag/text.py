@@ -1,0 +1,144 @@
+"""Prompt formatting and tokenization for the embedding and rerank endpoints (no Triton here, so unit-testable).
+
+The formats are the Qwen3 model cards' recipes; FACTS.md and docs/CONTRACT.md quote them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+EMBED_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
+
+RERANK_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+RERANK_PAIR_TEMPLATE = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+
+#: The token Qwen3-Embedding pools at; its own tokenizer appends it, a plain Qwen3 tokenizer does not.
+QWEN3_POOL_TOKEN = "<|endoftext|>"
+
+
+class InputError(ValueError):
+    """Bad client input; the message is returned to the client as the request's error."""
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face (fast) tokenizer we use."""
+
+    def __call__(self, text: list[str], **kwargs: Any) -> Mapping[str, Any]: ...
+
+    def convert_tokens_to_ids(self, tokens: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    truncated: bool
+
+
+def format_embed_text(text: str, instruction: str) -> str:
+    """Queries carry an instruction; documents are embedded as they are."""
+    if instruction:
+        return EMBED_QUERY_TEMPLATE.format(instruction=instruction, text=text)
+    return text
+
+
+def format_rerank_pair(query: str, document: str, instruction: str) -> str:
+    return RERANK_PAIR_TEMPLATE.format(instruction=instruction, query=query, document=document)
+
+
+def _overflow_error(row: int, length: int, limit: int) -> InputError:
+    return InputError(
+        f"row {row}: input is {length} tokens, more than max_length {limit}; split it into smaller chunks "
+        f'or deploy with overflow = "truncate"'
+    )
+
+
+class EmbedTokenization:
+    """Texts -> token ids ending in the pooling token (for last-token pooling), under max_length."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_length: int,
+        overflow: Literal["reject", "truncate"],
+        append_token_id: int | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.overflow = overflow
+        self.append_token_id = append_token_id
+
+    def _with_pool_token(self, ids: list[int]) -> list[int]:
+        if self.append_token_id is not None and (not ids or ids[-1] != self.append_token_id):
+            return ids + [self.append_token_id]
+        return ids
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        rows = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        encoded: list[Encoded] = []
+        for index, ids in enumerate(rows):
+            ids = self._with_pool_token(list(ids))
+            if len(ids) <= self.max_length:
+                encoded.append(Encoded(ids, truncated=False))
+                continue
+            if self.overflow == "reject":
+                raise _overflow_error(index, len(ids), self.max_length)
+            # Let the tokenizer truncate (it keeps its own special tokens), leaving room for the pool token.
+            room = self.max_length - (1 if self.append_token_id is not None else 0)
+            cut = self.tokenizer([texts[index]], add_special_tokens=True, truncation=True, max_length=room)
+            ids = self._with_pool_token(list(cut["input_ids"][0]))
+            encoded.append(Encoded(ids, truncated=True))
+        return encoded
+
+
+class RerankTokenization:
+    """(query, document, instruction) -> prefix + pair + suffix ids, as the Qwen3-Reranker model card builds them."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, overflow: Literal["reject", "truncate"]) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.overflow = overflow
+        self.prefix_ids = list(tokenizer([RERANK_PREFIX], add_special_tokens=False)["input_ids"][0])
+        self.suffix_ids = list(tokenizer([RERANK_SUFFIX], add_special_tokens=False)["input_ids"][0])
+        self.pair_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.pair_budget < 16:
+            raise ValueError(f"max_length {max_length} leaves no room for the reranker prompt")
+
+    def encode(self, pairs: Sequence[str]) -> list[Encoded]:
+        rows = self.tokenizer(list(pairs), add_special_tokens=False)["input_ids"]
+        encoded: list[Encoded] = []
+        for index, ids in enumerate(rows):
+            ids = list(ids)
+            truncated = len(ids) > self.pair_budget
+            if truncated:
+                if self.overflow == "reject":
+                    total = len(ids) + len(self.prefix_ids) + len(self.suffix_ids)
+                    raise _overflow_error(index, total, self.max_length)
+                ids = ids[: self.pair_budget]
+            encoded.append(Encoded(self.prefix_ids + ids + self.suffix_ids, truncated))
+        return encoded
+
+
+def decode_utf8(values: Sequence[object], tensor: str) -> list[str]:
+    """Triton string tensors arrive as bytes; reject what is not UTF-8 or is empty, naming the row."""
+    texts: list[str] = []
+    for row, value in enumerate(values):
+        if isinstance(value, str):
+            text = value
+        else:
+            try:
+                text = bytes(value).decode("utf-8")  # type: ignore[call-overload]
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{tensor} row {row} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        texts.append(text)
+    return texts
+
+
+def require_non_empty(texts: Sequence[str], tensor: str) -> None:
+    for row, text in enumerate(texts):
+        if not text.strip():
+            raise InputError(f"{tensor} row {row} is empty")

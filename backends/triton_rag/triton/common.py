@@ -1,0 +1,48 @@
+"""Glue between Triton's python backend and our plain-data code: model parameters, string inputs, errors, BLS."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_rag.text import InputError, decode_utf8
+
+
+class ComputeError(RuntimeError):
+    """A compute model failed or is unavailable; every request that needed it gets this message."""
+
+
+def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def read_strings(request: Any, name: str, optional: bool = False) -> list[str] | None:
+    """A [rows, 1] string input as Python strings (None when an optional input is absent)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if optional:
+            return None
+        raise InputError(f"missing input {name}")
+    return decode_utf8(tensor.as_numpy().reshape(-1).tolist(), name)
+
+
+def error_response(message: str, invalid_input: bool = True) -> Any:
+    code = pb_utils.TritonError.INVALID_ARG if invalid_input else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def call_model(model_name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    """One BLS request; the seam where the router (load-before-call) sits between endpoints and compute models."""
+    request = pb_utils.InferenceRequest(
+        model_name=model_name,
+        requested_output_names=outputs,
+        inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
+    )
+    response = request.exec()
+    if response.has_error():
+        raise ComputeError(f"{model_name}: {response.error().message()}")
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}

@@ -1,0 +1,53 @@
+"""The compute models `qwen_embed_encoder` and `qwen_rerank_encoder` on the PyTorch engine (CUDA when present).
+
+A tensorrt_plan variant of the same contract replaces this model where TensorRT engines are built.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from triton_rag.engines.torch_encoder import TorchEncoder
+from triton_rag.triton.common import error_response, model_parameters
+
+
+class EncoderModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        params = model_parameters(args)
+        task = params["task"]
+        yes_no = tuple(int(x) for x in params["yes_no_ids"].split(",")) if task == "rerank" else None
+        self.output_name = "POOLED" if task == "embed" else "LOGITS"
+        self.engine = TorchEncoder(
+            Path(args["model_repository"]) / args["model_version"] / "hf",
+            task=task,  # type: ignore[arg-type]
+            pooling=params.get("pooling", "last_token"),  # type: ignore[arg-type]
+            dtype=params.get("dtype", "auto"),
+            yes_no_ids=yes_no,  # type: ignore[arg-type]
+        )
+        print(
+            f"{args['model_name']}: {task} engine on {self.engine.device} in {self.engine.dtype}, "
+            f"hidden size {self.engine.hidden_size}",
+            flush=True,
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
+                mask = pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy()
+                out = self.engine.forward(ids, mask)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]))
+            except ValueError as exc:
+                responses.append(error_response(str(exc)))
+            except Exception as exc:  # e.g. out of memory: report it, keep serving
+                traceback.print_exc()
+                responses.append(error_response(f"encoder failed: {exc!r}", invalid_input=False))
+        return responses
+
+    def finalize(self) -> None:
+        del self.engine

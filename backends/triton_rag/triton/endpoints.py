@@ -1,0 +1,161 @@
+"""The client-facing python models `qwen_embed` and `qwen_rerank`.
+
+Each execute() gets the requests the dynamic batcher gathered, tokenizes all their rows together, sends them to the
+compute model over BLS in length-sorted micro-batches (one padded tensor each), and answers every request on its
+own: a bad request gets its own error while the others in the same batch are answered.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_rag import contract
+from triton_rag.batching import pad_rows, plan_micro_batches
+from triton_rag.postprocess import matryoshka_normalize, yes_probability
+from triton_rag.text import (
+    EmbedTokenization,
+    Encoded,
+    InputError,
+    RerankTokenization,
+    format_embed_text,
+    format_rerank_pair,
+    require_non_empty,
+)
+from triton_rag.triton.common import ComputeError, call_model, error_response, model_parameters, read_strings
+
+
+class _TextEndpoint:
+    """Shared flow: validate and tokenize per request, one encoder pass for all good rows, split the results."""
+
+    encoder_output: str
+    max_rows: int
+
+    def initialize(self, args: dict[str, str]) -> None:
+        from transformers import AutoTokenizer
+
+        params = model_parameters(args)
+        self.encoder = params["encoder"]
+        self.max_length = int(params["max_length"])
+        self.overflow = params["overflow"]
+        self.max_batch_tokens = int(params["max_batch_tokens"])
+        tokenizer_dir = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.setup(params, tokenizer)
+
+    def setup(self, params: dict[str, str], tokenizer: Any) -> None:
+        raise NotImplementedError
+
+    def encode_request(self, request: Any) -> list[Encoded]:
+        raise NotImplementedError
+
+    def respond(self, outputs: np.ndarray, encoded: list[Encoded]) -> Any:
+        raise NotImplementedError
+
+    def run_encoder(self, rows: list[Encoded]) -> np.ndarray:
+        groups = plan_micro_batches([len(row.ids) for row in rows], self.max_rows, self.max_batch_tokens)
+        result: np.ndarray | None = None
+        for group in groups:
+            ids, mask = pad_rows([rows[i].ids for i in group], self.pad_id)
+            out = call_model(self.encoder, {"INPUT_IDS": ids, "ATTENTION_MASK": mask}, [self.encoder_output])
+            values = out[self.encoder_output]
+            if result is None:
+                result = np.empty((len(rows),) + values.shape[1:], dtype=values.dtype)
+            result[group] = values
+        assert result is not None
+        return result
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        jobs: list[tuple[int, list[Encoded]]] = []
+        for index, request in enumerate(requests):
+            try:
+                encoded = self.encode_request(request)
+                if not encoded:
+                    raise InputError("the request has no rows")
+                jobs.append((index, encoded))
+            except InputError as exc:
+                responses[index] = error_response(str(exc))
+            except Exception as exc:  # never let one request take the model down
+                responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+                traceback.print_exc()
+        if jobs:
+            try:
+                outputs = self.run_encoder([row for _, encoded in jobs for row in encoded])
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, ComputeError) else f"internal error: {exc!r}"
+                for index, _ in jobs:
+                    responses[index] = error_response(message, invalid_input=False)
+            else:
+                offset = 0
+                for index, encoded in jobs:
+                    responses[index] = self.respond(outputs[offset : offset + len(encoded)], encoded)
+                    offset += len(encoded)
+        return responses
+
+    def finalize(self) -> None:
+        pass
+
+
+def _truncated(encoded: list[Encoded]) -> Any:
+    return pb_utils.Tensor("TRUNCATED", np.array([[row.truncated] for row in encoded], dtype=bool))
+
+
+def _rows_match(name: str, values: list[str], rows: int) -> None:
+    if len(values) != rows:
+        raise InputError(f"{name} has {len(values)} rows but the request has {rows}")
+
+
+class EmbedEndpoint(_TextEndpoint):
+    encoder_output = "POOLED"
+    max_rows = contract.embed_encoder(1).max_batch_size
+
+    def setup(self, params: dict[str, str], tokenizer: Any) -> None:
+        self.dim = int(params["dim"])
+        pool_token = params.get("pool_token", "")
+        append_id = tokenizer.convert_tokens_to_ids(pool_token) if pool_token else None
+        self.tokenization = EmbedTokenization(tokenizer, self.max_length, self.overflow, append_id)  # type: ignore[arg-type]
+
+    def encode_request(self, request: Any) -> list[Encoded]:
+        texts = read_strings(request, "TEXT")
+        assert texts is not None
+        require_non_empty(texts, "TEXT")
+        instructions = read_strings(request, "INSTRUCTION", optional=True) or [""] * len(texts)
+        _rows_match("INSTRUCTION", instructions, len(texts))
+        return self.tokenization.encode([format_embed_text(t, i) for t, i in zip(texts, instructions)])
+
+    def respond(self, outputs: np.ndarray, encoded: list[Encoded]) -> Any:
+        embedding = pb_utils.Tensor("EMBEDDING", matryoshka_normalize(outputs, self.dim))
+        return pb_utils.InferenceResponse(output_tensors=[embedding, _truncated(encoded)])
+
+
+class RerankEndpoint(_TextEndpoint):
+    encoder_output = "LOGITS"
+    max_rows = contract.rerank_encoder().max_batch_size
+
+    def setup(self, params: dict[str, str], tokenizer: Any) -> None:
+        self.default_instruction = params["default_instruction"]
+        self.tokenization = RerankTokenization(tokenizer, self.max_length, self.overflow)  # type: ignore[arg-type]
+
+    def encode_request(self, request: Any) -> list[Encoded]:
+        queries = read_strings(request, "QUERY")
+        documents = read_strings(request, "DOCUMENT")
+        assert queries is not None and documents is not None
+        require_non_empty(queries, "QUERY")
+        require_non_empty(documents, "DOCUMENT")
+        _rows_match("DOCUMENT", documents, len(queries))
+        instructions = read_strings(request, "INSTRUCTION", optional=True) or [""] * len(queries)
+        _rows_match("INSTRUCTION", instructions, len(queries))
+        pairs = [
+            format_rerank_pair(q, d, i or self.default_instruction) for q, d, i in zip(queries, documents, instructions)
+        ]
+        return self.tokenization.encode(pairs)
+
+    def respond(self, outputs: np.ndarray, encoded: list[Encoded]) -> Any:
+        score = pb_utils.Tensor("SCORE", yes_probability(outputs))
+        return pb_utils.InferenceResponse(output_tensors=[score, _truncated(encoded)])

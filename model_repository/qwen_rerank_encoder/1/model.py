@@ -1,0 +1,3 @@
+"""Triton python model `qwen_rerank_encoder`; the implementation is triton_rag.triton.encoder.EncoderModel."""
+
+from triton_rag.triton.encoder import EncoderModel as TritonPythonModel  # noqa: F401

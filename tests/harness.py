@@ -1,0 +1,43 @@
+"""Running the real tritonserver for tests: one helper shared by every server fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import tritonclient.grpc as grpcclient
+
+from triton_rag.server import TritonServer, free_ports
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("TRITON_RAG_CACHE", PROJECT_ROOT / ".cache"))
+SERVER_START_TIMEOUT = 300.0
+
+
+class RunningServer:
+    def __init__(self, server: TritonServer, log_path: Path, repository: Path) -> None:
+        self.server = server
+        self.log_path = log_path
+        self.repository = repository
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.server.grpc_url)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_server(repository: Path, log_path: Path) -> Iterator[RunningServer]:
+    with open(log_path, "wb") as log:
+        server = TritonServer(repository, CACHE_DIR, free_ports(), log=log)
+        server.start()
+        running = RunningServer(server, log_path, repository)
+        try:
+            try:
+                server.wait_ready(SERVER_START_TIMEOUT)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n--- server log ---\n{running.log_tail()}") from exc
+            yield running
+        finally:
+            server.stop()
