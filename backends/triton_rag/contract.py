@@ -66,7 +66,7 @@ def embed_endpoint(dim: int) -> ModelContract:
                 "EMBEDDING",
                 "TYPE_FP16",
                 (dim,),
-                f"Pooled, truncated to {dim} dims (Matryoshka), then L2-normalised.",
+                "Pooled, truncated to the first D dims (Matryoshka), then L2-normalised.",
             ),
             TensorSpec(
                 "TRUNCATED",

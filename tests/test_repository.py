@@ -1,0 +1,130 @@
+"""The generated repository: configs valid against Triton's model_config proto, variants with one contract, the
+committed files and docs in sync with their generators, settings errors, and docker-compose.yml."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from google.protobuf.text_format import ParseError
+from tritonclient.grpc import model_config_pb2 as mc
+
+from triton_rag import contract, contract_doc
+from triton_rag.model_config import parse
+from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository
+from triton_rag.settings import EmbedSettings, RerankSettings, Settings, SettingsError, load_settings
+from triton_rag.sources import ModelSourceError, resolve_model
+from tests.harness import CACHE_DIR, PROJECT_ROOT
+
+MODELS = (contract.EMBED_ENDPOINT, contract.EMBED_ENCODER, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
+
+
+def generate(tmp_path: Path, embed_dir: Path, rerank_dir: Path, engine: str) -> Path:
+    settings = Settings(
+        embed=EmbedSettings(model=str(embed_dir), engine=engine),  # type: ignore[arg-type]
+        rerank=RerankSettings(model=str(rerank_dir), engine=engine),  # type: ignore[arg-type]
+        offline_fallback=False,
+    )
+    repository = tmp_path / engine
+    prepare_repository(settings, repository, CACHE_DIR, log=lambda _: None)
+    return repository
+
+
+def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, tiny_embed_dir: Path, tiny_rerank_dir: Path):
+    repository = generate(tmp_path, tiny_embed_dir, tiny_rerank_dir, "torch")
+    configs = {name: parse((repository / name / "config.pbtxt").read_text()) for name in MODELS}
+    embed = configs[contract.EMBED_ENDPOINT]
+    assert embed.max_batch_size == 32 and list(embed.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert 2000 <= embed.dynamic_batching.max_queue_delay_microseconds <= 5000
+    assert [t.name for t in embed.output] == ["EMBEDDING", "TRUNCATED"] and list(embed.output[0].dims) == [64]
+    rerank = configs[contract.RERANK_ENDPOINT]
+    assert rerank.max_batch_size == 16 and list(rerank.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    encoder = configs[contract.EMBED_ENCODER]
+    int64 = mc.DataType.Value("TYPE_INT64")
+    assert [(t.name, t.data_type) for t in encoder.input] == [("INPUT_IDS", int64), ("ATTENTION_MASK", int64)]
+    assert configs[contract.RERANK_ENCODER].parameters["yes_no_ids"].string_value == "2152,9693"
+    with pytest.raises(ParseError):
+        parse('name: "x"\ninput [{ name: "A", data_type: TYPE_BYTES, dims: [1] }]')  # the original notes' type
+
+
+def test_tensorrt_plan_variant_keeps_the_encoder_contract(tmp_path: Path, tiny_embed_dir: Path, tiny_rerank_dir):
+    torch_repo = generate(tmp_path, tiny_embed_dir, tiny_rerank_dir, "torch")
+    plan_repo = generate(tmp_path, tiny_embed_dir, tiny_rerank_dir, "tensorrt_plan")
+    for name in (contract.EMBED_ENCODER, contract.RERANK_ENCODER):
+        torch_config = parse((torch_repo / name / "config.pbtxt").read_text())
+        plan_config = parse((plan_repo / name / "config.pbtxt").read_text())
+        assert plan_config.platform == "tensorrt_plan" and torch_config.backend == "python"
+        assert plan_config.instance_group[0].kind == plan_config.instance_group[0].KIND_GPU
+        assert list(plan_config.input) == list(torch_config.input)
+        assert list(plan_config.output) == list(torch_config.output)
+        assert plan_config.max_batch_size == torch_config.max_batch_size
+        assert not (plan_repo / name / "1" / "model.py").exists()
+
+
+def test_committed_model_py_files_are_what_the_generator_writes() -> None:
+    for name in MODEL_PY:
+        assert (PROJECT_ROOT / "model_repository" / name / "1" / "model.py").read_text() == model_py_source(name)
+
+
+def test_contract_doc_is_in_sync() -> None:
+    assert (PROJECT_ROOT / "docs" / "CONTRACT.md").read_text() == contract_doc.render(), (
+        "run: python -m triton_rag.contract_doc > docs/CONTRACT.md"
+    )
+
+
+def test_embedding_size_is_clamped_loudly() -> None:
+    messages: list[str] = []
+    assert clamp_embed_dim(2000, 1024, messages.append) == 1024
+    assert clamp_embed_dim(8, 1024, messages.append) == 32
+    assert clamp_embed_dim(2000, 4096, messages.append) == 2000
+    assert len(messages) == 2 and "1024" in messages[0] and "32" in messages[1]
+
+
+def test_settings_file_and_overrides(tmp_path: Path) -> None:
+    settings = load_settings(PROJECT_ROOT / "rag.toml", ["embed.model=/models/x", "rerank.max_length=1024"])
+    assert settings.embed.model == "/models/x" and settings.embed.dim == 2000
+    assert settings.rerank.max_length == 1024 and settings.offline_fallback
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[embed]\noverflow = "drop"\n')
+    with pytest.raises(SettingsError, match="overflow must be one of"):
+        load_settings(bad)
+    with pytest.raises(SettingsError, match="unknown keys"):
+        load_settings(None, ["embed.modle=x"])
+    with pytest.raises(SettingsError, match="must be an integer"):
+        load_settings(None, ["embed.dim=big"])
+
+
+def test_model_sources(tmp_path: Path, tiny_embed_dir: Path) -> None:
+    local = resolve_model(str(tiny_embed_dir), "embed", tmp_path, offline_fallback=False)
+    assert local.origin == "local" and local.is_offline_stand_in
+    with pytest.raises(ModelSourceError, match="neither an existing directory nor a hub id"):
+        resolve_model("./no/such/dir", "embed", tmp_path, offline_fallback=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"), "embed", tmp_path, offline_fallback=False)
+
+
+def test_unreachable_hub_falls_back_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Points the hub client at a closed loopback port: the same failure as a machine with no network.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    shutil.copytree(CACHE_DIR / "qwen3-tokenizer", tmp_path / "qwen3-tokenizer")
+    messages: list[str] = []
+    with pytest.raises(ModelSourceError, match="offline fallback is off"):
+        resolve_model("Qwen/Qwen3-Embedding-0.6B", "embed", tmp_path, offline_fallback=False, log=messages.append)
+    model = resolve_model("Qwen/Qwen3-Embedding-0.6B", "embed", tmp_path, offline_fallback=True, log=messages.append)
+    assert model.origin == "offline" and model.is_offline_stand_in
+    assert any("RANDOM-WEIGHT" in m for m in messages)
+
+
+def test_docker_compose_file_is_valid() -> None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        command = ["docker", "compose", "config"]
+    else:
+        assert shutil.which("docker-compose"), "install docker compose or docker-compose (make test-tools does)"
+        command = ["docker-compose", "config"]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Dockerfile.triton" in result.stdout and "8001" in result.stdout
+    assert "tritonserver:25.10-py3" in (PROJECT_ROOT / "Dockerfile.triton").read_text()

@@ -1,0 +1,89 @@
+"""`triton-rag serve` (what `make serve` runs) in the foreground: ready on its ports, stopped cleanly by a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from triton_rag.repository import prepare_repository
+from triton_rag.server import free_ports
+from triton_rag.settings import EmbedSettings, Settings
+from tests.harness import CACHE_DIR, PROJECT_ROOT
+
+pytestmark = pytest.mark.server
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
+    tiny_embed_dir: Path, tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    # A repository of its own, so that the processes it names belong to this server alone.
+    qwen_repository = tmp_path / "repository"
+    settings = Settings(embed=EmbedSettings(model=str(tiny_embed_dir)), offline_fallback=False)
+    prepare_repository(settings, qwen_repository, CACHE_DIR, endpoints=("embed",))
+    ports = free_ports()
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "triton_rag", "serve", "--no-prepare",
+            "--repository", str(qwen_repository), "--cache-dir", str(CACHE_DIR),
+            "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_until(lambda: ready(ports.http) or process.poll() is not None, 300), "server never got ready"
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics", timeout=5) as response:
+            assert b"nv_inference_count" in response.read()
+        assert processes_mentioning(str(qwen_repository)), "expected the server and its python stubs"
+        os.kill(process.pid, stop_signal)
+        assert process.wait(timeout=60) == 0
+        # Nothing of this server is left: no tritonserver, no orphaned python backend stub.
+        assert wait_until(lambda: not processes_mentioning(f"--http-port={ports.http}"), 10)
+        assert wait_until(lambda: not processes_mentioning(str(qwen_repository)), 10), processes_mentioning(
+            str(qwen_repository)
+        )
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
