@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+
+from tests.harness import CACHE_DIR, RunningServer, start_server
 from triton_rag.offline import build_tiny_qwen3
 from triton_rag.repository import prepare_repository
 from triton_rag.settings import EmbedSettings, RerankSettings, Settings
 
-from tests.harness import CACHE_DIR, RunningServer, start_server
 
 @pytest.fixture(scope="session")
 def tiny_embed_dir() -> Path:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from triton_rag.batching import pad_rows
 from triton_rag.engines.torch_encoder import TorchEncoder, last_real_positions, read_lm_head_rows
+from triton_rag.offline import TINY_QWEN3
 
 
 def test_last_real_position_for_left_and_right_padding() -> None:
@@ -25,15 +26,13 @@ def test_reranker_head_reads_only_the_yes_no_rows(tiny_rerank_dir: Path) -> None
     ids, mask = pad_rows([[100, 200, 300, 400], [5, 6]], pad_id=151643)
     logits = encoder.forward(ids, mask)
     with torch.no_grad():
-        expected = torch.stack(
-            [full(input_ids=torch.tensor([row]), ).logits[0, -1, [2152, 9693]] for row in ([100, 200, 300, 400], [5, 6])]
-        )
+        rows = ([100, 200, 300, 400], [5, 6])
+        expected = torch.stack([full(input_ids=torch.tensor([row])).logits[0, -1, [2152, 9693]] for row in rows])
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
 
 
 def test_tied_head_uses_the_input_embeddings(tmp_path: Path) -> None:
-    config = Qwen3Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    config = Qwen3Config(**(TINY_QWEN3 | {"vocab_size": 1000}), tie_word_embeddings=True)
     model = Qwen3ForCausalLM(config)
     model.save_pretrained(str(tmp_path))
     assert read_lm_head_rows(tmp_path, [1, 2]) is None

@@ -11,12 +11,12 @@ import pytest
 from google.protobuf.text_format import ParseError
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tests.harness import CACHE_DIR, PROJECT_ROOT
 from triton_rag import contract, contract_doc
 from triton_rag.model_config import parse
 from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository
 from triton_rag.settings import EmbedSettings, RerankSettings, Settings, SettingsError, load_settings
 from triton_rag.sources import ModelSourceError, resolve_model
-from tests.harness import CACHE_DIR, PROJECT_ROOT
 
 MODELS = (contract.EMBED_ENDPOINT, contract.EMBED_ENCODER, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import CACHE_DIR, PROJECT_ROOT
 from triton_rag.repository import prepare_repository
 from triton_rag.server import free_ports
 from triton_rag.settings import EmbedSettings, Settings
-from tests.harness import CACHE_DIR, PROJECT_ROOT
 
 pytestmark = pytest.mark.server
 
@@ -62,9 +62,21 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "triton_rag", "serve", "--no-prepare",
-            "--repository", str(qwen_repository), "--cache-dir", str(CACHE_DIR),
-            "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+            sys.executable,
+            "-m",
+            "triton_rag",
+            "serve",
+            "--no-prepare",
+            "--repository",
+            str(qwen_repository),
+            "--cache-dir",
+            str(CACHE_DIR),
+            "--http-port",
+            str(ports.http),
+            "--grpc-port",
+            str(ports.grpc),
+            "--metrics-port",
+            str(ports.metrics),
         ],
         cwd=PROJECT_ROOT,
         stdout=log,

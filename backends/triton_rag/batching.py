@@ -6,7 +6,7 @@ mixes a 20-token query with a 4000-token document does not pad the query to 4000
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"error: {exc}")
         return 2
     if args.command == "serve":
-        server = TritonServer(
-            args.repository, args.cache_dir, Ports(args.http_port, args.grpc_port, args.metrics_port)
-        )
+        server = TritonServer(args.repository, args.cache_dir, Ports(args.http_port, args.grpc_port, args.metrics_port))
         _log(
             f"starting tritonserver: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics {args.metrics_port} "
             "(Ctrl-C stops it)"

@@ -72,7 +72,7 @@ def embed_endpoint(dim: int) -> ModelContract:
                 "TRUNCATED",
                 "TYPE_BOOL",
                 (1,),
-                "True when the text was cut at max_length (only with overflow = \"truncate\").",
+                'True when the text was cut at max_length (only with overflow = "truncate").',
             ),
         ),
     )
@@ -81,7 +81,7 @@ def embed_endpoint(dim: int) -> ModelContract:
 def rerank_endpoint() -> ModelContract:
     return ModelContract(
         name=RERANK_ENDPOINT,
-        doc="Relevance of a document to a query: P(\"yes\") by the Qwen3-Reranker recipe, one pair per row.",
+        doc='Relevance of a document to a query: P("yes") by the Qwen3-Reranker recipe, one pair per row.',
         max_batch_size=16,
         dynamic_batching=((2, 4, 8), 5000),
         inputs=(
@@ -101,7 +101,7 @@ def rerank_endpoint() -> ModelContract:
                 "TRUNCATED",
                 "TYPE_BOOL",
                 (1,),
-                "True when the pair was cut at max_length (only with overflow = \"truncate\").",
+                'True when the pair was cut at max_length (only with overflow = "truncate").',
             ),
         ),
     )
@@ -134,7 +134,7 @@ def embed_encoder(hidden_size: int) -> ModelContract:
 def rerank_encoder() -> ModelContract:
     return ModelContract(
         name=RERANK_ENCODER,
-        doc="Compute engine of qwen_rerank: transformer plus the two LM-head rows for \"no\" and \"yes\".",
+        doc='Compute engine of qwen_rerank: transformer plus the two LM-head rows for "no" and "yes".',
         max_batch_size=16,
         client_facing=False,
         inputs=_ENCODER_INPUTS,
@@ -143,7 +143,7 @@ def rerank_encoder() -> ModelContract:
                 "LOGITS",
                 "TYPE_FP32",
                 (2,),
-                "Logits of the tokens \"no\" and \"yes\" (in that order) at the last real position.",
+                'Logits of the tokens "no" and "yes" (in that order) at the last real position.',
             ),
         ),
     )

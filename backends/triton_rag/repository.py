@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from triton_rag import contract
 from triton_rag.contract import MIN_EMBED_DIM, ModelContract
@@ -121,19 +122,26 @@ def _write(directory: Path, model_contract: ModelContract, text: str, with_model
         (directory / "1" / "model.py").write_text(model_py_source(model_contract.name))
 
 
-def _encoder_config(
-    model_contract: ModelContract, settings: EncoderSettings, parameters: dict[str, str]
-) -> str:
+def _write_endpoint_pair(
+    repository: Path,
+    model: ResolvedModel,
+    settings: EncoderSettings,
+    endpoint: ModelContract,
+    endpoint_params: dict[str, str],
+    encoder: ModelContract,
+    encoder_params: dict[str, str],
+) -> None:
+    """An endpoint (python, with the tokenizer) and its encoder (python+torch with linked weights, or a plan)."""
+    endpoint_dir, encoder_dir = repository / endpoint.name, repository / encoder.name
+    endpoint_config = build_config(endpoint, backend="python", instance_count=2, parameters=endpoint_params)
+    _write(endpoint_dir, endpoint, render(endpoint_config, GENERATED_HEADER), with_model_py=True)
+    _copy_tokenizer(model, endpoint_dir / "1" / "tokenizer")
     if settings.engine == "tensorrt_plan":
-        config = build_config(model_contract, platform="tensorrt_plan", instance_kind="KIND_GPU")
+        encoder_config = build_config(encoder, platform="tensorrt_plan", instance_kind="KIND_GPU")
     else:
-        config = build_config(model_contract, backend="python", parameters=parameters)
-    return render(config, GENERATED_HEADER)
-
-
-def _endpoint_config(model_contract: ModelContract, parameters: dict[str, str]) -> str:
-    config = build_config(model_contract, backend="python", instance_count=2, parameters=parameters)
-    return render(config, GENERATED_HEADER)
+        encoder_config = build_config(encoder, backend="python", parameters=encoder_params)
+    _write(encoder_dir, encoder, render(encoder_config, GENERATED_HEADER), with_model_py=settings.engine == "torch")
+    _link(model.path, encoder_dir / "1" / "hf")
 
 
 def _common_parameters(settings: EncoderSettings, encoder: str) -> dict[str, str]:
@@ -150,21 +158,21 @@ def prepare_embed(settings: EmbedSettings, repository: Path, cache_dir: Path, fa
     hidden = int(model.config["hidden_size"])
     dim = clamp_embed_dim(settings.dim, hidden, log)
     pooling = detect_pooling(model) if settings.pooling == "auto" else settings.pooling
-    endpoint_dir = repository / contract.EMBED_ENDPOINT
-    encoder_dir = repository / contract.EMBED_ENCODER
-    (endpoint_dir / "1").mkdir(parents=True, exist_ok=True)
-    (encoder_dir / "1").mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(model, endpoint_dir / "1" / "tokenizer")
-    params = _common_parameters(settings, contract.EMBED_ENCODER) | {
+    endpoint_params = _common_parameters(settings, contract.EMBED_ENCODER) | {
         "dim": str(dim),
         # Last-token pooling reads the end-of-text token; mean pooling keeps the tokenizer's own specials.
         "pool_token": QWEN3_POOL_TOKEN if pooling == "last_token" else "",
     }
-    _write(endpoint_dir, contract.embed_endpoint(dim), _endpoint_config(contract.embed_endpoint(dim), params), True)
-    encoder_contract = contract.embed_encoder(hidden)
     encoder_params = {"task": "embed", "pooling": pooling, "dtype": settings.dtype}
-    _write(encoder_dir, encoder_contract, _encoder_config(encoder_contract, settings, encoder_params), settings.engine == "torch")
-    _link(model.path, encoder_dir / "1" / "hf")
+    _write_endpoint_pair(
+        repository,
+        model,
+        settings,
+        contract.embed_endpoint(dim),
+        endpoint_params,
+        contract.embed_encoder(hidden),
+        encoder_params,
+    )
     return {"model": settings.model, "path": str(model.path), "origin": model.origin, "dim": dim, "pooling": pooling}
 
 
@@ -176,19 +184,19 @@ def prepare_rerank(settings: RerankSettings, repository: Path, cache_dir: Path, 
     yes_no = [tokenizer.convert_tokens_to_ids(token) for token in ("no", "yes")]
     if any(token_id is None or token_id == tokenizer.unk_token_id for token_id in yes_no):
         raise RepositoryError(f"{model.path}: the tokenizer has no single tokens 'no' and 'yes'")
-    endpoint_dir = repository / contract.RERANK_ENDPOINT
-    encoder_dir = repository / contract.RERANK_ENCODER
-    (endpoint_dir / "1").mkdir(parents=True, exist_ok=True)
-    (encoder_dir / "1").mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(model, endpoint_dir / "1" / "tokenizer")
-    params = _common_parameters(settings, contract.RERANK_ENCODER) | {
+    endpoint_params = _common_parameters(settings, contract.RERANK_ENCODER) | {
         "default_instruction": settings.default_instruction,
     }
-    _write(endpoint_dir, contract.rerank_endpoint(), _endpoint_config(contract.rerank_endpoint(), params), True)
-    encoder_contract = contract.rerank_encoder()
     encoder_params = {"task": "rerank", "dtype": settings.dtype, "yes_no_ids": ",".join(map(str, yes_no))}
-    _write(encoder_dir, encoder_contract, _encoder_config(encoder_contract, settings, encoder_params), settings.engine == "torch")
-    _link(model.path, encoder_dir / "1" / "hf")
+    _write_endpoint_pair(
+        repository,
+        model,
+        settings,
+        contract.rerank_endpoint(),
+        endpoint_params,
+        contract.rerank_encoder(),
+        encoder_params,
+    )
     return {"model": settings.model, "path": str(model.path), "origin": model.origin, "yes_no_ids": yes_no}
 
 

@@ -5,8 +5,9 @@ The formats are the Qwen3 model cards' recipes; FACTS.md and docs/CONTRACT.md qu
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 EMBED_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
 

@@ -127,7 +127,7 @@ class EmbedEndpoint(_TextEndpoint):
         require_non_empty(texts, "TEXT")
         instructions = read_strings(request, "INSTRUCTION", optional=True) or [""] * len(texts)
         _rows_match("INSTRUCTION", instructions, len(texts))
-        return self.tokenization.encode([format_embed_text(t, i) for t, i in zip(texts, instructions)])
+        return self.tokenization.encode([format_embed_text(t, i) for t, i in zip(texts, instructions, strict=True)])
 
     def respond(self, outputs: np.ndarray, encoded: list[Encoded]) -> Any:
         embedding = pb_utils.Tensor("EMBEDDING", matryoshka_normalize(outputs, self.dim))
@@ -151,9 +151,8 @@ class RerankEndpoint(_TextEndpoint):
         _rows_match("DOCUMENT", documents, len(queries))
         instructions = read_strings(request, "INSTRUCTION", optional=True) or [""] * len(queries)
         _rows_match("INSTRUCTION", instructions, len(queries))
-        pairs = [
-            format_rerank_pair(q, d, i or self.default_instruction) for q, d, i in zip(queries, documents, instructions)
-        ]
+        rows = zip(queries, documents, instructions, strict=True)
+        pairs = [format_rerank_pair(q, d, i or self.default_instruction) for q, d, i in rows]
         return self.tokenization.encode(pairs)
 
     def respond(self, outputs: np.ndarray, encoded: list[Encoded]) -> Any:
