@@ -179,18 +179,23 @@ class TritonServer:
         """SIGTERM the server, wait up to `grace` seconds, then SIGKILL its process group (stubs included)."""
         if self.process is None:
             return 0
-        pgid = self.process.pid  # the server leads its own session and process group
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
+        self._kill_group()
+        return self.process.wait()
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left of the server's process group (it leads its own): stubs of a server that did not
+        clean up, or the server itself past its grace period."""
+        assert self.process is not None
         try:
-            os.killpg(pgid, signal.SIGKILL)  # anything left in the group: stubs of a server that did not clean up
+            os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        return self.process.wait()
 
     def serve_forever(self, grace: float = 30.0) -> int:
         """Run in the foreground until the server exits or SIGINT/SIGTERM arrives; then stop it cleanly.
@@ -215,9 +220,6 @@ class TritonServer:
                 break
             except subprocess.TimeoutExpired:
                 if stop_requested and time.monotonic() - stop_requested[0] > grace:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # stubs of a server that did not clean up
-        except ProcessLookupError:
-            pass
+                    self._kill_group()
+        self._kill_group()
         return 0 if stop_requested else code
