@@ -1,0 +1,305 @@
+"""Which compute models to load, evict, grant or fail: the router's policy as a pure function of plain data.
+
+The router (triton/router.py) keeps the ledger and talks to Triton; after every event it hands a snapshot to
+`decide()` and carries out the returned `Decision`. Nothing here sleeps, locks or calls a server, so every rule
+below is unit- and property-tested on its own (tests/test_residency.py).
+
+Rules, in the order `decide()` applies them:
+1. Memory: `occupied` = bytes of every model loading, ready or unloading, plus bytes unloads did not give back.
+   A load starts only if `occupied + need <= budget`; at most one load runs at a time (so each load's memory
+   delta is its own).
+2. A request for a model larger than the budget, or larger than what pinned models, models the server will not
+   unload and unreleased memory leave, fails at once with a message that says which.
+3. The next model to load (the *contender*) is the unloaded model with the oldest waiting request (FIFO across
+   models, so nothing starves).
+4. Making room evicts idle models first (no request in flight, none waiting), in victim order: models absent from
+   the plan, least recently used first; then models in the plan, the one whose next use is furthest away first
+   (Belady). Busy models are evicted only if idle ones are not enough, and only after they have been resident for
+   `min_residency` seconds: such a model is *closed* (it takes no new requests, which wait for its next turn), and is
+   unloaded as soon as its requests in flight finish. A model with requests in flight is never unloaded; a pinned
+   model is never evicted.
+5. Thrashing bound: while two models contend for room that fits one, residency switches at most once per
+   `min_residency` (plus the load time), and each switch serves every request that queued for the new model.
+6. Plan prefetch: with no contender and no load running, the first planned model that is not resident is loaded if
+   it fits after evicting only idle models whose next planned use is later than its own.
+7. High watermark: above `high_watermark * budget`, idle models that are not in the plan are evicted in victim
+   order, never the most recently used model (evicting it would only make the next request reload it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+ResidencyState = Literal["unloaded", "loading", "ready", "unloading"]
+OCCUPYING: tuple[ResidencyState, ...] = ("loading", "ready", "unloading")
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+class PolicyError(ValueError):
+    """A budget or policy setting that cannot work; the message says which and why."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """`"12GiB"`, `"1536 MiB"`, `"16e9"` or `17179869184` -> bytes (binary units are powers of 1024)."""
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        compact = text.strip().lower().replace(" ", "").replace("_", "")
+        number = compact.rstrip("bgikmt")
+        unit = compact[len(number) :]
+        try:
+            value = float(number)
+        except ValueError:
+            raise PolicyError(f"{text!r} is not a size (examples: 12GiB, 1536MiB, 16000000000)") from None
+    if unit not in _UNITS:
+        raise PolicyError(f"{text!r}: unknown unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    result = value * _UNITS[unit]
+    if not math.isfinite(result) or result < 1:
+        raise PolicyError(f"{text!r} must be a positive size")
+    return int(result)
+
+
+def format_bytes(value: int) -> str:
+    return f"{value / 2**30:.2f} GiB" if abs(value) >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Policy:
+    budget: int
+    high_watermark: float = 0.9
+    #: Seconds a busy model stays open to new requests after its load, before another model may displace it.
+    min_residency: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.budget <= 0:
+            raise PolicyError(f"the budget must be positive, got {self.budget}")
+        if not 0.0 < self.high_watermark <= 1.0:
+            raise PolicyError(f"the high watermark is a fraction of the budget in (0, 1], got {self.high_watermark}")
+        if self.min_residency < 0:
+            raise PolicyError(f"min_residency must be >= 0 seconds, got {self.min_residency}")
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One compute model as the policy sees it."""
+
+    name: str
+    #: Measured bytes when the model has been measured, else the estimate (weights plus workspace).
+    bytes: int
+    state: ResidencyState = "unloaded"
+    in_flight: int = 0
+    waiting: int = 0
+    #: Arrival time of the oldest waiting request (only meaningful when waiting > 0).
+    oldest_wait: float = math.inf
+    last_access: float = -math.inf
+    loaded_at: float = -math.inf
+    pinned: bool = False
+    #: Bytes an earlier unload of this model did not give back (they still occupy memory).
+    unreleased: int = 0
+    #: False when the server refuses to unload it (a server not in explicit model-control mode).
+    evictable: bool = True
+
+    @property
+    def occupies(self) -> int:
+        return (self.bytes if self.state in OCCUPYING else 0) + self.unreleased
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and self.waiting == 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    #: Ready models whose waiting requests are granted now.
+    grant: tuple[str, ...] = ()
+    #: Models to start unloading.
+    unload: tuple[str, ...] = ()
+    #: The model to start loading (at most one).
+    load: str | None = None
+    #: (model, message): fail every request waiting for that model.
+    fail: tuple[tuple[str, str], ...] = ()
+    #: Ready models that take no new requests: they are draining so another model can be loaded.
+    closed: frozenset[str] = frozenset()
+    #: Decide again at this time even if nothing happens (a busy model's minimum residency ends).
+    wake_at: float | None = None
+    #: Why a waiting model is not loading yet, for STATUS.
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+def occupied_bytes(models: Sequence[ModelView]) -> int:
+    return sum(model.occupies for model in models)
+
+
+def next_use(plan: Sequence[str]) -> dict[str, int]:
+    """Index of each model's first appearance in the plan."""
+    positions: dict[str, int] = {}
+    for index, name in enumerate(plan):
+        positions.setdefault(name, index)
+    return positions
+
+
+def victim_order(candidates: Sequence[ModelView], plan: Sequence[str]) -> list[ModelView]:
+    """Eviction order: models absent from the plan (least recently used first), then planned models whose next use
+    is furthest away first (Belady's rule)."""
+    positions = next_use(plan)
+    unplanned = sorted((m for m in candidates if m.name not in positions), key=lambda m: (m.last_access, m.name))
+    planned = sorted((m for m in candidates if m.name in positions), key=lambda m: -positions[m.name])
+    return unplanned + planned
+
+
+def _evictable(model: ModelView) -> bool:
+    return model.state == "ready" and model.evictable and not model.pinned
+
+
+def _held(model: ModelView) -> bool:
+    """Resident (or about to be) and out of eviction's reach: pinned, or the server will not unload it."""
+    return model.state in ("loading", "ready") and (model.pinned or not model.evictable)
+
+
+def _impossible(model: ModelView, models: Sequence[ModelView], policy: Policy) -> str | None:
+    """Why `model` can never fit while things stay as they are, or None."""
+    needs = f"{model.name} needs {format_bytes(model.bytes)}"
+    if model.bytes > policy.budget:
+        return f"{needs}, more than the whole budget of {format_bytes(policy.budget)}"
+    holders = [m for m in models if m.unreleased or (m.name != model.name and _held(m))]
+    fixed = sum(m.unreleased + (m.bytes if m.name != model.name and _held(m) else 0) for m in holders)
+    if model.bytes + fixed > policy.budget:
+        return (
+            f"{needs} but only {format_bytes(policy.budget - fixed)} of the {format_bytes(policy.budget)} budget "
+            f"can be freed: pinned, non-evictable or unreleased memory is held by "
+            f"{', '.join(sorted(m.name for m in holders))}"
+        )
+    return None
+
+
+@dataclass
+class _Room:
+    """What making room for a model takes: unloads now, busy models to close, and when to look again."""
+
+    unload: list[str] = field(default_factory=list)
+    closed: set[str] = field(default_factory=set)
+    waiting_on: list[str] = field(default_factory=list)
+    wake_at: float | None = None
+    enough: bool = False
+
+
+def _make_room(shortfall: int, candidates: Sequence[ModelView], plan: Sequence[str], policy: Policy, now: float) -> _Room:
+    """Idle victims first, then busy ones past their minimum residency (closed until their requests finish)."""
+    room = _Room()
+    ordered = victim_order([m for m in candidates if m.idle], plan)
+    ordered += victim_order([m for m in candidates if not m.idle], plan)
+    freed = 0
+    for victim in ordered:
+        if freed >= shortfall:
+            break
+        freed += victim.bytes
+        settled = victim.idle or now - victim.loaded_at >= policy.min_residency
+        if settled:
+            room.closed.add(victim.name)
+            if victim.in_flight == 0:
+                room.unload.append(victim.name)
+            else:
+                room.waiting_on.append(f"{victim.name} (draining)")
+        else:
+            until = victim.loaded_at + policy.min_residency
+            room.wake_at = until if room.wake_at is None else min(room.wake_at, until)
+            room.waiting_on.append(f"{victim.name} (minimum residency)")
+    room.enough = freed >= shortfall
+    return room
+
+
+def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now: float) -> Decision:
+    by_name = {model.name: model for model in models}
+    occupied = occupied_bytes(models)
+    loading = any(model.state == "loading" for model in models)
+    fail: list[tuple[str, str]] = []
+    reasons: dict[str, str] = {}
+    unload: list[str] = []
+    closed: set[str] = set()
+    load: str | None = None
+    wake_at: float | None = None
+
+    contenders = []
+    for model in models:
+        if model.waiting and model.state == "unloaded":
+            message = _impossible(model, models, policy)
+            if message is None:
+                contenders.append(model)
+            else:
+                fail.append((model.name, message))
+    contender = min(contenders, key=lambda m: (m.oldest_wait, m.name), default=None)
+
+    if contender is not None and loading:
+        reasons[contender.name] = "another model is loading"
+    elif contender is not None:
+        shortfall = occupied + contender.bytes - policy.budget
+        if shortfall <= 0:
+            load = contender.name
+        else:
+            candidates = [m for m in models if _evictable(m)]
+            room = _make_room(shortfall, candidates, plan, policy, now)
+            unload, closed, wake_at = room.unload, room.closed, room.wake_at
+            if not room.enough:
+                reasons[contender.name] = "waiting for memory that is being released"
+            else:
+                parts = [f"evicting {', '.join(room.unload)}"] if room.unload else []
+                parts += [f"waiting for {', '.join(room.waiting_on)}"] if room.waiting_on else []
+                reasons[contender.name] = "making room: " + "; ".join(parts)
+
+    positions = next_use(plan)
+    if contender is None and not loading:
+        planned = [name for name in positions if name in by_name and by_name[name].state == "unloaded"]
+        if planned and _impossible(by_name[planned[0]], models, policy) is None:
+            target = by_name[planned[0]]
+            shortfall = occupied + target.bytes - policy.budget
+            later = [
+                m for m in models if _evictable(m) and m.idle and positions.get(m.name, math.inf) > positions[target.name]
+            ]
+            picked: list[str] = []
+            for victim in victim_order(later, plan):
+                if shortfall <= 0:
+                    break
+                picked.append(victim.name)
+                shortfall -= victim.bytes
+            if shortfall <= 0:
+                if picked:
+                    unload.extend(picked)  # the prefetch itself starts once their memory is back
+                else:
+                    load = target.name
+
+    if load is None and not unload:
+        excess = occupied - policy.high_watermark * policy.budget
+        ready = [m for m in models if m.state == "ready"]
+        most_recent = max(ready, key=lambda m: (m.last_access, m.name)).name if ready else None
+        sweepable = [m for m in ready if _evictable(m) and m.idle and m.name not in positions and m.name != most_recent]
+        for victim in victim_order(sweepable, plan):
+            if excess <= 0:
+                break
+            unload.append(victim.name)
+            excess -= victim.bytes
+
+    grant = tuple(m.name for m in models if m.waiting and m.state == "ready" and m.name not in closed)
+    return Decision(
+        grant=grant,
+        unload=tuple(dict.fromkeys(unload)),
+        load=load,
+        fail=tuple(fail),
+        closed=frozenset(closed),
+        wake_at=wake_at,
+        reasons=reasons,
+    )
