@@ -241,7 +241,7 @@ events = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4),
     budget=st.integers(4, 16),
