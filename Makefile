@@ -17,6 +17,13 @@ endif
 ifdef EMBED_DIM
 SET += --set embed.dim=$(EMBED_DIM)
 endif
+# make serve VRAM_BUDGET=12GiB VRAM_HIGH_WATERMARK=0.85 (the router's memory budget; docs/ROUTER.md)
+ifdef VRAM_BUDGET
+SET += --set router.budget=$(VRAM_BUDGET)
+endif
+ifdef VRAM_HIGH_WATERMARK
+SET += --set router.high_watermark=$(VRAM_HIGH_WATERMARK)
+endif
 SERVE_ARGS ?=
 
 .PHONY: install test-tools prepare serve test clean

@@ -34,7 +34,13 @@ def wanted(name: str, size: int, since: float = 0.0, **kw: object) -> ModelView:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("12GiB", 12 * GIB), ("1536 MiB", 1536 * 2**20), ("16GB", 16 * 10**9), ("17179869184", 16 * GIB), ("1.5gib", 3 * GIB // 2)],
+    [
+        ("12GiB", 12 * GIB),
+        ("1536 MiB", 1536 * 2**20),
+        ("16GB", 16 * 10**9),
+        ("17179869184", 16 * GIB),
+        ("1.5gib", 3 * GIB // 2),
+    ],
 )
 def test_parse_bytes(text: str, expected: int) -> None:
     assert parse_bytes(text) == expected
@@ -152,7 +158,11 @@ def test_plan_prefetch_only_evicts_idle_models_used_later() -> None:
 
 
 def test_high_watermark_evicts_idle_lru_but_not_the_most_recent() -> None:
-    models = [ready("a", 3 * GIB, last_access=1), ready("b", 3 * GIB, last_access=2), ready("c", 3 * GIB, last_access=3)]
+    models = [
+        ready("a", 3 * GIB, last_access=1),
+        ready("b", 3 * GIB, last_access=2),
+        ready("c", 3 * GIB, last_access=3),
+    ]
     decision = decide(models, Policy(10 * GIB, high_watermark=0.5), [], now=5)
     assert decision.unload == ("a", "b")
     alone = decide([ready("a", 9 * GIB, last_access=1)], Policy(10 * GIB, high_watermark=0.5), [], now=5)

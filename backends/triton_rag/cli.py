@@ -37,6 +37,9 @@ def _prepare(args: argparse.Namespace) -> None:
     summary = prepare_repository(settings, args.repository, args.cache_dir, _log)
     for endpoint, chosen in summary.items():
         _log(f"{endpoint}: {chosen['model']} -> {chosen['path']} ({chosen['origin']})")
+    router = settings.router
+    if router.enabled:
+        _log(f"router: budget {router.budget} (reserve {router.reserve}), high watermark {router.high_watermark}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,3 +147,49 @@ def rerank_encoder() -> ModelContract:
             ),
         ),
     )
+
+
+ROUTER = "router"
+
+#: What the router does with a request; see docs/ROUTER.md.
+ROUTER_ACTIONS = ("ACQUIRE", "RELEASE", "STATUS", "PIN", "UNPIN", "PLAN", "RECONCILE")
+
+
+def router() -> ModelContract:
+    return ModelContract(
+        name=ROUTER,
+        doc=(
+            "Residency of the compute models under a memory budget (load on first use, evict idle models, LRU or "
+            "the client's plan). Endpoints use ACQUIRE/RELEASE around each compute call; clients may use STATUS, "
+            "PIN, UNPIN, PLAN and RECONCILE. Not batched: one request per action."
+        ),
+        max_batch_size=0,
+        inputs=(
+            TensorSpec(
+                "ACTION",
+                "TYPE_STRING",
+                (1,),
+                "One of " + ", ".join(f"`{a}`" for a in ROUTER_ACTIONS) + " (case-insensitive).",
+            ),
+            TensorSpec(
+                "MODELS",
+                "TYPE_STRING",
+                (-1,),
+                "Model names (compute models or their endpoints): one for ACQUIRE, PIN and UNPIN; the ordered "
+                "list of upcoming uses for PLAN (empty clears the plan).",
+                optional=True,
+            ),
+            TensorSpec("LEASE", "TYPE_INT64", (1,), "RELEASE: the lease ACQUIRE returned.", optional=True),
+        ),
+        outputs=(
+            TensorSpec("LEASE", "TYPE_INT64", (1,), "ACQUIRE: the lease to RELEASE once the compute call is done."),
+            TensorSpec(
+                "STATUS",
+                "TYPE_STRING",
+                (1,),
+                "STATUS, PIN, UNPIN, PLAN, RECONCILE: the ledger as JSON (budget, per-model state, bytes, "
+                "in-flight and waiting requests, loads, evictions, unreleased bytes).",
+            ),
+        ),
+        client_facing=False,
+    )

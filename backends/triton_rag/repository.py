@@ -8,6 +8,9 @@ The layout (docs/CONTRACT.md has the tensors):
       qwen_embed_encoder/    compute: python+torch (1/model.py, 1/hf/) or tensorrt_plan (1/model.plan)
       qwen_rerank/           python, client-facing: reranker prompt, BLS to the encoder, P(yes)
       qwen_rerank_encoder/   compute: as above, with the 2-row yes/no head
+      router/                python: loads compute models on first use under the memory budget (docs/ROUTER.md)
+
+Start-up loads the light models only (endpoints and router, `startup_models()`); the router loads compute models.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Literal
 
 from triton_rag import contract
 from triton_rag.contract import MIN_EMBED_DIM, ModelContract
+from triton_rag.footprint import estimate_bytes
 from triton_rag.model_config import build_config, render
-from triton_rag.settings import EmbedSettings, EncoderSettings, RerankSettings, Settings
+from triton_rag.settings import EmbedSettings, EncoderSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.sources import ResolvedModel, resolve_model
 from triton_rag.text import QWEN3_POOL_TOKEN
 
@@ -47,6 +51,7 @@ MODEL_PY = {
     contract.RERANK_ENDPOINT: ("triton_rag.triton.endpoints", "RerankEndpoint"),
     contract.EMBED_ENCODER: ("triton_rag.triton.encoder", "EncoderModel"),
     contract.RERANK_ENCODER: ("triton_rag.triton.encoder", "EncoderModel"),
+    contract.ROUTER: ("triton_rag.triton.router", "RouterModel"),
 }
 
 
@@ -56,6 +61,9 @@ def model_py_source(model_name: str) -> str:
         f'"""Triton python model `{model_name}`; the implementation is {module}.{cls}."""\n\n'
         f"from {module} import {cls} as TritonPythonModel  # noqa: F401\n"
     )
+
+
+PREPARED_FILE = ".prepared.json"
 
 
 class RepositoryError(RuntimeError):
@@ -144,21 +152,30 @@ def _write_endpoint_pair(
     _link(model.path, encoder_dir / "1" / "hf")
 
 
-def _common_parameters(settings: EncoderSettings, encoder: str) -> dict[str, str]:
+def _common_parameters(settings: EncoderSettings, encoder: str, router: str) -> dict[str, str]:
     return {
         "encoder": encoder,
+        "router": router,
         "max_length": str(settings.max_length),
         "overflow": settings.overflow,
         "max_batch_tokens": str(settings.max_batch_tokens),
     }
 
 
-def prepare_embed(settings: EmbedSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log) -> dict:
+def _compute_summary(model: ResolvedModel, settings: EncoderSettings, endpoint: str, encoder: str) -> dict:
+    """What the router needs to know about a compute model before its first load."""
+    estimate = estimate_bytes(model.path, model.config, settings.dtype, settings.max_batch_tokens)
+    return {"compute_model": encoder, "endpoint": endpoint, "estimate_bytes": estimate}
+
+
+def prepare_embed(
+    settings: EmbedSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log, router: str = ""
+) -> dict:
     model = resolve_model(settings.model, "embed", cache_dir, fallback, log)
     hidden = int(model.config["hidden_size"])
     dim = clamp_embed_dim(settings.dim, hidden, log)
     pooling = detect_pooling(model) if settings.pooling == "auto" else settings.pooling
-    endpoint_params = _common_parameters(settings, contract.EMBED_ENCODER) | {
+    endpoint_params = _common_parameters(settings, contract.EMBED_ENCODER, router) | {
         "dim": str(dim),
         # Last-token pooling reads the end-of-text token; mean pooling keeps the tokenizer's own specials.
         "pool_token": QWEN3_POOL_TOKEN if pooling == "last_token" else "",
@@ -173,10 +190,13 @@ def prepare_embed(settings: EmbedSettings, repository: Path, cache_dir: Path, fa
         contract.embed_encoder(hidden),
         encoder_params,
     )
-    return {"model": settings.model, "path": str(model.path), "origin": model.origin, "dim": dim, "pooling": pooling}
+    chosen = {"model": settings.model, "path": str(model.path), "origin": model.origin, "dim": dim, "pooling": pooling}
+    return chosen | _compute_summary(model, settings, contract.EMBED_ENDPOINT, contract.EMBED_ENCODER)
 
 
-def prepare_rerank(settings: RerankSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log) -> dict:
+def prepare_rerank(
+    settings: RerankSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log, router: str = ""
+) -> dict:
     from transformers import AutoTokenizer
 
     model = resolve_model(settings.model, "rerank", cache_dir, fallback, log)
@@ -184,7 +204,7 @@ def prepare_rerank(settings: RerankSettings, repository: Path, cache_dir: Path, 
     yes_no = [tokenizer.convert_tokens_to_ids(token) for token in ("no", "yes")]
     if any(token_id is None or token_id == tokenizer.unk_token_id for token_id in yes_no):
         raise RepositoryError(f"{model.path}: the tokenizer has no single tokens 'no' and 'yes'")
-    endpoint_params = _common_parameters(settings, contract.RERANK_ENCODER) | {
+    endpoint_params = _common_parameters(settings, contract.RERANK_ENCODER, router) | {
         "default_instruction": settings.default_instruction,
     }
     encoder_params = {"task": "rerank", "dtype": settings.dtype, "yes_no_ids": ",".join(map(str, yes_no))}
@@ -197,7 +217,20 @@ def prepare_rerank(settings: RerankSettings, repository: Path, cache_dir: Path, 
         contract.rerank_encoder(),
         encoder_params,
     )
-    return {"model": settings.model, "path": str(model.path), "origin": model.origin, "yes_no_ids": yes_no}
+    chosen = {"model": settings.model, "path": str(model.path), "origin": model.origin, "yes_no_ids": yes_no}
+    return chosen | _compute_summary(model, settings, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
+
+
+def prepare_router(settings: RouterSettings, repository: Path, endpoints: dict[str, dict]) -> None:
+    models = {
+        chosen["compute_model"]: {"estimate_bytes_" + device: size for device, size in chosen["estimate_bytes"].items()}
+        | {"endpoints": [chosen["endpoint"]]}
+        for chosen in endpoints.values()
+    }
+    parameters = settings.parameters() | {"models": json.dumps(models, sort_keys=True)}
+    parameters.pop("enabled")
+    config = build_config(contract.router(), backend="python", parameters=parameters)
+    _write(repository / contract.ROUTER, contract.router(), render(config, GENERATED_HEADER), with_model_py=True)
 
 
 def prepare_repository(
@@ -207,12 +240,32 @@ def prepare_repository(
     log: Log = print,
     endpoints: tuple[str, ...] = ("embed", "rerank"),
 ) -> dict[str, dict]:
-    """Make `repository` servable for `settings`; returns what was chosen per endpoint (also written as JSON)."""
+    """Make `repository` servable for `settings`; returns what was chosen per endpoint (also written as JSON, with
+    the models to load at start-up)."""
     repository.mkdir(parents=True, exist_ok=True)
+    router = contract.ROUTER if settings.router.enabled else ""
     summary: dict[str, dict] = {}
+    fallback = settings.offline_fallback
     if "embed" in endpoints:
-        summary["embed"] = prepare_embed(settings.embed, repository, cache_dir, settings.offline_fallback, log)
+        summary["embed"] = prepare_embed(settings.embed, repository, cache_dir, fallback, log, router)
     if "rerank" in endpoints:
-        summary["rerank"] = prepare_rerank(settings.rerank, repository, cache_dir, settings.offline_fallback, log)
-    (repository / ".prepared.json").write_text(json.dumps(summary, indent=2))
+        summary["rerank"] = prepare_rerank(settings.rerank, repository, cache_dir, fallback, log, router)
+    startup = [chosen["endpoint"] for chosen in summary.values()]
+    if router:
+        prepare_router(settings.router, repository, summary)
+        startup.append(contract.ROUTER)
+    else:
+        shutil.rmtree(repository / contract.ROUTER / "1" / "__pycache__", ignore_errors=True)
+        (repository / contract.ROUTER / "config.pbtxt").unlink(missing_ok=True)
+        startup += [chosen["compute_model"] for chosen in summary.values()]
+    prepared = {"endpoints": summary, "startup_models": startup}
+    (repository / PREPARED_FILE).write_text(json.dumps(prepared, indent=2))
     return summary
+
+
+def startup_models(repository: Path) -> list[str]:
+    """The models to load when the server starts: light ones only when the router manages the compute models."""
+    path = repository / PREPARED_FILE
+    if not path.exists():
+        raise RepositoryError(f"{repository} has not been prepared (no {PREPARED_FILE}): run `make prepare`")
+    return list(json.loads(path.read_text())["startup_models"])

@@ -198,7 +198,9 @@ class _Room:
     enough: bool = False
 
 
-def _make_room(shortfall: int, candidates: Sequence[ModelView], plan: Sequence[str], policy: Policy, now: float) -> _Room:
+def _make_room(
+    shortfall: int, candidates: Sequence[ModelView], plan: Sequence[str], policy: Policy, now: float
+) -> _Room:
     """Idle victims first, then busy ones past their minimum residency (closed until their requests finish)."""
     room = _Room()
     ordered = victim_order([m for m in candidates if m.idle], plan)
@@ -268,7 +270,9 @@ def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now
             target = by_name[planned[0]]
             shortfall = occupied + target.bytes - policy.budget
             later = [
-                m for m in models if _evictable(m) and m.idle and positions.get(m.name, math.inf) > positions[target.name]
+                m
+                for m in models
+                if _evictable(m) and m.idle and positions.get(m.name, math.inf) > positions[target.name]
             ]
             picked: list[str] = []
             for victim in victim_order(later, plan):

@@ -129,10 +129,16 @@ class TritonServer:
         repository: Path,
         cache_dir: Path,
         ports: Ports = Ports(),
-        load_models: Sequence[str] = ("*",),
+        load_models: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
         log: IO[bytes] | None = None,
     ) -> None:
+        """`load_models`: what to load at start-up; by default the prepared repository's light models (the router
+        loads compute models on first use)."""
+        from triton_rag.repository import startup_models
+
+        if load_models is None:
+            load_models = startup_models(repository)
         self.repository = repository
         self.ports = ports
         self.command = server_command(repository, prepare_backends(cache_dir), ports, load_models, extra_args)

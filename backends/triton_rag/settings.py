@@ -53,9 +53,65 @@ class RerankSettings(EncoderSettings):
 
 
 @dataclass(frozen=True)
+class RouterSettings:
+    """The router's budget and policy (docs/ROUTER.md); rag.toml [router] and the router's config.pbtxt parameters."""
+
+    #: false: every compute model loads at start-up and endpoints call it directly (no budget).
+    enabled: bool = True
+    #: Bytes ("12GiB", "16000000000") or "auto": GPU memory less `reserve`, or `cpu_budget_fraction` of the RAM.
+    budget: str = "auto"
+    #: GPU memory kept out of an automatic budget: tritonserver, the endpoints' processes, the desktop, other apps.
+    reserve: str = "1536MiB"
+    cpu_budget_fraction: float = 0.5
+    #: Above this fraction of the budget, idle models are evicted (least recently used first).
+    high_watermark: float = 0.9
+    #: A busy model stays open this long after its load before another model may displace it (bounds thrashing).
+    min_residency_seconds: float = 3.0
+    #: A lease older than this is taken back (its holder is presumed gone).
+    lease_timeout_seconds: float = 600.0
+    #: How long an unload may take before the memory it still holds is reported as unreleased.
+    unload_timeout_seconds: float = 30.0
+    #: How often the router re-reads the repository index and re-measures resident models.
+    reconcile_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        from triton_rag.residency import PolicyError, parse_bytes
+
+        try:
+            if self.budget != "auto":
+                parse_bytes(self.budget)
+            parse_bytes(self.reserve)
+        except PolicyError as exc:
+            raise SettingsError(f"[router] {exc}") from None
+        if not 0.0 < self.high_watermark <= 1.0:
+            raise SettingsError(f"[router] high_watermark must be in (0, 1], got {self.high_watermark}")
+        if not 0.0 < self.cpu_budget_fraction <= 1.0:
+            raise SettingsError(f"[router] cpu_budget_fraction must be in (0, 1], got {self.cpu_budget_fraction}")
+
+    def budget_bytes(self, device: str, total: int) -> int:
+        """The budget in bytes on a device with `total` bytes of memory ("gpu" or "cpu")."""
+        from triton_rag.residency import parse_bytes
+
+        if self.budget != "auto":
+            return parse_bytes(self.budget)
+        if device == "gpu":
+            budget = total - parse_bytes(self.reserve)
+            if budget <= 0:
+                raise SettingsError(f"[router] reserve {self.reserve} leaves no budget on a {total}-byte GPU")
+            return budget
+        return int(total * self.cpu_budget_fraction)
+
+    def parameters(self) -> dict[str, str]:
+        """As config.pbtxt string parameters (read back by `router_settings`)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
+
+
+@dataclass(frozen=True)
 class Settings:
     embed: EmbedSettings = field(default_factory=EmbedSettings)
     rerank: RerankSettings = field(default_factory=RerankSettings)
+    router: RouterSettings = field(default_factory=RouterSettings)
     #: Build tiny random-weight models of the real architecture when the hub cannot be reached.
     offline_fallback: bool = True
 
@@ -79,6 +135,13 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
         if isinstance(default, bool):
             if isinstance(value, str):
                 value = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, float):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise SettingsError(f"[{section}] {key} must be a number, got {value!r}") from None
+            if not value >= 0:
+                raise SettingsError(f"[{section}] {key} must be zero or more, got {value}")
         elif isinstance(default, int):
             try:
                 value = int(value)
@@ -115,9 +178,9 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
             raise SettingsError(f"{path} is not valid TOML: {exc}") from None
     for section, values in parse_overrides(overrides or []).items():
         data.setdefault(section, {}).update(values)
-    unknown = sorted(set(data) - {"embed", "rerank", "offline"})
+    unknown = sorted(set(data) - {"embed", "rerank", "router", "offline"})
     if unknown:
-        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, offline")
+        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, router, offline")
     offline = data.get("offline", {})
     fallback = offline.get("fallback", True)
     if isinstance(fallback, str):
@@ -125,5 +188,13 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
     return Settings(
         embed=_build(EmbedSettings, "embed", data.get("embed", {})),
         rerank=_build(RerankSettings, "rerank", data.get("rerank", {})),
+        router=router_settings(data.get("router", {})),
         offline_fallback=bool(fallback),
+    )
+
+
+def router_settings(values: dict[str, Any]) -> RouterSettings:
+    """From rag.toml's [router] table or the router's config.pbtxt parameters (all strings there)."""
+    return _build(
+        RouterSettings, "router", {key: str(value) if key == "budget" else value for key, value in values.items()}
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -47,3 +48,43 @@ def call_model(model_name: str, inputs: dict[str, np.ndarray], outputs: list[str
     if response.has_error():
         raise ComputeError(f"{model_name}: {response.error().message()}")
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+
+#: Words in Triton's BLS error when the target model is not loaded (unloaded behind the router's back).
+_NOT_LOADED = ("is not found", "unknown model", "is not ready", "no available versions")
+
+
+def is_not_loaded(error: ComputeError) -> bool:
+    return any(phrase in str(error).lower() for phrase in _NOT_LOADED)
+
+
+class RouterClient:
+    """Leases from the `router` model around compute calls: load-before-call without the client's help.
+
+    With no router configured (router disabled, every compute model loaded at start-up) leases are no-ops."""
+
+    def __init__(self, router: str) -> None:
+        self.router = router
+
+    def _call(self, action: str, models: tuple[str, ...] = (), lease: int | None = None) -> dict[str, np.ndarray]:
+        inputs = {"ACTION": np.array([action.encode()], dtype=np.object_)}
+        if models:
+            inputs["MODELS"] = np.array([m.encode() for m in models], dtype=np.object_)
+        if lease is not None:
+            inputs["LEASE"] = np.array([lease], dtype=np.int64)
+        return call_model(self.router, inputs, ["LEASE"] if action == "ACQUIRE" else [])
+
+    @contextmanager
+    def lease(self, model: str) -> Iterator[None]:
+        if not self.router:
+            yield
+            return
+        lease = int(self._call("ACQUIRE", (model,))["LEASE"][0])
+        try:
+            yield
+        finally:
+            self._call("RELEASE", lease=lease)
+
+    def reconcile(self) -> None:
+        if self.router:
+            self._call("RECONCILE")

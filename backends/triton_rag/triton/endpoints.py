@@ -26,7 +26,15 @@ from triton_rag.text import (
     format_rerank_pair,
     require_non_empty,
 )
-from triton_rag.triton.common import ComputeError, call_model, error_response, model_parameters, read_strings
+from triton_rag.triton.common import (
+    ComputeError,
+    RouterClient,
+    call_model,
+    error_response,
+    is_not_loaded,
+    model_parameters,
+    read_strings,
+)
 
 
 class _TextEndpoint:
@@ -43,6 +51,7 @@ class _TextEndpoint:
         self.max_length = int(params["max_length"])
         self.overflow = params["overflow"]
         self.max_batch_tokens = int(params["max_batch_tokens"])
+        self.router = RouterClient(params.get("router", ""))
         tokenizer_dir = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -58,6 +67,18 @@ class _TextEndpoint:
         raise NotImplementedError
 
     def run_encoder(self, rows: list[Encoded]) -> np.ndarray:
+        """All rows through the encoder under one router lease; once more if the encoder vanished meanwhile."""
+        try:
+            with self.router.lease(self.encoder):
+                return self._encode(rows)
+        except ComputeError as exc:
+            if not (self.router.router and is_not_loaded(exc)):
+                raise
+        self.router.reconcile()
+        with self.router.lease(self.encoder):
+            return self._encode(rows)
+
+    def _encode(self, rows: list[Encoded]) -> np.ndarray:
         groups = plan_micro_batches([len(row.ids) for row in rows], self.max_rows, self.max_batch_tokens)
         result: np.ndarray | None = None
         for group in groups:

@@ -1,0 +1,54 @@
+"""What a compute model is expected to hold before it has ever been loaded: weights plus workspace.
+
+The router makes room with this estimate on a model's first load and then replaces it with the measured bytes
+(memory.py). The estimate is deliberately simple and documented in docs/ROUTER.md:
+- weights: parameters the engine keeps (the reranker keeps two LM-head rows, not the whole head) times the bytes per
+  parameter of the serving dtype (auto: bfloat16 on a GPU, float32 on the CPU);
+- activations: the largest padded batch (`max_batch_tokens`) times (6 x hidden + 3 x intermediate) values, the
+  transient peak of one transformer layer's attention and MLP;
+- runtime: the CUDA context and allocator slack on a GPU, the stub's Python and torch on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+MIB = 2**20
+GPU_RUNTIME_BYTES = 512 * MIB
+CPU_RUNTIME_BYTES = 448 * MIB
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def safetensors_parameters(model_dir: Path, skip_prefixes: tuple[str, ...] = ("lm_head.",)) -> int:
+    """Parameter count from the safetensors headers (no tensor data is read)."""
+    total = 0
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no .safetensors weights")
+    for path in files:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, info in header.items():
+            if name == "__metadata__" or name.startswith(skip_prefixes):
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            total += count
+    return total
+
+
+def estimate_bytes(model_dir: Path, config: dict, dtype: str, max_batch_tokens: int) -> dict[str, int]:
+    """{"gpu": bytes, "cpu": bytes} for a transformer encoder served by the PyTorch engine."""
+    parameters = safetensors_parameters(model_dir)
+    hidden = int(config.get("hidden_size", 0))
+    intermediate = int(config.get("intermediate_size", 4 * hidden))
+    activation_values = max_batch_tokens * (6 * hidden + 3 * intermediate)
+    result = {}
+    for device, runtime, auto_dtype in (("gpu", GPU_RUNTIME_BYTES, "bfloat16"), ("cpu", CPU_RUNTIME_BYTES, "float32")):
+        width = _DTYPE_BYTES[auto_dtype if dtype == "auto" else dtype]
+        result[device] = runtime + parameters * width + activation_values * width
+    return result

@@ -1,0 +1,449 @@
+"""The `router` python model: loads compute models on first use, under a memory budget, and evicts idle ones.
+
+Endpoints ask it for a lease on their compute model (ACQUIRE), call the model over BLS, and give the lease back
+(RELEASE); clients can read the ledger (STATUS), pin models (PIN/UNPIN), announce what they will use next (PLAN) and
+make it re-read the repository index (RECONCILE). docs/ROUTER.md describes the tensors and the policy.
+
+Threads: execute() only parses requests and queues them; one scheduler thread owns the ledger, asks
+`residency.decide()` what to do after every event and does it; loads and unloads run on worker threads and report
+back as events. Every request gets exactly one final response, through its response sender, when its turn comes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_rag import contract
+from triton_rag.memory import MemoryProbe, alive, open_probe, stub_pids
+from triton_rag.residency import ModelView, Policy, decide, format_bytes, occupied_bytes
+from triton_rag.settings import router_settings
+from triton_rag.triton.common import error_response, read_strings
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+LOAD_BUCKETS = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
+
+
+@dataclass
+class Waiter:
+    action: str  # ACQUIRE or PIN
+    sender: Any
+    arrived: float
+
+
+@dataclass
+class Entry:
+    """The ledger line of one compute model."""
+
+    name: str
+    estimate: int
+    endpoints: list[str]
+    state: str = "unloaded"
+    measured: int | None = None
+    measured_by: str = ""
+    leases: set[int] = field(default_factory=set)
+    waiters: deque[Waiter] = field(default_factory=deque)
+    last_access: float = -math.inf
+    loaded_at: float = -math.inf
+    pinned: bool = False
+    unreleased: int = 0
+    evictable: bool = True
+    loads: int = 0
+    evictions: int = 0
+    last_load_seconds: float | None = None
+    last_error: str = ""
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return self.measured if self.measured is not None else self.estimate
+
+    def view(self) -> ModelView:
+        return ModelView(
+            name=self.name,
+            bytes=self.bytes,
+            state=self.state,  # type: ignore[arg-type]
+            in_flight=len(self.leases),
+            waiting=len(self.waiters),
+            oldest_wait=self.waiters[0].arrived if self.waiters else math.inf,
+            last_access=self.last_access,
+            loaded_at=self.loaded_at,
+            pinned=self.pinned,
+            unreleased=self.unreleased,
+            evictable=self.evictable,
+        )
+
+
+class Metrics:
+    """The `rag_router_*` families on Triton's /metrics endpoint (names are part of the documented interface)."""
+
+    def __init__(self, names: list[str]) -> None:
+        family = pb_utils.MetricFamily
+        resident = family("rag_router_resident_bytes", "Bytes the router's ledger holds per model", family.GAUGE)
+        loads = family("rag_router_loads_total", "Loads started by the router per model", family.COUNTER)
+        evictions = family("rag_router_evictions_total", "Models the router unloaded to make room", family.COUNTER)
+        unreleased = family("rag_router_unreleased_bytes", "Bytes an unload did not give back", family.GAUGE)
+        seconds = family("rag_router_load_seconds", "Time to load a model (load_model until ready)", family.HISTOGRAM)
+        budget = family("rag_router_budget_bytes", "The router's memory budget", family.GAUGE)
+        self.budget = budget.Metric(labels={})
+        self.resident = {n: resident.Metric(labels={"model": n}) for n in names}
+        self.loads = {n: loads.Metric(labels={"model": n}) for n in names}
+        self.evictions = {n: evictions.Metric(labels={"model": n}) for n in names}
+        self.unreleased = {n: unreleased.Metric(labels={"model": n}) for n in names}
+        self.load_seconds = {n: seconds.Metric(labels={"model": n}, buckets=LOAD_BUCKETS) for n in names}
+        # A family must outlive its metrics (Triton refuses to update a metric whose family was collected).
+        self._families = [budget, resident, loads, evictions, unreleased, seconds]
+
+
+def _triton_ready(name: str) -> bool | None:
+    """Triton's view of a model, or None while the server cannot say (during start-up and shutdown)."""
+    try:
+        return bool(pb_utils.is_model_ready(name))
+    except Exception:
+        return None
+
+
+class RouterModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        models = json.loads(params.pop("models", "{}"))
+        self.settings = router_settings(params)
+        self.probe: MemoryProbe = open_probe()
+        self.policy = Policy(
+            self.settings.budget_bytes(self.probe.device, self.probe.total),
+            high_watermark=self.settings.high_watermark,
+            min_residency=self.settings.min_residency_seconds,
+        )
+        self.entries: dict[str, Entry] = {}
+        self.aliases: dict[str, str] = {}
+        for name, info in models.items():
+            estimate = int(info["estimate_bytes_" + self.probe.device])
+            self.entries[name] = Entry(name, estimate, list(info.get("endpoints", [])))
+            self.aliases[name] = name
+            for endpoint in info.get("endpoints", []):
+                self.aliases[endpoint] = name
+        self.server_pid = os.getppid()
+        self.plan: list[str] = []
+        self.leases: dict[int, tuple[str, float]] = {}
+        self.lease_ids = itertools.count(1)
+        self.events: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.loading: str | None = None
+        self.device_used_before_load = 0
+        self.metrics = Metrics(list(self.entries))
+        self.metrics.budget.set(float(self.policy.budget))
+        self.reasons: dict[str, str] = {}
+        self.server_up = False
+        self.scheduler = threading.Thread(target=self._run, name="router-scheduler", daemon=True)
+        self.scheduler.start()
+        print(
+            f"router: budget {format_bytes(self.policy.budget)} ({self.probe.description}), high watermark "
+            f"{self.policy.high_watermark}, min residency {self.policy.min_residency}s, models "
+            + ", ".join(f"{e.name} (estimate {format_bytes(e.estimate)})" for e in self.entries.values()),
+            flush=True,
+        )
+
+    # --- requests -------------------------------------------------------------------------------------------
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                action, models, lease = self._parse(request)
+            except ValueError as exc:
+                sender.send(error_response(str(exc)), flags=FINAL)
+                continue
+            arrived = time.monotonic()
+            self.events.put(
+                lambda a=action, m=models, ls=lease, s=sender, t=arrived: self._on_request(a, m, ls, s, t)  # type: ignore[misc]
+            )
+        return None
+
+    def _parse(self, request: Any) -> tuple[str, list[str], int | None]:
+        action_values = read_strings(request, "ACTION")
+        if not action_values or len(action_values) != 1:
+            raise ValueError("ACTION must hold exactly one value")
+        action = action_values[0].strip().upper()
+        if action not in contract.ROUTER_ACTIONS:
+            raise ValueError(f"unknown ACTION {action!r}; one of {', '.join(contract.ROUTER_ACTIONS)}")
+        names = read_strings(request, "MODELS", optional=True) or []
+        models = []
+        for name in names:
+            if name not in self.aliases:
+                raise ValueError(f"{name!r} is not a model the router manages ({', '.join(sorted(self.aliases))})")
+            models.append(self.aliases[name])
+        lease_tensor = pb_utils.get_input_tensor_by_name(request, "LEASE")
+        lease = int(lease_tensor.as_numpy().reshape(-1)[0]) if lease_tensor is not None else None
+        if action in ("ACQUIRE", "PIN", "UNPIN") and len(models) != 1:
+            raise ValueError(f"{action} needs exactly one model in MODELS")
+        if action == "RELEASE" and lease is None:
+            raise ValueError("RELEASE needs the LEASE that ACQUIRE returned")
+        return action, models, lease
+
+    def _on_request(self, action: str, models: list[str], lease: int | None, sender: Any, arrived: float) -> None:
+        self.server_up = True
+        if action in ("ACQUIRE", "PIN"):
+            self.entries[models[0]].waiters.append(Waiter(action, sender, arrived))
+            if action == "ACQUIRE" and models[0] in self.plan:
+                del self.plan[: self.plan.index(models[0]) + 1]  # the plan advances past this use
+            return
+        if action == "RELEASE":
+            held = self.leases.pop(lease or 0, None)
+            if held is not None:
+                entry = self.entries[held[0]]
+                entry.leases.discard(lease or 0)
+                entry.last_access = time.monotonic()
+            sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
+            return
+        if action == "UNPIN":
+            self.entries[models[0]].pinned = False
+        elif action == "PLAN":
+            self.plan = list(models)
+        elif action == "RECONCILE":
+            self._reconcile()
+        self._send_status(sender)
+
+    def _send_status(self, sender: Any) -> None:
+        status = np.array([json.dumps(self.status()).encode()], dtype=np.object_)
+        sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("STATUS", status)]), flags=FINAL)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        views = [e.view() for e in self.entries.values()]
+        return {
+            "budget_bytes": self.policy.budget,
+            "high_watermark": self.policy.high_watermark,
+            "min_residency_seconds": self.policy.min_residency,
+            "memory": self.probe.description,
+            "occupied_bytes": occupied_bytes(views),
+            "plan": list(self.plan),
+            "models": {
+                e.name: {
+                    "state": e.state,
+                    "bytes": e.bytes,
+                    "estimate_bytes": e.estimate,
+                    "measured_bytes": e.measured,
+                    "measured_by": e.measured_by,
+                    "in_flight": len(e.leases),
+                    "waiting": len(e.waiters),
+                    "pinned": e.pinned,
+                    "idle_seconds": None if e.last_access == -math.inf else round(now - e.last_access, 3),
+                    "loads": e.loads,
+                    "evictions": e.evictions,
+                    "last_load_seconds": e.last_load_seconds,
+                    "unreleased_bytes": e.unreleased,
+                    "last_error": e.last_error,
+                    "waiting_because": self.reasons.get(e.name, ""),
+                    "endpoints": e.endpoints,
+                }
+                for e in self.entries.values()
+            },
+        }
+
+    # --- the scheduler ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        wake_at: float | None = None
+        next_housekeeping = time.monotonic() + self.settings.reconcile_seconds
+        while True:
+            now = time.monotonic()
+            deadline = min(t for t in (wake_at, next_housekeeping) if t is not None)
+            try:
+                event = self.events.get(timeout=max(0.0, deadline - now))
+            except queue.Empty:
+                event = None
+            else:
+                if event is None:
+                    return  # finalize
+            try:
+                if event is not None:
+                    event()
+                # Readiness queries before the server is up fail and leave the stub's IPC broken (seen on Triton
+                # 2.51: a later request aborts tritonserver), so housekeeping waits for the first request.
+                if self.server_up and time.monotonic() >= next_housekeeping:
+                    self._housekeeping()
+                    next_housekeeping = time.monotonic() + self.settings.reconcile_seconds
+                wake_at = self._decide()
+            except Exception:  # the scheduler must outlive any one bad event
+                traceback.print_exc()
+
+    def _decide(self) -> float | None:
+        now = time.monotonic()
+        decision = decide([e.view() for e in self.entries.values()], self.policy, self.plan, now)
+        self.reasons = decision.reasons
+        for name, message in decision.fail:
+            self._fail_waiters(self.entries[name], message)
+        for name in decision.grant:
+            self._grant(self.entries[name], now)
+        for name in decision.unload:
+            entry = self.entries[name]
+            entry.state = "unloading"
+            entry.evictions += 1
+            self.metrics.evictions[name].increment(1)
+            threading.Thread(target=self._unload, args=(entry, True), daemon=True).start()
+        if decision.load is not None:
+            entry = self.entries[decision.load]
+            if _triton_ready(entry.name):  # loaded from outside since the last look
+                self._reconcile()
+                return self._decide()
+            entry.state = "loading"
+            entry.loads += 1
+            self.metrics.loads[entry.name].increment(1)
+            self.device_used_before_load = self.probe.device_used()
+            threading.Thread(target=self._load, args=(entry,), daemon=True).start()
+        self._publish()
+        return decision.wake_at
+
+    def _grant(self, entry: Entry, now: float) -> None:
+        entry.last_access = now
+        while entry.waiters:
+            waiter = entry.waiters.popleft()
+            if waiter.action == "PIN":
+                entry.pinned = True
+                self._send_status(waiter.sender)
+                continue
+            lease = next(self.lease_ids)
+            entry.leases.add(lease)
+            self.leases[lease] = (entry.name, now)
+            out = pb_utils.Tensor("LEASE", np.array([lease], dtype=np.int64))
+            waiter.sender.send(pb_utils.InferenceResponse(output_tensors=[out]), flags=FINAL)
+
+    def _fail_waiters(self, entry: Entry, message: str) -> None:
+        while entry.waiters:
+            waiter = entry.waiters.popleft()
+            waiter.sender.send(error_response(message, invalid_input=False), flags=FINAL)
+
+    def _publish(self) -> None:
+        for entry in self.entries.values():
+            self.metrics.resident[entry.name].set(float(entry.view().occupies))
+            self.metrics.unreleased[entry.name].set(float(entry.unreleased))
+
+    def _housekeeping(self) -> None:
+        """Take back leases whose holder vanished, re-read the repository index, re-measure residents."""
+        now = time.monotonic()
+        for lease, (name, granted) in list(self.leases.items()):
+            if now - granted > self.settings.lease_timeout_seconds:
+                print(
+                    f"router: lease {lease} on {name} expired after {now - granted:.0f} s; taking it back", flush=True
+                )
+                self.leases.pop(lease)
+                self.entries[name].leases.discard(lease)
+        for entry in self.entries.values():
+            if entry.unreleased and entry.state == "unloaded":  # a slow stub may give its memory back later
+                remaining = alive(entry.pids)
+                held = self.probe.process_bytes(remaining) if remaining else 0
+                entry.unreleased = held if held is not None else entry.unreleased
+                entry.pids = remaining if entry.unreleased else []
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Align the ledger with Triton: models loaded or unloaded through the repository API, re-measured bytes."""
+        for entry in self.entries.values():
+            if entry.state not in ("ready", "unloaded"):
+                continue
+            ready = _triton_ready(entry.name)
+            if ready is None:
+                continue
+            if ready and entry.state == "unloaded":
+                entry.state, entry.loaded_at = "ready", time.monotonic()
+                entry.pids = stub_pids(entry.name, self.server_pid)
+                self._measure(entry, device_delta=None)
+                print(f"router: {entry.name} was loaded outside the router; now in the ledger", flush=True)
+            elif not ready and entry.state == "ready":
+                print(f"router: {entry.name} was unloaded outside the router", flush=True)
+                entry.state = "unloading"
+                threading.Thread(target=self._unload, args=(entry, False), daemon=True).start()
+            elif ready and entry.pids:
+                self._measure(entry, device_delta=None)
+
+    def _measure(self, entry: Entry, device_delta: int | None) -> None:
+        measured = self.probe.process_bytes(entry.pids) if entry.pids else None
+        if measured is not None:
+            entry.measured, entry.measured_by = measured, f"{self.probe.device}: stub processes {entry.pids}"
+        elif device_delta is not None:
+            entry.measured, entry.measured_by = max(device_delta, 0), f"{self.probe.device}: device delta across load"
+
+    # --- workers: they only report back through the event queue -----------------------------------------------
+
+    def _load(self, entry: Entry) -> None:
+        started = time.monotonic()
+        error = ""
+        try:
+            pb_utils.load_model(entry.name)
+        except Exception as exc:
+            error = str(exc) or repr(exc)
+        seconds = time.monotonic() - started
+        delta = self.probe.device_used() - self.device_used_before_load
+        pids = stub_pids(entry.name, self.server_pid)
+        self.events.put(lambda: self._loaded(entry, error, seconds, delta, pids))
+
+    def _loaded(self, entry: Entry, error: str, seconds: float, delta: int, pids: list[int]) -> None:
+        entry.last_load_seconds = seconds
+        if error or not _triton_ready(entry.name):
+            entry.state = "unloaded"
+            entry.last_error = error or "the model did not become ready"
+            message = f"loading {entry.name} failed: {entry.last_error}"
+            print(f"router: {message}", flush=True)
+            self._fail_waiters(entry, message)
+            if pids:  # a stub that failed to initialise may still hold memory
+                entry.pids = pids
+                entry.state = "unloading"
+                threading.Thread(target=self._unload, args=(entry, True), daemon=True).start()
+            return
+        entry.state, entry.loaded_at, entry.pids, entry.last_error = "ready", time.monotonic(), pids, ""
+        self.metrics.load_seconds[entry.name].observe(seconds)
+        self._measure(entry, device_delta=delta)
+        print(f"router: loaded {entry.name} in {seconds:.2f} s, holds {format_bytes(entry.bytes)}", flush=True)
+
+    def _unload(self, entry: Entry, ask_triton: bool) -> None:
+        started = time.monotonic()
+        pids = list(entry.pids)
+        error = ""
+        if ask_triton:
+            try:
+                pb_utils.unload_model(entry.name)
+            except Exception as exc:
+                error = str(exc) or repr(exc)
+        remaining = alive(pids)
+        deadline = started + self.settings.unload_timeout_seconds
+        while remaining and not error and time.monotonic() < deadline:
+            time.sleep(0.05)
+            remaining = alive(remaining)
+        unreleased = 0
+        if remaining:
+            held = self.probe.process_bytes(remaining)
+            unreleased = held if held is not None else entry.bytes
+        self.events.put(lambda: self._unloaded(entry, error, unreleased, time.monotonic() - started))
+
+    def _unloaded(self, entry: Entry, error: str, unreleased: int, seconds: float) -> None:
+        if error:  # e.g. a server without explicit model control: keep the model, stop trying to evict it
+            print(f"router: could not unload {entry.name}: {error}; it is no longer evicted", flush=True)
+            entry.state, entry.evictable, entry.last_error = "ready", False, error
+            return
+        entry.state, entry.unreleased = "unloaded", unreleased
+        if unreleased:
+            print(
+                f"router: {entry.name} unloaded but {format_bytes(unreleased)} were not given back after "
+                f"{seconds:.1f} s (processes {alive(entry.pids)})",
+                flush=True,
+            )
+        else:
+            entry.pids = []
+        print(f"router: unloaded {entry.name} in {seconds:.2f} s", flush=True)
+
+    def finalize(self) -> None:
+        self.events.put(None)
+        self.scheduler.join(timeout=5)
