@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import tritonclient.grpc as grpcclient
 
 from triton_rag.server import TritonServer, free_ports
@@ -41,3 +42,25 @@ def start_server(repository: Path, log_path: Path) -> Iterator[RunningServer]:
             yield running
         finally:
             server.stop()
+
+
+def strings(name: str, values: list[str] | list[bytes]) -> grpcclient.InferInput:
+    data = np.array([[v.encode() if isinstance(v, str) else v] for v in values], dtype=object)
+    tensor = grpcclient.InferInput(name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def embed(server: RunningServer, texts: list[str], instruction: str | None = None) -> np.ndarray:
+    inputs = [strings("TEXT", texts)]
+    if instruction is not None:
+        inputs.append(strings("INSTRUCTION", [instruction] * len(texts)))
+    result = server.client().infer("qwen_embed", inputs)
+    return result.as_numpy("EMBEDDING")
+
+
+def rerank(server: RunningServer, pairs: list[tuple[str, str]], instruction: str | None = None) -> np.ndarray:
+    inputs = [strings("QUERY", [q for q, _ in pairs]), strings("DOCUMENT", [d for _, d in pairs])]
+    if instruction is not None:
+        inputs.append(strings("INSTRUCTION", [instruction] * len(pairs)))
+    return server.client().infer("qwen_rerank", inputs).as_numpy("SCORE").reshape(-1)

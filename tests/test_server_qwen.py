@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests import reference
-from tests.harness import PROJECT_ROOT, RunningServer
+from tests.harness import PROJECT_ROOT, RunningServer, embed, rerank, strings
 
 pytestmark = pytest.mark.server
 
@@ -28,28 +28,6 @@ TEXTS = [
     "Ünïcödé text — with emoji 🚀 and CJK 文字.",
     "Numbers 1234567890 and symbols !@#$%^&*()",
 ]
-
-
-def strings(name: str, values: list[str] | list[bytes]) -> grpcclient.InferInput:
-    data = np.array([[v.encode() if isinstance(v, str) else v] for v in values], dtype=object)
-    tensor = grpcclient.InferInput(name, list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    return tensor
-
-
-def embed(server: RunningServer, texts: list[str], instruction: str | None = None) -> np.ndarray:
-    inputs = [strings("TEXT", texts)]
-    if instruction is not None:
-        inputs.append(strings("INSTRUCTION", [instruction] * len(texts)))
-    result = server.client().infer("qwen_embed", inputs)
-    return result.as_numpy("EMBEDDING")
-
-
-def rerank(server: RunningServer, pairs: list[tuple[str, str]], instruction: str | None = None) -> np.ndarray:
-    inputs = [strings("QUERY", [q for q, _ in pairs]), strings("DOCUMENT", [d for _, d in pairs])]
-    if instruction is not None:
-        inputs.append(strings("INSTRUCTION", [instruction] * len(pairs)))
-    return server.client().infer("qwen_rerank", inputs).as_numpy("SCORE").reshape(-1)
 
 
 def test_embeddings_match_model_card_recipe(qwen_server: RunningServer, tiny_embed_dir: Path) -> None:

@@ -73,6 +73,8 @@ class RouterSettings:
     unload_timeout_seconds: float = 30.0
     #: How often the router re-reads the repository index and re-measures resident models.
     reconcile_seconds: float = 5.0
+    #: Measured sizes remembered across restarts (relative to the router's model directory).
+    measurements_file: str = "measured.json"
 
     def __post_init__(self) -> None:
         from triton_rag.residency import PolicyError, parse_bytes

@@ -22,6 +22,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,34 @@ class Metrics:
         self._families = [budget, resident, loads, evictions, unreleased, seconds]
 
 
+class MeasurementFile:
+    """Measured bytes kept across router reloads and server restarts, so a model's next first load makes room with
+    what it really took instead of the estimate. A line counts only for the same device and the same estimate (the
+    estimate changes with the model and its settings). Best effort: a read-only repository just keeps nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.data: dict[str, dict[str, Any]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, name: str, device: str, estimate: int) -> int | None:
+        line = self.data.get(name, {})
+        if line.get("device") == device and line.get("estimate") == estimate:
+            return int(line["measured"])
+        return None
+
+    def put(self, name: str, device: str, estimate: int, measured: int) -> None:
+        self.data[name] = {"device": device, "estimate": estimate, "measured": measured}
+        try:
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+            temporary.replace(self.path)
+        except OSError:
+            pass
+
+
 def _triton_ready(name: str) -> bool | None:
     """Triton's view of a model, or None while the server cannot say (during start-up and shutdown)."""
     try:
@@ -130,9 +159,13 @@ class RouterModel:
         )
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, str] = {}
+        self.measurements = MeasurementFile(Path(args["model_repository"]) / self.settings.measurements_file)
         for name, info in models.items():
             estimate = int(info["estimate_bytes_" + self.probe.device])
             self.entries[name] = Entry(name, estimate, list(info.get("endpoints", [])))
+            remembered = self.measurements.get(name, self.probe.device, estimate)
+            if remembered is not None:
+                self.entries[name].measured, self.entries[name].measured_by = remembered, "remembered from a load"
             self.aliases[name] = name
             for endpoint in info.get("endpoints", []):
                 self.aliases[endpoint] = name
@@ -194,7 +227,9 @@ class RouterModel:
         return action, models, lease
 
     def _on_request(self, action: str, models: list[str], lease: int | None, sender: Any, arrived: float) -> None:
-        self.server_up = True
+        if not self.server_up:  # the first request: the server is up, so the repository index can be read
+            self.server_up = True
+            self._reconcile()
         if action in ("ACQUIRE", "PIN"):
             self.entries[models[0]].waiters.append(Waiter(action, sender, arrived))
             if action == "ACQUIRE" and models[0] in self.plan:
@@ -375,6 +410,9 @@ class RouterModel:
             entry.measured, entry.measured_by = measured, f"{self.probe.device}: stub processes {entry.pids}"
         elif device_delta is not None:
             entry.measured, entry.measured_by = max(device_delta, 0), f"{self.probe.device}: device delta across load"
+        else:
+            return
+        self.measurements.put(entry.name, self.probe.device, entry.estimate, entry.bytes)
 
     # --- workers: they only report back through the event queue -----------------------------------------------
 
