@@ -108,10 +108,13 @@ def test_model_larger_than_budget_fails_clearly() -> None:
     assert decision.fail == (("huge", f"huge needs {format_bytes(20 * GIB)}, more than the whole budget of 16.00 GiB"),)
 
 
-def test_unreleased_memory_counts_and_is_named() -> None:
+def test_unreleased_memory_counts_and_makes_the_load_wait() -> None:
     models = [ModelView("a", 3 * GIB, unreleased=3 * GIB), wanted("b", 2 * GIB)]
-    (failed,) = decide(models, Policy(4 * GIB), [], now=0).fail
-    assert "unreleased" in failed[1] and "a" in failed[1]
+    decision = decide(models, Policy(4 * GIB), [], now=0)
+    assert decision.load is None and decision.fail == ()
+    assert decision.reasons == {"b": "waiting for memory that is being released"}
+    released = [ModelView("a", 3 * GIB), wanted("b", 2 * GIB)]
+    assert decide(released, Policy(4 * GIB), [], now=0).load == "b"
 
 
 def test_one_load_at_a_time() -> None:

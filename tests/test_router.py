@@ -36,7 +36,7 @@ PAIRS = [("which model is resident?", "the router decides"), ("budget", "bytes o
 
 #: A compute model whose finalize outlives the router's unload timeout, so its memory is reported as unreleased.
 STUBBORN = "stubborn"
-STUBBORN_SECONDS = 12
+STUBBORN_SECONDS = 15
 STUBBORN_MODEL_PY = f"""
 import time
 import numpy as np
@@ -76,7 +76,7 @@ def router_server(
     tmp_path_factory: pytest.TempPathFactory, embed_copy: Path, tiny_rerank_dir: Path
 ) -> Iterator[RunningServer]:
     repository = tmp_path_factory.mktemp("router_repository")
-    router = RouterSettings(min_residency_seconds=0.5, reconcile_seconds=1.0, unload_timeout_seconds=2.0)
+    router = RouterSettings(min_residency_seconds=0.5, reconcile_seconds=1.0, unload_timeout_seconds=6.0)
     settings = Settings(
         embed=EmbedSettings(model=str(embed_copy), max_length=128),
         rerank=RerankSettings(model=str(tiny_rerank_dir), max_length=128),

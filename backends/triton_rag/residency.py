@@ -8,8 +8,9 @@ Rules, in the order `decide()` applies them:
 1. Memory: `occupied` = bytes of every model loading, ready or unloading, plus bytes unloads did not give back.
    A load starts only if `occupied + need <= budget`; at most one load runs at a time (so each load's memory
    delta is its own).
-2. A request for a model larger than the budget, or larger than what pinned models, models the server will not
-   unload and unreleased memory leave, fails at once with a message that says which.
+2. A request for a model larger than the budget, or larger than what pinned models and models the server will not
+   unload leave, fails at once with a message that says which. Memory an unload has not given back yet makes
+   requests wait (the router fails them after its queue timeout).
 3. The next model to load (the *contender*) is the unloaded model with the oldest waiting request (FIFO across
    models, so nothing starves).
 4. Making room evicts idle models first (no request in flight, none waiting), in victim order: models absent from
@@ -172,17 +173,17 @@ def _held(model: ModelView) -> bool:
 
 
 def _impossible(model: ModelView, models: Sequence[ModelView], policy: Policy) -> str | None:
-    """Why `model` can never fit while things stay as they are, or None."""
+    """Why `model` can never fit while things stay as they are, or None. Unreleased memory is not counted here: it
+    may still come back (a slow stub exit), so it makes requests wait, and the router's queue timeout bounds that."""
     needs = f"{model.name} needs {format_bytes(model.bytes)}"
     if model.bytes > policy.budget:
         return f"{needs}, more than the whole budget of {format_bytes(policy.budget)}"
-    holders = [m for m in models if m.unreleased or (m.name != model.name and _held(m))]
-    fixed = sum(m.unreleased + (m.bytes if m.name != model.name and _held(m) else 0) for m in holders)
+    holders = [m for m in models if m.name != model.name and _held(m)]
+    fixed = sum(m.bytes for m in holders)
     if model.bytes + fixed > policy.budget:
         return (
             f"{needs} but only {format_bytes(policy.budget - fixed)} of the {format_bytes(policy.budget)} budget "
-            f"can be freed: pinned, non-evictable or unreleased memory is held by "
-            f"{', '.join(sorted(m.name for m in holders))}"
+            f"can be freed: pinned or non-evictable models hold the rest ({', '.join(sorted(m.name for m in holders))})"
         )
     return None
 

@@ -67,12 +67,18 @@ class RouterSettings:
     high_watermark: float = 0.9
     #: A busy model stays open this long after its load before another model may displace it (bounds thrashing).
     min_residency_seconds: float = 3.0
+    #: A request waiting this long for its model fails, with the reason it waited (never a hang).
+    queue_timeout_seconds: float = 300.0
     #: A lease older than this is taken back (its holder is presumed gone).
     lease_timeout_seconds: float = 600.0
     #: How long an unload may take before the memory it still holds is reported as unreleased.
     unload_timeout_seconds: float = 30.0
     #: How often the router re-reads the repository index and re-measures resident models.
     reconcile_seconds: float = 5.0
+    #: A load that takes longer fails its waiting requests (a model stuck in LOADING must not hang them).
+    load_timeout_seconds: float = 600.0
+    #: Triton's gRPC endpoint for load/unload ("host:port"); empty: read from tritonserver's command line.
+    repository_api: str = ""
     #: Measured sizes remembered across restarts (relative to the router's model directory).
     measurements_file: str = "measured.json"
 

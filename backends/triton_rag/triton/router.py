@@ -31,6 +31,7 @@ import triton_python_backend_utils as pb_utils
 from triton_rag import contract
 from triton_rag.memory import MemoryProbe, alive, open_probe, stub_pids
 from triton_rag.residency import ModelView, Policy, decide, format_bytes, occupied_bytes
+from triton_rag.server import grpc_endpoint
 from triton_rag.settings import router_settings
 from triton_rag.triton.common import error_response, read_strings
 
@@ -137,12 +138,37 @@ class MeasurementFile:
             pass
 
 
-def _triton_ready(name: str) -> bool | None:
-    """Triton's view of a model, or None while the server cannot say (during start-up and shutdown)."""
-    try:
-        return bool(pb_utils.is_model_ready(name))
-    except Exception:
-        return None
+class RepositoryApi:
+    """Triton's repository API over gRPC on localhost, from the router's worker threads.
+
+    Not pb_utils.load_model & co: on Triton 2.51 a failing call of those on any thread but the stub's main thread
+    aborts tritonserver (found while testing a load of corrupt weights), and the main thread must stay free."""
+
+    def __init__(self, url: str, load_timeout: float) -> None:
+        self.url = url
+        self._load_timeout = load_timeout
+
+    def _client(self) -> Any:
+        """A fresh client per call: a channel opened before tritonserver listened keeps failing for a while (gRPC
+        reconnect backoff), and these calls are rare and slow next to a channel's set-up."""
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.url)
+
+    def load(self, name: str) -> None:
+        self._client().load_model(name, client_timeout=self._load_timeout)
+
+    def unload(self, name: str) -> None:
+        self._client().unload_model(name, client_timeout=60)
+
+    def ready(self, names: list[str]) -> dict[str, bool] | None:
+        """Which of `names` are READY in the repository index; None while the server cannot say."""
+        try:
+            index = self._client().get_model_repository_index(as_json=True, client_timeout=10).get("models", [])
+        except Exception:
+            return None
+        ready = {m["name"] for m in index if m.get("state") == "READY"}
+        return {name: name in ready for name in names}
 
 
 class RouterModel:
@@ -170,6 +196,9 @@ class RouterModel:
             for endpoint in info.get("endpoints", []):
                 self.aliases[endpoint] = name
         self.server_pid = os.getppid()
+        argv = Path(f"/proc/{self.server_pid}/cmdline").read_bytes().decode().split("\0")
+        api_url = self.settings.repository_api or grpc_endpoint(argv)
+        self.api = RepositoryApi(api_url, self.settings.load_timeout_seconds)
         self.plan: list[str] = []
         self.leases: dict[int, tuple[str, float]] = {}
         self.lease_ids = itertools.count(1)
@@ -183,7 +212,8 @@ class RouterModel:
         self.scheduler = threading.Thread(target=self._run, name="router-scheduler", daemon=True)
         self.scheduler.start()
         print(
-            f"router: budget {format_bytes(self.policy.budget)} ({self.probe.description}), high watermark "
+            f"router: repository API at {api_url}; budget {format_bytes(self.policy.budget)} "
+            f"({self.probe.description}), high watermark "
             f"{self.policy.high_watermark}, min residency {self.policy.min_residency}s, models "
             + ", ".join(f"{e.name} (estimate {format_bytes(e.estimate)})" for e in self.entries.values()),
             flush=True,
@@ -227,7 +257,7 @@ class RouterModel:
         return action, models, lease
 
     def _on_request(self, action: str, models: list[str], lease: int | None, sender: Any, arrived: float) -> None:
-        if not self.server_up:  # the first request: the server is up, so the repository index can be read
+        if not self.server_up:  # the first request: align with models loaded before the router (or a reload of it)
             self.server_up = True
             self._reconcile()
         if action in ("ACQUIRE", "PIN"):
@@ -306,9 +336,7 @@ class RouterModel:
             try:
                 if event is not None:
                     event()
-                # Readiness queries before the server is up fail and leave the stub's IPC broken (seen on Triton
-                # 2.51: a later request aborts tritonserver), so housekeeping waits for the first request.
-                if self.server_up and time.monotonic() >= next_housekeeping:
+                if time.monotonic() >= next_housekeeping:
                     self._housekeeping()
                     next_housekeeping = time.monotonic() + self.settings.reconcile_seconds
                 wake_at = self._decide()
@@ -331,7 +359,7 @@ class RouterModel:
             threading.Thread(target=self._unload, args=(entry, True), daemon=True).start()
         if decision.load is not None:
             entry = self.entries[decision.load]
-            if _triton_ready(entry.name):  # loaded from outside since the last look
+            if (self.api.ready([entry.name]) or {}).get(entry.name):  # loaded from outside since the last look
                 self._reconcile()
                 return self._decide()
             entry.state = "loading"
@@ -377,6 +405,12 @@ class RouterModel:
                 self.leases.pop(lease)
                 self.entries[name].leases.discard(lease)
         for entry in self.entries.values():
+            while entry.waiters and now - entry.waiters[0].arrived > self.settings.queue_timeout_seconds:
+                waiter = entry.waiters.popleft()
+                reason = self.reasons.get(entry.name) or entry.state
+                message = f"waited {now - waiter.arrived:.0f} s for {entry.name} ({reason}); giving up"
+                waiter.sender.send(error_response(message, invalid_input=False), flags=FINAL)
+        for entry in self.entries.values():
             if entry.unreleased and entry.state == "unloaded":  # a slow stub may give its memory back later
                 remaining = alive(entry.pids)
                 held = self.probe.process_bytes(remaining) if remaining else 0
@@ -386,12 +420,13 @@ class RouterModel:
 
     def _reconcile(self) -> None:
         """Align the ledger with Triton: models loaded or unloaded through the repository API, re-measured bytes."""
+        states = self.api.ready(list(self.entries))
+        if states is None:
+            return
         for entry in self.entries.values():
             if entry.state not in ("ready", "unloaded"):
                 continue
-            ready = _triton_ready(entry.name)
-            if ready is None:
-                continue
+            ready = states[entry.name]
             if ready and entry.state == "unloaded":
                 entry.state, entry.loaded_at = "ready", time.monotonic()
                 entry.pids = stub_pids(entry.name, self.server_pid)
@@ -420,7 +455,7 @@ class RouterModel:
         started = time.monotonic()
         error = ""
         try:
-            pb_utils.load_model(entry.name)
+            self.api.load(entry.name)
         except Exception as exc:
             error = str(exc) or repr(exc)
         seconds = time.monotonic() - started
@@ -430,7 +465,7 @@ class RouterModel:
 
     def _loaded(self, entry: Entry, error: str, seconds: float, delta: int, pids: list[int]) -> None:
         entry.last_load_seconds = seconds
-        if error or not _triton_ready(entry.name):
+        if error or not (self.api.ready([entry.name]) or {}).get(entry.name):
             entry.state = "unloaded"
             entry.last_error = error or "the model did not become ready"
             message = f"loading {entry.name} failed: {entry.last_error}"
@@ -452,7 +487,7 @@ class RouterModel:
         error = ""
         if ask_triton:
             try:
-                pb_utils.unload_model(entry.name)
+                self.api.unload(entry.name)
             except Exception as exc:
                 error = str(exc) or repr(exc)
         remaining = alive(pids)
