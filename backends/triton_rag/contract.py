@@ -13,6 +13,7 @@ EMBED_ENDPOINT = "qwen_embed"
 RERANK_ENDPOINT = "qwen_rerank"
 EMBED_ENCODER = "qwen_embed_encoder"
 RERANK_ENCODER = "qwen_rerank_encoder"
+ENCODERS = (EMBED_ENCODER, RERANK_ENCODER)
 
 #: pgvector's HNSW/IVFFlat indexes stop at 2000 dimensions, hence the default embedding size.
 DEFAULT_EMBED_DIM = 2000

@@ -36,6 +36,25 @@ TINY_QWEN3: dict[str, Any] = dict(
     initializer_range=0.2,
 )
 
+#: The real Qwen3-Embedding / Qwen3-Reranker sizes (random weights of these shapes for benchmarks).
+QWEN3_SHAPES: dict[str, dict[str, Any]] = {
+    name: dict(
+        TINY_QWEN3,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        intermediate_size=ffn,
+        head_dim=128,
+        initializer_range=0.02,
+    )
+    for name, (hidden, layers, heads, ffn) in {
+        "0.6b": (1024, 28, 16, 3072),
+        "4b": (2560, 36, 32, 9728),
+        "8b": (4096, 36, 32, 12288),
+    }.items()
+}
+
 Log = Callable[[str], None]
 
 
@@ -76,21 +95,38 @@ def _write_tokenizer(tokenizer_dir: Path, dest: Path, eos_token: str) -> None:
 
 def build_tiny_qwen3(kind: Literal["embed", "rerank"], dest: Path, cache_dir: Path, log: Log = print) -> Path:
     """Build (once) a tiny random Qwen3 embedder or reranker at `dest`; deterministic for a given seed."""
+    return build_random_qwen3(kind, dest, cache_dir, TINY_QWEN3, log=log)
+
+
+def build_random_qwen3(
+    kind: Literal["embed", "rerank"],
+    dest: Path,
+    cache_dir: Path,
+    shape: dict[str, Any],
+    log: Log = print,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Path:
+    """Build (once) a random-weight Qwen3 embedder or reranker of any shape (real sizes for benchmarks: build them on
+    the GPU in bfloat16, it takes seconds instead of minutes); deterministic for a given seed."""
     if (dest / OFFLINE_MARKER).exists():
         return dest
     import torch
     from transformers import PreTrainedModel, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     tokenizer_dir = fetch_qwen3_tokenizer(cache_dir, log)
-    log(f"building the offline tiny Qwen3 {kind} model (random weights) at {dest}")
+    log(f"building a random-weight Qwen3 {kind} model ({shape.get('hidden_size')} hidden) at {dest}")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     torch.manual_seed(1234 if kind == "embed" else 4321)
     if kind == "embed":
-        config = Qwen3Config(**TINY_QWEN3, tie_word_embeddings=True)
+        config = Qwen3Config(**shape, tie_word_embeddings=True)
         config.architectures = ["Qwen3Model"]
-        model: PreTrainedModel = Qwen3Model(config)
+        with torch.device(device):
+            model: PreTrainedModel = Qwen3Model(config)
         _write_tokenizer(tokenizer_dir, staging, QWEN3_POOL_TOKEN)
         # The sentence-transformers description the real Qwen3-Embedding checkpoints carry.
         (staging / "modules.json").write_text(
@@ -107,11 +143,14 @@ def build_tiny_qwen3(kind: Literal["embed", "rerank"], dest: Path, cache_dir: Pa
             json.dumps({"word_embedding_dimension": config.hidden_size, "pooling_mode_lasttoken": True})
         )
     else:
-        config = Qwen3Config(**TINY_QWEN3, tie_word_embeddings=False)  # untied, like Qwen3-Reranker-8B
+        config = Qwen3Config(**shape, tie_word_embeddings=False)  # untied, like Qwen3-Reranker-8B
         config.architectures = ["Qwen3ForCausalLM"]
-        model = Qwen3ForCausalLM(config)
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config)
         _write_tokenizer(tokenizer_dir, staging, "<|im_end|>")
+    torch.set_default_dtype(default_dtype)
     model.save_pretrained(str(staging), safe_serialization=True)
+    del model
     (staging / OFFLINE_MARKER).write_text(
         "Random weights of the real Qwen3 architecture, built by triton-rag because no model hub was reachable.\n"
         "Its outputs are noise. Configure a real model in rag.toml for meaningful results.\n"

@@ -66,6 +66,7 @@ class Entry:
     loads: int = 0
     evictions: int = 0
     last_load_seconds: float | None = None
+    last_unload_seconds: float | None = None
     last_error: str = ""
     pids: list[int] = field(default_factory=list)
 
@@ -309,6 +310,7 @@ class RouterModel:
                     "loads": e.loads,
                     "evictions": e.evictions,
                     "last_load_seconds": e.last_load_seconds,
+                    "last_unload_seconds": e.last_unload_seconds,
                     "unreleased_bytes": e.unreleased,
                     "last_error": e.last_error,
                     "waiting_because": self.reasons.get(e.name, ""),
@@ -506,7 +508,7 @@ class RouterModel:
             print(f"router: could not unload {entry.name}: {error}; it is no longer evicted", flush=True)
             entry.state, entry.evictable, entry.last_error = "ready", False, error
             return
-        entry.state, entry.unreleased = "unloaded", unreleased
+        entry.state, entry.unreleased, entry.last_unload_seconds = "unloaded", unreleased, seconds
         if unreleased:
             print(
                 f"router: {entry.name} unloaded but {format_bytes(unreleased)} were not given back after "
