@@ -14,10 +14,9 @@ Writes `router.json` and `router.md` (a table for BENCHMARKS.md) under --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import io
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -143,9 +142,7 @@ def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> d
                     "evicted_unreleased_bytes": ledger[evicted]["unreleased_bytes"],
                 }
             )
-            log(
-                f"{shape}: evict {evicted}, load {target}: first response {first:.2f} s, load {rows[-1]['load_s']:.2f}"
-            )
+            log(f"{shape}: evict {evicted}, load {target}: first response {first:.2f} s, load {rows[-1]['load_s']:.2f}")
         final = router_status(client)
         return {"shape": shape, "budget_bytes": budget, "cold_first_embed_s": cold, "swaps": rows, "status": final}
     finally:
@@ -153,24 +150,51 @@ def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> d
 
 
 def perf_analyzer(binary: str, server: TritonServer, out: Path, name: str, concurrency: int) -> dict[str, float]:
+    """One perf_analyzer measurement; numbers read from its report on stdout (kept under --out)."""
     data = out / "perf_input.json"
     data.write_text(json.dumps({"data": [{"TEXT": [QUERY]}]}))
-    report = out / f"perf-{name}-c{concurrency}.csv"
     command = [
         binary, "-m", contract.EMBED_ENDPOINT, "-u", server.grpc_url, "-i", "grpc", "-b", "1",
-        "--input-data", str(data), "--concurrency-range", str(concurrency), "--measurement-interval", "4000",
-        "--percentile", "50", "-f", str(report),
+        "--input-data", str(data), "--concurrency-range", str(concurrency), "--measurement-interval", "5000",
+        "--max-trials", "4", "--stability-percentage", "999",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    (out / f"perf-{name}-c{concurrency}.txt").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed:\n{result.stdout}\n{result.stderr}")
-    row = next(csv.DictReader(io.StringIO(report.read_text())))
+    client_block = result.stdout.split("Client:", 1)[1]
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", client_block)
+    p50, p99 = (re.search(rf"p{p} latency: (\d+) usec", client_block) for p in (50, 99))
+    if throughput is None or p50 is None or p99 is None:
+        raise RuntimeError(f"could not read perf_analyzer's report:\n{result.stdout}")
     return {
         "concurrency": concurrency,
-        "infer_per_s": float(row["Inferences/Second"]),
-        "p50_ms": float(row["p50 latency"]) / 1000,
-        "p99_ms": float(row["p99 latency"]) / 1000,
+        "infer_per_s": float(throughput.group(1)),
+        "p50_ms": int(p50.group(1)) / 1000,
+        "p99_ms": int(p99.group(1)) / 1000,
     }
+
+
+def lease_round_trip(client: grpcclient.InferenceServerClient, pairs: int = 300) -> dict[str, float]:
+    """ACQUIRE + RELEASE of a resident model from a gRPC client: the router's own cost per request, plus one more
+    client round trip than an endpoint's BLS calls pay."""
+
+    def control(action: str, **extra: np.ndarray) -> Any:
+        inputs = []
+        for name, value in {"ACTION": np.array([action.encode()], dtype=object), **extra}.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else "INT64")
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        return client.infer(contract.ROUTER, inputs)
+
+    seconds = []
+    for _ in range(pairs):
+        started = time.perf_counter()
+        lease = control("ACQUIRE", MODELS=np.array([contract.EMBED_ENCODER.encode()], dtype=object)).as_numpy("LEASE")
+        control("RELEASE", LEASE=lease.astype(np.int64))
+        seconds.append(time.perf_counter() - started)
+    ms = np.array(seconds) * 1000
+    return {"pairs": pairs, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
 def bench_overhead(shape: str, work: Path, cache: Path, out: Path, binary: str) -> dict[str, Any]:
@@ -183,6 +207,8 @@ def bench_overhead(shape: str, work: Path, cache: Path, out: Path, binary: str) 
             for _ in range(20):  # load (router) and warm up
                 embed_once(client)
             results[name] = [perf_analyzer(binary, server, out, f"{shape}-{name}", c) for c in (1, 8)]
+            if name == "router":
+                results["lease_round_trip"] = lease_round_trip(client)
             log(f"{shape} {name}: {results[name]}")
         finally:
             server.stop()
@@ -225,6 +251,12 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {name} | {row['concurrency']} | {row['infer_per_s']:.0f} | {row['p50_ms']:.2f} | "
                     f"{row['p99_ms']:.2f} |"
                 )
+        trip = overhead["lease_round_trip"]
+        lines += [
+            "",
+            f"ACQUIRE + RELEASE of a resident model from a gRPC client ({trip['pairs']} pairs): "
+            f"p50 {trip['p50_ms']:.2f} ms, p99 {trip['p99_ms']:.2f} ms.",
+        ]
     return "\n".join(lines) + "\n"
 
 

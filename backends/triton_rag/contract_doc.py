@@ -8,8 +8,9 @@ from triton_rag.contract import ModelContract, TensorSpec
 HEADER = """# Tensor contract
 
 Generated from `backends/triton_rag/contract.py` by `python -m triton_rag.contract_doc > docs/CONTRACT.md`
-(a test fails when the two differ). Dims exclude the batch dimension: every model has `max_batch_size > 0`, so a
-request carries `[rows, *dims]`. String tensors are `TYPE_STRING` in config.pbtxt and `BYTES` on the wire.
+(a test fails when the two differ). Dims exclude the batch dimension wherever `max_batch_size > 0`, so a request
+carries `[rows, *dims]`; the router is not batched. String tensors are `TYPE_STRING` in config.pbtxt and `BYTES`
+on the wire.
 
 `H` is the encoder's hidden size and `D` the configured embedding size (`embed.dim`, default 2000, clamped to
 32..H). Client-facing endpoints are python models with a dynamic batcher; encoders are compute engines with the
@@ -31,7 +32,11 @@ def _table(specs: tuple[TensorSpec, ...], names: dict[int, str]) -> list[str]:
 
 def _section(model: ModelContract, names: dict[int, str]) -> list[str]:
     role = "client-facing" if model.client_facing else "compute engine"
+    if model.name == contract.ROUTER:
+        role = "control, see docs/ROUTER.md"
     batching = f"max_batch_size {model.max_batch_size}"
+    if model.max_batch_size == 0:
+        batching += " (not batched: dims are the whole shape)"
     if model.dynamic_batching:
         preferred, delay = model.dynamic_batching
         batching += f"; dynamic batching: preferred {list(preferred)}, max queue delay {delay} us"
@@ -48,6 +53,7 @@ def render() -> str:
         contract.rerank_endpoint(),
         contract.embed_encoder(hidden_marker),
         contract.rerank_encoder(),
+        contract.router(),
     ]
     lines = [HEADER]
     for model in models:

@@ -10,6 +10,7 @@ Triton runs each python model instance in its own stub process, so what a model 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,3 +148,31 @@ def open_probe() -> MemoryProbe:
         return GpuProbe()
     except Exception:  # no libnvidia-ml, no GPU, no driver: a CPU deployment
         return CpuProbe()
+
+
+class MeasurementFile:
+    """Measured bytes kept across router reloads and server restarts, so a model's next first load makes room with
+    what it really took instead of the estimate. A line counts only for the same device and the same estimate (the
+    estimate changes with the model and its settings). Best effort: a read-only repository just keeps nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.data: dict[str, dict[str, Any]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, name: str, device: str, estimate: int) -> int | None:
+        line = self.data.get(name, {})
+        if line.get("device") == device and line.get("estimate") == estimate:
+            return int(line["measured"])
+        return None
+
+    def put(self, name: str, device: str, estimate: int, measured: int) -> None:
+        self.data[name] = {"device": device, "estimate": estimate, "measured": measured}
+        try:
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+            temporary.replace(self.path)
+        except OSError:
+            pass

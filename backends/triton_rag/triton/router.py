@@ -29,7 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
-from triton_rag.memory import MemoryProbe, alive, open_probe, stub_pids
+from triton_rag.memory import MeasurementFile, MemoryProbe, alive, open_probe, stub_pids
 from triton_rag.residency import ModelView, Policy, decide, format_bytes, occupied_bytes
 from triton_rag.server import grpc_endpoint
 from triton_rag.settings import router_settings
@@ -109,34 +109,6 @@ class Metrics:
         self.load_seconds = {n: seconds.Metric(labels={"model": n}, buckets=LOAD_BUCKETS) for n in names}
         # A family must outlive its metrics (Triton refuses to update a metric whose family was collected).
         self._families = [budget, resident, loads, evictions, unreleased, seconds]
-
-
-class MeasurementFile:
-    """Measured bytes kept across router reloads and server restarts, so a model's next first load makes room with
-    what it really took instead of the estimate. A line counts only for the same device and the same estimate (the
-    estimate changes with the model and its settings). Best effort: a read-only repository just keeps nothing."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.data: dict[str, dict[str, Any]] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
-
-    def get(self, name: str, device: str, estimate: int) -> int | None:
-        line = self.data.get(name, {})
-        if line.get("device") == device and line.get("estimate") == estimate:
-            return int(line["measured"])
-        return None
-
-    def put(self, name: str, device: str, estimate: int, measured: int) -> None:
-        self.data[name] = {"device": device, "estimate": estimate, "measured": measured}
-        try:
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-            temporary.replace(self.path)
-        except OSError:
-            pass
 
 
 class RepositoryApi:

@@ -1,0 +1,128 @@
+"""The router's plain-data parts without a server: settings and budgets, the gRPC endpoint read from tritonserver's
+command line, the footprint estimate, remembered measurements, and finding a model's stub processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from triton_rag.footprint import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, estimate_bytes, safetensors_parameters
+from triton_rag.memory import MeasurementFile, alive, rss_bytes, stub_pids
+from triton_rag.model_config import parse
+from triton_rag.repository import prepare_router
+from triton_rag.server import grpc_endpoint
+from triton_rag.settings import RouterSettings, SettingsError, load_settings, router_settings
+
+GIB = 2**30
+
+
+def test_router_settings_from_toml_and_overrides(tmp_path: Path) -> None:
+    config = tmp_path / "rag.toml"
+    config.write_text('[router]\nbudget = "12GiB"\nhigh_watermark = 0.8\n')
+    settings = load_settings(config, ["router.min_residency_seconds=1.5"])
+    assert settings.router.budget_bytes("gpu", 80 * GIB) == 12 * GIB
+    assert settings.router.high_watermark == 0.8 and settings.router.min_residency_seconds == 1.5
+
+
+def test_automatic_budget_is_gpu_memory_less_reserve_or_half_the_ram() -> None:
+    auto = RouterSettings()
+    assert auto.budget_bytes("gpu", 16 * GIB) == 16 * GIB - 1536 * 2**20
+    assert auto.budget_bytes("cpu", 24 * GIB) == 12 * GIB
+    with pytest.raises(SettingsError, match="leaves no budget"):
+        RouterSettings(reserve="20GiB").budget_bytes("gpu", 16 * GIB)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("budget", "a lot", "not a size"),
+        ("high_watermark", "1.5", "high_watermark"),
+        ("min_residency_seconds", "-1", "zero or more"),
+        ("reserve", "12 parsecs", "not a size"),
+        ("colour", "blue", "unknown keys"),
+    ],
+)
+def test_bad_router_settings_are_refused_with_the_reason(key: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        router_settings({key: value})
+
+
+def test_router_settings_round_trip_through_config_parameters(tmp_path: Path) -> None:
+    settings = RouterSettings(budget="15000MB", high_watermark=0.85, min_residency_seconds=2.0)
+    endpoints = {"embed": {"compute_model": "enc", "endpoint": "ep", "estimate_bytes": {"gpu": 5, "cpu": 7}}}
+    prepare_router(settings, tmp_path, endpoints)
+    config = parse((tmp_path / "router" / "config.pbtxt").read_text())
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    models = params.pop("models")
+    assert router_settings(params) == RouterSettings(**{**settings.__dict__, "enabled": True})
+    assert '"estimate_bytes_gpu": 5' in models and '"endpoints": ["ep"]' in models
+    assert config.max_batch_size == 0 and [i.name for i in config.input] == ["ACTION", "MODELS", "LEASE"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["tritonserver", "--model-repository=/m"], "127.0.0.1:8001"),
+        (["tritonserver", "--grpc-port=9001", "--http-port=9000"], "127.0.0.1:9001"),
+        (["tritonserver", "--grpc-port", "7001", "--grpc-address", "10.0.0.5"], "10.0.0.5:7001"),
+        (["tritonserver", "--grpc-address=0.0.0.0", "--grpc-port=8101", ""], "127.0.0.1:8101"),
+    ],
+)
+def test_grpc_endpoint_from_the_server_command_line(argv: list[str], expected: str) -> None:
+    assert grpc_endpoint(argv) == expected
+
+
+def test_grpc_endpoint_refuses_a_server_without_grpc() -> None:
+    with pytest.raises(RuntimeError, match="allow-grpc=false"):
+        grpc_endpoint(["tritonserver", "--allow-grpc=false"])
+
+
+def test_footprint_counts_kept_parameters(tiny_embed_dir: Path, tiny_rerank_dir: Path) -> None:
+    import json
+
+    embed_params = safetensors_parameters(tiny_embed_dir)
+    rerank_all = safetensors_parameters(tiny_rerank_dir, skip_prefixes=())
+    rerank_kept = safetensors_parameters(tiny_rerank_dir)
+    config = json.loads((tiny_rerank_dir / "config.json").read_text())
+    assert rerank_all - rerank_kept == config["vocab_size"] * config["hidden_size"]  # the LM head is not kept
+    assert embed_params == rerank_kept  # same body, same shapes
+    estimate = estimate_bytes(tiny_embed_dir, config, "auto", max_batch_tokens=1000)
+    activations = 1000 * (6 * 64 + 3 * 128)
+    assert estimate["gpu"] == GPU_RUNTIME_BYTES + embed_params * 2 + activations * 2
+    assert estimate["cpu"] == CPU_RUNTIME_BYTES + embed_params * 4 + activations * 4
+
+
+def test_measurements_are_remembered_for_the_same_device_and_estimate(tmp_path: Path) -> None:
+    path = tmp_path / "measured.json"
+    MeasurementFile(path).put("enc", "gpu", 100, 80)
+    again = MeasurementFile(path)
+    assert again.get("enc", "gpu", 100) == 80
+    assert again.get("enc", "cpu", 100) is None  # another device
+    assert again.get("enc", "gpu", 101) is None  # another model or settings
+    path.write_text("{not json")
+    assert MeasurementFile(path).get("enc", "gpu", 100) is None
+    read_only = MeasurementFile(tmp_path / "missing-dir" / "measured.json")
+    read_only.put("enc", "gpu", 1, 1)  # cannot write: keeps nothing, raises nothing
+
+
+def test_stub_discovery_matches_model_and_parent(tmp_path: Path) -> None:
+    """A process with a stub's command line (`<stub> <repo>/<model>/1/model.py <shm region>`, here Python running
+    that model.py under the stub's name) is found for its model only, and only under its own parent."""
+    model_py = tmp_path / "repo" / "my_model" / "1" / "model.py"
+    model_py.parent.mkdir(parents=True)
+    model_py.write_text("import time\ntime.sleep(30)\n")
+    stub_name = str(tmp_path / "triton_python_backend_stub")
+    process = subprocess.Popen([stub_name, str(model_py), "shm-region"], executable=sys.executable)
+    try:
+        assert stub_pids("my_model", os.getpid()) == [process.pid]
+        assert stub_pids("other_model", os.getpid()) == []
+        assert stub_pids("my_model", os.getpid() + 100000) == []
+        assert alive([process.pid]) == [process.pid] and rss_bytes([process.pid]) > 0
+    finally:
+        process.kill()
+        process.wait()
+    assert alive([process.pid]) == []
