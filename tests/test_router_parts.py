@@ -126,3 +126,12 @@ def test_stub_discovery_matches_model_and_parent(tmp_path: Path) -> None:
         process.kill()
         process.wait()
     assert alive([process.pid]) == []
+
+
+def test_load_flags_name_the_light_models_only(qwen_repository: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "triton_rag", "load-flags", "--repository"]
+    result = subprocess.run([*command, str(qwen_repository)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["--load-model=qwen_embed", "--load-model=qwen_rerank", "--load-model=router"]
+    missing = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "make prepare" in missing.stderr

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from triton_rag.repository import RepositoryError, prepare_repository
+from triton_rag.repository import RepositoryError, prepare_repository, startup_models
 from triton_rag.server import Ports, TritonServer
 from triton_rag.settings import SettingsError, load_settings
 from triton_rag.sources import ModelSourceError
@@ -53,7 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    flags = commands.add_parser(
+        "load-flags", help="print the --load-model flags for tritonserver (the light models; the router loads the rest)"
+    )
+    flags.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository")
     args = parser.parse_args(argv)
+    if args.command == "load-flags":
+        try:
+            print(" ".join(f"--load-model={name}" for name in startup_models(args.repository)))
+        except RepositoryError as exc:
+            _log(f"error: {exc}")
+            return 2
+        return 0
     try:
         if args.command == "prepare" or not args.no_prepare:
             _prepare(args)
