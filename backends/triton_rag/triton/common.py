@@ -83,7 +83,10 @@ class RouterClient:
         try:
             yield
         finally:
-            self._call("RELEASE", lease=lease)
+            try:
+                self._call("RELEASE", lease=lease)
+            except ComputeError as exc:  # the result stands; the router takes the lease back after its timeout
+                print(f"could not release lease {lease} on {model}: {exc}", flush=True)
 
     def reconcile(self) -> None:
         if self.router:

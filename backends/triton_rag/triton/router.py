@@ -305,8 +305,10 @@ class RouterModel:
             except queue.Empty:
                 event = None
             else:
-                if event is None:
-                    return  # finalize
+                if event is None:  # finalize: nobody may be left waiting for an answer
+                    for entry in self.entries.values():
+                        self._fail_waiters(entry, "the router is stopping (server shutdown or router reload); retry")
+                    return
             try:
                 if event is not None:
                     event()
