@@ -169,7 +169,10 @@ class MeasurementFile:
         return None
 
     def put(self, name: str, device: str, estimate: int, measured: int) -> None:
-        self.data[name] = {"device": device, "estimate": estimate, "measured": measured}
+        line = {"device": device, "estimate": estimate, "measured": measured}
+        if self.data.get(name) == line:
+            return  # re-measured every few seconds: write only what changed
+        self.data[name] = line
         try:
             temporary = self.path.with_suffix(".tmp")
             temporary.write_text(json.dumps(self.data, indent=2, sort_keys=True))

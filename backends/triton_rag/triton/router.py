@@ -176,12 +176,11 @@ class RouterModel:
         self.leases: dict[int, tuple[str, float]] = {}
         self.lease_ids = itertools.count(1)
         self.events: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self.loading: str | None = None
         self.device_used_before_load = 0
         self.metrics = Metrics(list(self.entries))
         self.metrics.budget.set(float(self.policy.budget))
         self.reasons: dict[str, str] = {}
-        self.server_up = False
+        self.reconciled = False
         self.scheduler = threading.Thread(target=self._run, name="router-scheduler", daemon=True)
         self.scheduler.start()
         print(
@@ -230,8 +229,8 @@ class RouterModel:
         return action, models, lease
 
     def _on_request(self, action: str, models: list[str], lease: int | None, sender: Any, arrived: float) -> None:
-        if not self.server_up:  # the first request: align with models loaded before the router (or a reload of it)
-            self.server_up = True
+        if not self.reconciled:  # the first request: align with models loaded before the router (or a reload of it)
+            self.reconciled = True
             self._reconcile()
         if action in ("ACQUIRE", "PIN"):
             self.entries[models[0]].waiters.append(Waiter(action, sender, arrived))
