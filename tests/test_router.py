@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import CACHE_DIR, RunningServer, embed, rerank, start_server
 from triton_rag import contract
+from triton_rag.client import RouterControl
 from triton_rag.repository import prepare_repository, prepare_router, startup_models
 from triton_rag.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 
@@ -95,24 +95,16 @@ def router_server(
 # --- helpers ------------------------------------------------------------------------------------------------
 
 
+def router(server: RunningServer) -> RouterControl:
+    return RouterControl(server.server.grpc_url)
+
+
 def control(server: RunningServer, action: str, models: list[str] | None = None, lease: int | None = None) -> Any:
-    inputs = []
-    action_tensor = grpcclient.InferInput("ACTION", [1], "BYTES")
-    action_tensor.set_data_from_numpy(np.array([action.encode()], dtype=object))
-    inputs.append(action_tensor)
-    if models is not None:
-        names = grpcclient.InferInput("MODELS", [len(models)], "BYTES")
-        names.set_data_from_numpy(np.array([m.encode() for m in models], dtype=object))
-        inputs.append(names)
-    if lease is not None:
-        lease_tensor = grpcclient.InferInput("LEASE", [1], "INT64")
-        lease_tensor.set_data_from_numpy(np.array([lease], dtype=np.int64))
-        inputs.append(lease_tensor)
-    return server.client().infer(contract.ROUTER, inputs)
+    return router(server).call(action, models, lease)
 
 
 def status(server: RunningServer) -> dict[str, Any]:
-    return json.loads(control(server, "STATUS").as_numpy("STATUS")[0])
+    return router(server).status()
 
 
 def ready_in_index(server: RunningServer) -> set[str]:
@@ -142,11 +134,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def set_budget(server: RunningServer, budget: str) -> None:
-    """Reload the router with a new budget through Triton's repository API (a config override)."""
-    client = server.client()
-    config = client.get_model_config(contract.ROUTER, as_json=True)["config"]
-    config["parameters"]["budget"] = {"string_value": budget}
-    client.load_model(contract.ROUTER, config=json.dumps(config))
+    router(server).set_budget(budget)
     assert status(server)["budget_bytes"] == int(budget)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from triton_rag import contract
+from triton_rag.client import RouterControl
 from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 from triton_rag.repository import prepare_repository
 from triton_rag.server import TritonServer, free_ports
@@ -59,12 +60,6 @@ def rerank_once(client: grpcclient.InferenceServerClient) -> None:
     client.infer(contract.RERANK_ENDPOINT, [_strings("QUERY", [PAIR[0]]), _strings("DOCUMENT", [PAIR[1]])])
 
 
-def router_status(client: grpcclient.InferenceServerClient) -> dict[str, Any]:
-    action = grpcclient.InferInput("ACTION", [1], "BYTES")
-    action.set_data_from_numpy(np.array([b"STATUS"], dtype=object))
-    return json.loads(client.infer(contract.ROUTER, [action]).as_numpy("STATUS")[0])
-
-
 def prepare(work: Path, cache: Path, shape: str, router: RouterSettings) -> tuple[Path, dict]:
     import torch
 
@@ -93,27 +88,21 @@ def start(repository: Path, cache: Path, out: Path, name: str) -> TritonServer:
     return server
 
 
-def set_budget(client: grpcclient.InferenceServerClient, budget: int) -> None:
-    """Reload the router with a new budget (a config override through Triton's repository API)."""
-    config = client.get_model_config(contract.ROUTER, as_json=True)["config"]
-    config["parameters"]["budget"] = {"string_value": str(budget)}
-    client.load_model(contract.ROUTER, config=json.dumps(config))
-
-
 def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> dict[str, Any]:
     repository, _ = prepare(work, cache, shape, RouterSettings(min_residency_seconds=0.0))
     server = start(repository, cache, out, f"swap-{shape}")
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
+        router = RouterControl(server.grpc_url)
         started = time.monotonic()
         embed_once(client)
         cold = time.monotonic() - started
         rerank_once(client)  # both resident under the automatic budget: measure them
-        sizes = [router_status(client)["models"][name]["measured_bytes"] for name in contract.ENCODERS]
+        sizes = [router.status()["models"][name]["measured_bytes"] for name in contract.ENCODERS]
         budget = max(sizes) + min(sizes) // 2  # fits one encoder, not two
-        set_budget(client, budget)
+        router.set_budget(budget)
         deadline = time.monotonic() + 120
-        while sum(m["state"] != "unloaded" for m in router_status(client)["models"].values()) > 1:
+        while sum(m["state"] != "unloaded" for m in router.status()["models"].values()) > 1:
             if time.monotonic() > deadline:
                 raise RuntimeError("the router did not evict down to one encoder under the new budget")
             time.sleep(0.2)
@@ -129,7 +118,7 @@ def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> d
             started = time.monotonic()
             call(client)
             warm = time.monotonic() - started
-            ledger = router_status(client)["models"]
+            ledger = router.status()["models"]
             rows.append(
                 {
                     "loaded": target,
@@ -143,7 +132,7 @@ def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> d
                 }
             )
             log(f"{shape}: evict {evicted}, load {target}: first response {first:.2f} s, load {rows[-1]['load_s']:.2f}")
-        final = router_status(client)
+        final = router.status()
         return {"shape": shape, "budget_bytes": budget, "cold_first_embed_s": cold, "swaps": rows, "status": final}
     finally:
         server.stop()
@@ -175,23 +164,14 @@ def perf_analyzer(binary: str, server: TritonServer, out: Path, name: str, concu
     }
 
 
-def lease_round_trip(client: grpcclient.InferenceServerClient, pairs: int = 300) -> dict[str, float]:
+def lease_round_trip(router: RouterControl, pairs: int = 300) -> dict[str, float]:
     """ACQUIRE + RELEASE of a resident model from a gRPC client: the router's own cost per request, plus one more
     client round trip than an endpoint's BLS calls pay."""
-
-    def control(action: str, **extra: np.ndarray) -> Any:
-        inputs = []
-        for name, value in {"ACTION": np.array([action.encode()], dtype=object), **extra}.items():
-            tensor = grpcclient.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else "INT64")
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        return client.infer(contract.ROUTER, inputs)
 
     seconds = []
     for _ in range(pairs):
         started = time.perf_counter()
-        lease = control("ACQUIRE", MODELS=np.array([contract.EMBED_ENCODER.encode()], dtype=object)).as_numpy("LEASE")
-        control("RELEASE", LEASE=lease.astype(np.int64))
+        router.release(router.acquire(contract.EMBED_ENCODER))
         seconds.append(time.perf_counter() - started)
     ms = np.array(seconds) * 1000
     return {"pairs": pairs, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
@@ -208,7 +188,7 @@ def bench_overhead(shape: str, work: Path, cache: Path, out: Path, binary: str) 
                 embed_once(client)
             results[name] = [perf_analyzer(binary, server, out, f"{shape}-{name}", c) for c in (1, 8)]
             if name == "router":
-                results["lease_round_trip"] = lease_round_trip(client)
+                results["lease_round_trip"] = lease_round_trip(RouterControl(server.grpc_url))
             log(f"{shape} {name}: {results[name]}")
         finally:
             server.stop()
