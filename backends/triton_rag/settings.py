@@ -14,6 +14,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from triton_rag.contract import DEFAULT_EMBED_DIM
+from triton_rag.residency import PolicyError, parse_bytes
 
 Overflow = Literal["reject", "truncate"]
 Pooling = Literal["auto", "last_token", "mean"]
@@ -83,8 +84,6 @@ class RouterSettings:
     measurements_file: str = "measured.json"
 
     def __post_init__(self) -> None:
-        from triton_rag.residency import PolicyError, parse_bytes
-
         try:
             if self.budget != "auto":
                 parse_bytes(self.budget)
@@ -98,8 +97,6 @@ class RouterSettings:
 
     def budget_bytes(self, device: str, total: int) -> int:
         """The budget in bytes on a device with `total` bytes of memory ("gpu" or "cpu")."""
-        from triton_rag.residency import parse_bytes
-
         if self.budget != "auto":
             return parse_bytes(self.budget)
         if device == "gpu":

@@ -111,6 +111,11 @@ class Metrics:
         self._families = [budget, resident, loads, evictions, unreleased, seconds]
 
 
+def _reject(waiter: Waiter, message: str) -> None:
+    """The one final response of a waiting request that will not get its model."""
+    waiter.sender.send(error_response(message, invalid_input=False), flags=FINAL)
+
+
 class RepositoryApi:
     """Triton's repository API over gRPC on localhost, from the router's worker threads.
 
@@ -361,8 +366,7 @@ class RouterModel:
 
     def _fail_waiters(self, entry: Entry, message: str) -> None:
         while entry.waiters:
-            waiter = entry.waiters.popleft()
-            waiter.sender.send(error_response(message, invalid_input=False), flags=FINAL)
+            _reject(entry.waiters.popleft(), message)
 
     def _publish(self) -> None:
         for entry in self.entries.values():
@@ -383,8 +387,7 @@ class RouterModel:
             while entry.waiters and now - entry.waiters[0].arrived > self.settings.queue_timeout_seconds:
                 waiter = entry.waiters.popleft()
                 reason = self.reasons.get(entry.name) or entry.state
-                message = f"waited {now - waiter.arrived:.0f} s for {entry.name} ({reason}); giving up"
-                waiter.sender.send(error_response(message, invalid_input=False), flags=FINAL)
+                _reject(waiter, f"waited {now - waiter.arrived:.0f} s for {entry.name} ({reason}); giving up")
         for entry in self.entries.values():
             if entry.unreleased and entry.state == "unloaded":  # a slow stub may give its memory back later
                 remaining = alive(entry.pids)
