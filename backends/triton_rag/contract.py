@@ -194,3 +194,101 @@ def router() -> ModelContract:
         ),
         client_facing=False,
     )
+
+
+DOCLING_ENDPOINT = "docling"
+DOCLING_DOCUMENT_ENDPOINT = "docling_document"
+DOCLING_VLM = "docling_vlm"
+
+#: Tiles travel as uint8 (4x smaller than float32); the engine rescales and normalises them on its device.
+DOCLING_TILE = 512
+
+
+def docling_endpoint() -> ModelContract:
+    return ModelContract(
+        name=DOCLING_ENDPOINT,
+        doc=(
+            "One page image to a DoclingDocument: Idefics3 tiling, the VLM (granite-docling) writes DocTags, "
+            "docling-core turns them into a document. Boxes and the page size are in the image's pixels."
+        ),
+        max_batch_size=4,
+        dynamic_batching=((1, 2), 20000),
+        inputs=(
+            TensorSpec(
+                "IMAGE",
+                "TYPE_STRING",
+                (1,),
+                "One encoded page image (PNG, JPEG, TIFF, BMP, WebP: what Pillow reads); limits in docs/DOCLING.md.",
+            ),
+        ),
+        outputs=(
+            TensorSpec("STRUCTURED_JSON", "TYPE_STRING", (1,), "DoclingDocument JSON (docling-core schema), one page."),
+            TensorSpec("DOCTAGS", "TYPE_STRING", (1,), "The DocTags the model generated, stop token removed."),
+        ),
+    )
+
+
+def docling_document_endpoint() -> ModelContract:
+    return ModelContract(
+        name=DOCLING_DOCUMENT_ENDPOINT,
+        doc=(
+            "A whole PDF to one DoclingDocument: pages rendered (pypdfium2), sent to `docling` concurrently over "
+            "BLS, merged in page order. Page numbers start at 1; page sizes and boxes are in PDF points."
+        ),
+        max_batch_size=0,
+        inputs=(TensorSpec("DOCUMENT", "TYPE_STRING", (1,), "The PDF file's bytes."),),
+        outputs=(
+            TensorSpec(
+                "STRUCTURED_JSON",
+                "TYPE_STRING",
+                (1,),
+                "DoclingDocument JSON of the whole document; a page that failed is present with its size and no "
+                "content, and is named in PAGE_ERRORS.",
+            ),
+            TensorSpec(
+                "PAGE_ERRORS",
+                "TYPE_STRING",
+                (1,),
+                'JSON object {"<page number>": "<reason>"} of the pages that failed; `{}` when none did.',
+            ),
+        ),
+    )
+
+
+def docling_vlm(max_batch_size: int = 4) -> ModelContract:
+    tile = DOCLING_TILE
+    return ModelContract(
+        name=DOCLING_VLM,
+        doc=(
+            "Compute engine of docling: vision encoder, then greedy decoding with a KV cache until a stop token "
+            "or MAX_NEW_TOKENS. One row per page."
+        ),
+        max_batch_size=max_batch_size,
+        client_facing=False,
+        inputs=(
+            TensorSpec(
+                "PIXELS",
+                "TYPE_UINT8",
+                (-1, 3, tile, tile),
+                "RGB tiles before rescaling: the page's tiles row-major, then the global image; rows with fewer "
+                "images are padded with zeros up to the batch's largest (NUM_IMAGES says how many are real).",
+            ),
+            TensorSpec("NUM_IMAGES", "TYPE_INT32", (1,), "Real images in the row's PIXELS."),
+            TensorSpec(
+                "INPUT_IDS",
+                "TYPE_INT64",
+                (-1,),
+                "Prompt ids with each image expanded to its placeholder tokens; left-padded to the batch's longest.",
+            ),
+            TensorSpec("ATTENTION_MASK", "TYPE_INT64", (-1,), "1 for real prompt tokens, 0 for the left padding."),
+            TensorSpec("MAX_NEW_TOKENS", "TYPE_INT32", (1,), "Most tokens to generate for the row."),
+        ),
+        outputs=(
+            TensorSpec(
+                "GENERATED_IDS",
+                "TYPE_INT64",
+                (-1,),
+                "Generated ids up to and including the first stop token, padded with -1 to the batch's longest.",
+            ),
+        ),
+    )

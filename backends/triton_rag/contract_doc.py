@@ -54,6 +54,9 @@ def render() -> str:
         contract.embed_encoder(hidden_marker),
         contract.rerank_encoder(),
         contract.router(),
+        contract.docling_endpoint(),
+        contract.docling_document_endpoint(),
+        contract.docling_vlm(),
     ]
     lines = [HEADER]
     for model in models:

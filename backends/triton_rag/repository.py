@@ -25,9 +25,16 @@ from typing import Literal
 
 from triton_rag import contract
 from triton_rag.contract import MIN_EMBED_DIM, ModelContract
-from triton_rag.footprint import estimate_bytes
+from triton_rag.footprint import estimate_bytes, estimate_vlm_bytes
 from triton_rag.model_config import build_config, render
-from triton_rag.settings import EmbedSettings, EncoderSettings, RerankSettings, RouterSettings, Settings
+from triton_rag.settings import (
+    DoclingSettings,
+    EmbedSettings,
+    EncoderSettings,
+    RerankSettings,
+    RouterSettings,
+    Settings,
+)
 from triton_rag.sources import ResolvedModel, resolve_model
 from triton_rag.text import QWEN3_POOL_TOKEN
 
@@ -43,6 +50,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",
 )
 
 #: The thin model.py of each python model: the code lives in the triton_rag package.
@@ -52,6 +60,9 @@ MODEL_PY = {
     contract.EMBED_ENCODER: ("triton_rag.triton.encoder", "EncoderModel"),
     contract.RERANK_ENCODER: ("triton_rag.triton.encoder", "EncoderModel"),
     contract.ROUTER: ("triton_rag.triton.router", "RouterModel"),
+    contract.DOCLING_ENDPOINT: ("triton_rag.triton.docling", "DoclingEndpoint"),
+    contract.DOCLING_DOCUMENT_ENDPOINT: ("triton_rag.triton.docling", "DoclingDocumentEndpoint"),
+    contract.DOCLING_VLM: ("triton_rag.triton.docling", "VlmModel"),
 }
 
 
@@ -221,10 +232,84 @@ def prepare_rerank(
     return chosen | _compute_summary(model, settings, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
 
 
+#: A random stand-in writes noise until the limit; more than this only costs time.
+OFFLINE_MAX_NEW_TOKENS = 256
+
+
+def prepare_docling(
+    settings: DoclingSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log, router: str = ""
+) -> dict:
+    """`docling` and `docling_document` (python) and their compute model `docling_vlm` (python+torch)."""
+    from transformers import AutoTokenizer
+
+    from triton_rag.docling_prompt import PagePrompts
+    from triton_rag.idefics3 import ImageProcessorConfig
+
+    model = resolve_model(settings.model, "docling", cache_dir, fallback, log)
+    max_new_tokens = settings.max_new_tokens
+    if model.is_offline_stand_in and max_new_tokens > OFFLINE_MAX_NEW_TOKENS:
+        log(f"docling.max_new_tokens {max_new_tokens} -> {OFFLINE_MAX_NEW_TOKENS} for the random stand-in model")
+        max_new_tokens = OFFLINE_MAX_NEW_TOKENS
+    preprocessor = model.path / "preprocessor_config.json"
+    if not preprocessor.exists():
+        raise RepositoryError(f"{model.path} has no preprocessor_config.json: not an Idefics3 (granite-docling) model")
+    image_config = ImageProcessorConfig.from_preprocessor_config(json.loads(preprocessor.read_text()))
+    eos = model.config.get("eos_token_id", model.config.get("text_config", {}).get("eos_token_id"))
+    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    prompts = PagePrompts(tokenizer, settings.prompt, image_config, eos)
+    limits = {
+        "max_document_bytes": str(settings.max_document_bytes),
+        "max_image_pixels": str(settings.max_image_pixels),
+    }
+    page = contract.docling_endpoint()
+    page_params = limits | {
+        "vlm": contract.DOCLING_VLM,
+        "router": router,
+        "prompt": settings.prompt,
+        "max_new_tokens": str(max_new_tokens),
+        "eos_token_id": "" if eos is None else str(eos),
+    }
+    page_dir = repository / page.name
+    config = build_config(page, backend="python", instance_count=2, parameters=page_params)
+    _write(page_dir, page, render(config, GENERATED_HEADER), with_model_py=True)
+    _copy_tokenizer(model, page_dir / "1" / "tokenizer")
+    shutil.copy(preprocessor, page_dir / "1" / "tokenizer" / "preprocessor_config.json")
+
+    document = contract.docling_document_endpoint()
+    document_params = limits | {
+        "page_model": page.name,
+        "dpi": str(settings.dpi),
+        "max_pages": str(settings.max_pages),
+    }
+    config = build_config(document, backend="python", instance_count=2, parameters=document_params)
+    _write(repository / document.name, document, render(config, GENERATED_HEADER), with_model_py=True)
+
+    vlm = contract.docling_vlm()
+    vlm_params = {"dtype": settings.dtype, "stop_ids": ",".join(map(str, prompts.stop_ids))}
+    vlm_dir = repository / vlm.name
+    _write(vlm_dir, vlm, render(build_config(vlm, backend="python", parameters=vlm_params), GENERATED_HEADER), True)
+    _link(model.path, vlm_dir / "1" / "hf")
+    pages = vlm.max_batch_size
+    tokens = image_config.longest_edge // image_config.tile_size  # tiles per side at most
+    prompt_tokens = (tokens * tokens + 1) * (image_config.image_seq_len + 3) + 64
+    estimate = estimate_vlm_bytes(model.path, model.config, settings.dtype, pages, prompt_tokens + max_new_tokens)
+    return {
+        "model": settings.model,
+        "path": str(model.path),
+        "origin": model.origin,
+        "max_new_tokens": max_new_tokens,
+        "stop_ids": list(prompts.stop_ids),
+        "compute_model": vlm.name,
+        "endpoint": page.name,
+        "endpoints": [page.name, document.name],
+        "estimate_bytes": estimate,
+    }
+
+
 def prepare_router(settings: RouterSettings, repository: Path, endpoints: dict[str, dict]) -> None:
     models = {
         chosen["compute_model"]: {"estimate_bytes_" + device: size for device, size in chosen["estimate_bytes"].items()}
-        | {"endpoints": [chosen["endpoint"]]}
+        | {"endpoints": chosen.get("endpoints", [chosen["endpoint"]])}
         for chosen in endpoints.values()
     }
     parameters = settings.parameters() | {"models": json.dumps(models, sort_keys=True)}
@@ -238,7 +323,7 @@ def prepare_repository(
     repository: Path,
     cache_dir: Path,
     log: Log = print,
-    endpoints: tuple[str, ...] = ("embed", "rerank"),
+    endpoints: tuple[str, ...] = ("embed", "rerank", "docling"),
 ) -> dict[str, dict]:
     """Make `repository` servable for `settings`; returns what was chosen per endpoint (also written as JSON, with
     the models to load at start-up)."""
@@ -250,7 +335,9 @@ def prepare_repository(
         summary["embed"] = prepare_embed(settings.embed, repository, cache_dir, fallback, log, router)
     if "rerank" in endpoints:
         summary["rerank"] = prepare_rerank(settings.rerank, repository, cache_dir, fallback, log, router)
-    startup = [chosen["endpoint"] for chosen in summary.values()]
+    if "docling" in endpoints:
+        summary["docling"] = prepare_docling(settings.docling, repository, cache_dir, fallback, log, router)
+    startup = [name for chosen in summary.values() for name in chosen.get("endpoints", [chosen["endpoint"]])]
     if router:
         prepare_router(settings.router, repository, summary)
         startup.append(contract.ROUTER)

@@ -54,6 +54,24 @@ class RerankSettings(EncoderSettings):
 
 
 @dataclass(frozen=True)
+class DoclingSettings:
+    """The document-conversion VLM and the limits of what one request may ask for (docs/DOCLING.md)."""
+
+    #: Hub id or a local directory: granite-docling-258M (or another Idefics3 DocTags model such as SmolDocling).
+    model: str = "ibm-granite/granite-docling-258M"
+    engine: Engine = "torch"
+    dtype: DType = "auto"
+    prompt: str = "Convert this page to docling."
+    #: Per page; docling's own setting. A page that reaches it ends with an unclosed element (empty text).
+    max_new_tokens: int = 8192
+    #: PDF render resolution (docling renders at 144); the model sees at most 2048 px on the long edge anyway.
+    dpi: float = 144.0
+    max_pages: int = 200
+    max_image_pixels: int = 40_000_000
+    max_document_bytes: int = 64 * 2**20
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     """The router's budget and policy (docs/ROUTER.md); rag.toml [router] and the router's config.pbtxt parameters."""
 
@@ -116,6 +134,7 @@ class RouterSettings:
 class Settings:
     embed: EmbedSettings = field(default_factory=EmbedSettings)
     rerank: RerankSettings = field(default_factory=RerankSettings)
+    docling: DoclingSettings = field(default_factory=DoclingSettings)
     router: RouterSettings = field(default_factory=RouterSettings)
     #: Build tiny random-weight models of the real architecture when the hub cannot be reached.
     offline_fallback: bool = True
@@ -183,9 +202,9 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
             raise SettingsError(f"{path} is not valid TOML: {exc}") from None
     for section, values in parse_overrides(overrides or []).items():
         data.setdefault(section, {}).update(values)
-    unknown = sorted(set(data) - {"embed", "rerank", "router", "offline"})
+    unknown = sorted(set(data) - {"embed", "rerank", "docling", "router", "offline"})
     if unknown:
-        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, router, offline")
+        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, docling, router, offline")
     offline = data.get("offline", {})
     fallback = offline.get("fallback", True)
     if isinstance(fallback, str):
@@ -193,6 +212,7 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
     return Settings(
         embed=_build(EmbedSettings, "embed", data.get("embed", {})),
         rerank=_build(RerankSettings, "rerank", data.get("rerank", {})),
+        docling=_build(DoclingSettings, "docling", data.get("docling", {})),
         router=router_settings(data.get("router", {})),
         offline_fallback=bool(fallback),
     )

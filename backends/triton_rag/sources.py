@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from triton_rag.offline import OFFLINE_MARKER, build_tiny_qwen3
+from triton_rag.offline_docling import build_random_granite_docling
 
 Origin = Literal["local", "hub", "offline"]
 Log = Callable[[str], None]
@@ -72,7 +73,7 @@ def _download(repo_id: str, dest: Path, log: Log) -> Path:
 
 def resolve_model(
     spec: str,
-    kind: Literal["embed", "rerank"],
+    kind: Literal["embed", "rerank", "docling"],
     cache_dir: Path,
     offline_fallback: bool,
     log: Log = print,
@@ -93,13 +94,17 @@ def resolve_model(
             return ResolvedModel(spec, dest, "hub")
         if not offline_fallback:
             raise ModelSourceError(f"cannot download {spec}: {exc}; offline fallback is off") from exc
+        stand_in = "granite-docling (Idefics3)" if kind == "docling" else f"Qwen3 {kind}"
         _banner(
             [
                 f"The Hugging Face hub cannot be reached ({exc}).",
-                f"{spec} is NOT available: falling back to a tiny RANDOM-WEIGHT Qwen3 {kind} model.",
+                f"{spec} is NOT available: falling back to a tiny RANDOM-WEIGHT {stand_in} model.",
                 "Its outputs are noise. Set a local model directory in rag.toml for real results.",
             ],
             log,
         )
-        path = build_tiny_qwen3(kind, cache_dir / "offline" / f"tiny-qwen3-{kind}", cache_dir, log)
+        if kind == "docling":
+            path = build_random_granite_docling(cache_dir / "offline" / "tiny-granite-docling", cache_dir, log=log)
+        else:
+            path = build_tiny_qwen3(kind, cache_dir / "offline" / f"tiny-qwen3-{kind}", cache_dir, log)
         return ResolvedModel(spec, path, "offline")

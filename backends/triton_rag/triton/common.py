@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag.text import InputError, decode_utf8
+
+T = TypeVar("T")
 
 
 class ComputeError(RuntimeError):
@@ -91,3 +93,16 @@ class RouterClient:
     def reconcile(self) -> None:
         if self.router:
             self._call("RECONCILE")
+
+    def run(self, model: str, work: Callable[[], T]) -> T:
+        """`work` (compute calls to `model`) under a lease; once more if the model vanished meanwhile (unloaded
+        behind the router's back: the router reconciles, then loads it again)."""
+        try:
+            with self.lease(model):
+                return work()
+        except ComputeError as exc:
+            if not (self.router and is_not_loaded(exc)):
+                raise
+        self.reconcile()
+        with self.lease(model):
+            return work()

@@ -31,7 +31,6 @@ from triton_rag.triton.common import (
     RouterClient,
     call_model,
     error_response,
-    is_not_loaded,
     model_parameters,
     read_strings,
 )
@@ -67,16 +66,8 @@ class _TextEndpoint:
         raise NotImplementedError
 
     def run_encoder(self, rows: list[Encoded]) -> np.ndarray:
-        """All rows through the encoder under one router lease; once more if the encoder vanished meanwhile."""
-        try:
-            with self.router.lease(self.encoder):
-                return self._encode(rows)
-        except ComputeError as exc:
-            if not (self.router.router and is_not_loaded(exc)):
-                raise
-        self.router.reconcile()
-        with self.router.lease(self.encoder):
-            return self._encode(rows)
+        """All rows through the encoder under one router lease."""
+        return self.router.run(self.encoder, lambda: self._encode(rows))
 
     def _encode(self, rows: list[Encoded]) -> np.ndarray:
         groups = plan_micro_batches([len(row.ids) for row in rows], self.max_rows, self.max_batch_tokens)

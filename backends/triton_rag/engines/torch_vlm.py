@@ -1,0 +1,205 @@
+"""PyTorch engine behind the docling VLM contract: page tiles and prompt ids in, greedily generated ids out.
+
+granite-docling is Idefics3: a SigLIP vision tower and pixel-shuffle connector turn each 512x512 tile into 64
+embeddings that replace the prompt's `<image>` tokens, then a Llama decoder writes DocTags. The modules (and so the
+weights and numerics) are transformers' own; the generation loop is ours because `generate` spends most of its time
+in Python per step (FACTS.md: 12.9 tokens/s for a 135M decoder). Ours keeps one preallocated KV cache per call,
+prefills each page alone (no padding enters the numbers, so a page gives the same ids alone or in a batch), then
+decodes all pages together, each at its own position, attending over its own cache slots only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from triton_rag.engines.torch_encoder import choose_device, choose_dtype
+from triton_rag.idefics3 import ImageProcessorConfig
+
+
+@dataclass(frozen=True)
+class PageInput:
+    """One page: its uint8 tiles [images, 3, tile, tile] (tiles row-major, then the global image) and prompt ids."""
+
+    pixels: np.ndarray
+    input_ids: np.ndarray
+
+
+class TorchVlm:
+    def __init__(self, model_dir: Path, dtype: str = "auto", device: str = "auto") -> None:
+        import json
+
+        from transformers import Idefics3ForConditionalGeneration
+
+        self.device = choose_device(device)
+        self.dtype = choose_dtype(dtype, self.device)
+        model = Idefics3ForConditionalGeneration.from_pretrained(
+            str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
+        )
+        model = model.to(self.device).eval()  # type: ignore[arg-type]
+        config = model.config
+        self.vision = model.model.vision_model
+        self.connector = model.model.connector
+        self.text = model.model.text_model
+        self.lm_head = model.lm_head
+        text_config = config.text_config
+        self.vocab_size = int(text_config.vocab_size)
+        self.hidden_size = int(text_config.hidden_size)
+        self.heads = int(text_config.num_attention_heads)
+        self.kv_heads = int(text_config.num_key_value_heads)
+        self.head_dim = int(getattr(text_config, "head_dim", None) or self.hidden_size // self.heads)
+        self.layers = len(self.text.layers)
+        self.image_token_id = int(config.image_token_id)
+        vision_config = config.vision_config
+        self.patches_per_side = int(vision_config.image_size) // int(vision_config.patch_size)
+        self.image_seq_len = self.patches_per_side**2 // int(config.scale_factor) ** 2
+        preprocessor = Path(model_dir) / "preprocessor_config.json"
+        processor = ImageProcessorConfig.from_preprocessor_config(
+            json.loads(preprocessor.read_text()) if preprocessor.exists() else {}
+        )
+        self.tile_size = processor.tile_size
+        self.scale = torch.tensor(processor.rescale_factor, dtype=torch.float32, device=self.device)
+        self.mean = torch.tensor(processor.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def validate(self, page: PageInput) -> None:
+        """Reject what would otherwise fail deep inside torch (or trip a device assert on CUDA)."""
+        pixels, ids = page.pixels, page.input_ids
+        tile = self.tile_size
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (3, tile, tile) or not len(pixels):
+            raise ValueError(
+                f"pixels must be uint8 [images, 3, {tile}, {tile}], got {pixels.dtype} {list(pixels.shape)}"
+            )
+        if ids.ndim != 1 or not len(ids):
+            raise ValueError("input ids must be one non-empty row")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        placeholders = int((ids == self.image_token_id).sum())
+        if placeholders != len(pixels) * self.image_seq_len:
+            raise ValueError(
+                f"the prompt has {placeholders} image tokens but {len(pixels)} images need "
+                f"{len(pixels) * self.image_seq_len}"
+            )
+
+    @torch.inference_mode()
+    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
+        """[images * image_seq_len, hidden]: the embeddings that replace the `<image>` tokens, in order."""
+        tiles = torch.from_numpy(pixels).to(self.device, non_blocking=True).float()
+        values = ((tiles * self.scale - self.mean) / self.std).to(self.dtype)
+        side = self.patches_per_side
+        mask = torch.ones((len(values), side, side), dtype=torch.bool, device=self.device)
+        hidden = self.vision(pixel_values=values, patch_attention_mask=mask).last_hidden_state
+        return self.connector(hidden).reshape(-1, self.hidden_size)
+
+    def _embed_prompt(self, page: PageInput) -> torch.Tensor:
+        ids = torch.from_numpy(page.input_ids.astype(np.int64)).to(self.device)
+        embeds = self.text.embed_tokens(ids)
+        slots = ids == self.image_token_id
+        embeds[slots] = self.image_features(page.pixels).to(embeds.dtype)
+        return embeds
+
+    def _attention_layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        write: tuple[torch.Tensor, torch.Tensor],
+        cache: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One decoder layer. `hidden` is [rows, tokens, hidden]; `write` picks the cache slots for the new keys and
+        values; attention reads `cache` (already sliced to the slots in use) under `mask` (None: causal prefill)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer = self.text.layers[index]
+        attention = layer.self_attn
+        rows, tokens, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        q = attention.q_proj(x).view(rows, tokens, self.heads, self.head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attention.v_proj(x).view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        keys, values = cache
+        row_index, slot_index = write
+        keys[row_index, :, slot_index] = k.transpose(1, 2).reshape(-1, self.kv_heads, self.head_dim)
+        values[row_index, :, slot_index] = v.transpose(1, 2).reshape(-1, self.kv_heads, self.head_dim)
+        scale = attention.scaling
+        if mask is None:  # prefill of one page: plain causal attention over its own tokens
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # decode: one query per row; group query heads by their key/value head (no copies of the cache)
+            group = self.heads // self.kv_heads
+            grouped = q.view(rows, self.kv_heads, group, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+            out = out.reshape(rows, self.heads, 1, self.head_dim)
+        out = attention.o_proj(out.transpose(1, 2).reshape(rows, tokens, self.heads * self.head_dim))
+        hidden = hidden + out
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _next_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.text.norm(hidden)).argmax(dim=-1)
+
+    @torch.inference_mode()
+    def generate(
+        self, pages: list[PageInput], max_new_tokens: int | list[int], stop_ids: tuple[int, ...]
+    ) -> list[list[int]]:
+        """Greedy ids per page, each ending at its first stop id (included) or after its max_new_tokens."""
+        limits = [max_new_tokens] * len(pages) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(pages) or min(limits, default=1) < 1:
+            raise ValueError("max_new_tokens must be at least 1 for every page")
+        for page in pages:
+            self.validate(page)
+        lengths = [len(page.input_ids) for page in pages]
+        rows, slots = len(pages), max(lengths) + max(limits)
+        shape = (rows, self.kv_heads, slots, self.head_dim)
+        caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.layers)
+        ]
+        first = []
+        for row, page in enumerate(pages):
+            hidden = self._embed_prompt(page)[None]
+            positions = torch.arange(lengths[row], device=self.device)[None]
+            rotary = self.text.rotary_emb(hidden, positions)
+            write = (torch.tensor([row], device=self.device), positions[0])
+            for index in range(self.layers):
+                hidden = self._attention_layer(index, hidden, rotary, write, caches[index], None)
+            first.append(self._next_tokens(hidden[:, -1]))
+        tokens = torch.cat(first)
+        positions = torch.tensor(lengths, device=self.device)
+        row_index = torch.arange(rows, device=self.device)
+        stops = torch.tensor(stop_ids or (-1,), device=self.device)
+        generated = [tokens]
+        budget = torch.tensor(limits, device=self.device)
+        done = torch.isin(tokens, stops) | (budget <= 1)
+        for _ in range(max(limits) - 1):
+            if bool(done.all()):
+                break
+            used = int(positions.max()) + 1  # attend over the slots in use only
+            mask = (torch.arange(used, device=self.device)[None] <= positions[:, None])[:, None, None, :]
+            hidden = self.text.embed_tokens(tokens)[:, None]
+            rotary = self.text.rotary_emb(hidden, positions[:, None])
+            for index in range(self.layers):
+                keys, values = caches[index]
+                cache = (keys[:, :, :used], values[:, :, :used])
+                hidden = self._attention_layer(index, hidden, rotary, (row_index, positions), cache, mask)
+            tokens = self._next_tokens(hidden[:, -1])
+            generated.append(tokens)
+            done |= torch.isin(tokens, stops) | (budget <= len(generated))
+            positions = positions + 1
+        ids = torch.stack(generated, dim=1).cpu().tolist()
+        return [_cut_at_stop(row[:limit], stop_ids) for row, limit in zip(ids, limits, strict=True)]
+
+
+def _cut_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[: position + 1]
+    return ids

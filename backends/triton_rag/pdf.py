@@ -1,0 +1,120 @@
+"""PDF pages to images with pypdfium2, within documented limits, and page images from client bytes.
+
+PDFium is not thread-safe, not even across documents (pypdfium2's docs), and a python model may run several
+executes at once (instances are threads of one stub only in tests, but BLS and async executes overlap), so every
+pdfium call holds one process-wide lock.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+
+from PIL import Image
+
+from triton_rag.text import InputError
+
+_PDFIUM_LOCK = threading.Lock()
+#: Pillow refuses images above this many pixels (decompression bombs); ours is explicit and configurable.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each has a setting in rag.toml [docling] (docs/DOCLING.md)."""
+
+    max_document_bytes: int = 64 * 2**20
+    max_pages: int = 200
+    #: A page image (or a rendered page) larger than this is refused (images) or rendered smaller (PDF pages).
+    max_image_pixels: int = 40_000_000
+    #: PDF render resolution: 144 dpi is what docling renders for granite-docling.
+    dpi: float = 144.0
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    number: int  # 1-based
+    image: Image.Image | None  # None when the page could not be rendered (`error` says why)
+    size_points: tuple[float, float]  # width, height after /Rotate, in PDF points
+    error: str = ""
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """Decode one page image; refuses what is not an image or is larger than the limit, before decoding pixels."""
+    if not data:
+        raise InputError("IMAGE is empty")
+    if len(data) > limits.max_document_bytes:
+        raise InputError(f"IMAGE has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception:
+        raise InputError("IMAGE is not an image Pillow can read (PNG, JPEG, TIFF, BMP, WebP, ...)") from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise InputError(
+            f"IMAGE is {width}x{height} = {width * height} pixels, more than the limit of {limits.max_image_pixels}"
+        )
+    try:
+        image.load()
+    except Exception as exc:
+        raise InputError(f"IMAGE cannot be decoded: {exc}") from None
+    return image
+
+
+def _render_scale(size: tuple[float, float], limits: Limits) -> float:
+    scale = limits.dpi / 72.0
+    pixels = size[0] * scale * size[1] * scale
+    if pixels > limits.max_image_pixels:  # a poster-sized page: render it smaller rather than refuse the document
+        scale *= (limits.max_image_pixels / pixels) ** 0.5
+    return scale
+
+
+def render_pdf(data: bytes, limits: Limits) -> list[RenderedPage]:
+    """Every page of a PDF as an RGB image; InputError for what is not a PDF, is empty, encrypted or too large."""
+    import pypdfium2 as pdfium
+
+    if not data:
+        raise InputError("DOCUMENT is empty")
+    if len(data) > limits.max_document_bytes:
+        raise InputError(f"DOCUMENT has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
+    with _PDFIUM_LOCK:
+        try:
+            document = pdfium.PdfDocument(data)
+        except pdfium.PdfiumError as exc:
+            code = getattr(exc, "err_code", None)
+            if code == pdfium.raw.FPDF_ERR_PASSWORD:
+                raise InputError("DOCUMENT is an encrypted PDF (a password is needed)") from None
+            if code == pdfium.raw.FPDF_ERR_SUCCESS:  # PDFium refuses a well-formed PDF whose page tree is empty
+                raise InputError("DOCUMENT is a PDF with no pages") from None
+            raise InputError(f"DOCUMENT is not a readable PDF ({exc})") from None
+        try:
+            count = len(document)
+            if count == 0:
+                raise InputError("DOCUMENT is a PDF with no pages")
+            if count > limits.max_pages:
+                raise InputError(f"DOCUMENT has {count} pages, more than the limit of {limits.max_pages}")
+            pages = []
+            for index in range(count):
+                pages.append(_render_page(document, index, limits))
+            return pages
+        finally:
+            document.close()
+
+
+def _render_page(document: object, index: int, limits: Limits) -> RenderedPage:
+    """One page; a page PDFium cannot load or render is returned with its error, so the caller can report it."""
+    size = (0.0, 0.0)
+    try:
+        page = document[index]  # type: ignore[index]
+    except Exception as exc:
+        return RenderedPage(index + 1, None, size, f"page {index + 1} cannot be loaded: {exc}")
+    try:
+        width, height = page.get_size()
+        size = (float(width), float(height))
+        image = page.render(scale=_render_scale(size, limits)).to_pil().convert("RGB")
+        return RenderedPage(index + 1, image, size)
+    except Exception as exc:
+        return RenderedPage(index + 1, None, size, f"page {index + 1} cannot be rendered: {exc}")
+    finally:
+        page.close()

@@ -1,0 +1,276 @@
+"""The python models of document conversion: `docling` (one page image), `docling_document` (a PDF) and the
+compute model `docling_vlm` (PyTorch engine).
+
+`docling` tiles each page and builds its prompt here, sends the pages of its dynamic batch to `docling_vlm` in one
+call under a router lease, and turns each page's DocTags into a DoclingDocument. `docling_document` renders a PDF
+and fans its pages out to `docling` concurrently over BLS, so pages of one document (and of several) share batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from PIL import Image
+
+from triton_rag import contract
+from triton_rag.docling_prompt import PagePrompts
+from triton_rag.doctags import PageTags, pages_to_document
+from triton_rag.idefics3 import ImageProcessorConfig, Tiles, preprocess
+from triton_rag.pdf import Limits, open_image, render_pdf
+from triton_rag.text import InputError
+from triton_rag.triton.common import ComputeError, RouterClient, call_model, error_response, model_parameters
+
+
+def _limits(params: dict[str, str]) -> Limits:
+    defaults = Limits()
+    return Limits(
+        max_document_bytes=int(params.get("max_document_bytes", defaults.max_document_bytes)),
+        max_pages=int(params.get("max_pages", defaults.max_pages)),
+        max_image_pixels=int(params.get("max_image_pixels", defaults.max_image_pixels)),
+        dpi=float(params.get("dpi", defaults.dpi)),
+    )
+
+
+def _raw_rows(request: Any, name: str) -> list[bytes]:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InputError(f"missing input {name}")
+    return [bytes(value) for value in tensor.as_numpy().reshape(-1)]
+
+
+def _strings(name: str, values: list[str], batched: bool = True) -> Any:
+    """A string output: [rows, 1] for a batched model, [1] for one that is not (max_batch_size 0)."""
+    data = np.array([v.encode() for v in values], dtype=np.object_)
+    return pb_utils.Tensor(name, data.reshape(-1, 1) if batched else data)
+
+
+class _Page:
+    def __init__(self, image: Image.Image, tiles: Tiles, input_ids: np.ndarray) -> None:
+        self.image, self.tiles, self.input_ids = image, tiles, input_ids
+
+
+def pack_pages(pages: list[_Page], max_new_tokens: int) -> dict[str, np.ndarray]:
+    """The docling_vlm request for a batch of pages: tiles zero-padded to the largest page, prompts left-padded."""
+    rows, images = len(pages), max(len(p.tiles.pixels) for p in pages)
+    width = max(len(p.input_ids) for p in pages)
+    tile = contract.DOCLING_TILE
+    pixels = np.zeros((rows, images, 3, tile, tile), dtype=np.uint8)
+    ids = np.zeros((rows, width), dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    for row, page in enumerate(pages):
+        pixels[row, : len(page.tiles.pixels)] = page.tiles.pixels
+        ids[row, width - len(page.input_ids) :] = page.input_ids
+        mask[row, width - len(page.input_ids) :] = 1
+    return {
+        "PIXELS": pixels,
+        "NUM_IMAGES": np.array([[len(p.tiles.pixels)] for p in pages], dtype=np.int32),
+        "INPUT_IDS": ids,
+        "ATTENTION_MASK": mask,
+        "MAX_NEW_TOKENS": np.full((rows, 1), max_new_tokens, dtype=np.int32),
+    }
+
+
+class DoclingEndpoint:
+    def initialize(self, args: dict[str, str]) -> None:
+        from transformers import AutoTokenizer
+
+        params = model_parameters(args)
+        self.vlm = params["vlm"]
+        self.router = RouterClient(params.get("router", ""))
+        self.max_new_tokens = int(params["max_new_tokens"])
+        self.limits = _limits(params)
+        tokenizer_dir = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.image_config = ImageProcessorConfig.from_preprocessor_config(
+            json.loads((tokenizer_dir / "preprocessor_config.json").read_text())
+        )
+        eos = params.get("eos_token_id", "")
+        self.prompts = PagePrompts(tokenizer, params["prompt"], self.image_config, int(eos) if eos else None)
+        self.max_pages_per_call = contract.docling_vlm().max_batch_size
+
+    def _read_pages(self, request: Any) -> list[_Page]:
+        pages = []
+        for row, data in enumerate(_raw_rows(request, "IMAGE")):
+            try:
+                image = open_image(data, self.limits)
+            except InputError as exc:
+                raise InputError(f"row {row}: {exc}") from None
+            tiles = preprocess(image, self.image_config)
+            pages.append(_Page(image, tiles, self.prompts.encode(tiles)))
+        if not pages:
+            raise InputError("the request has no rows")
+        return pages
+
+    def _generate(self, pages: list[_Page]) -> list[list[int]]:
+        generated: list[list[int]] = []
+        step = self.max_pages_per_call
+        for start in range(0, len(pages), step):
+            inputs = pack_pages(pages[start : start + step], self.max_new_tokens)
+            ids = call_model(self.vlm, inputs, ["GENERATED_IDS"])["GENERATED_IDS"]
+            generated += [[int(t) for t in row if t >= 0] for row in ids]
+        return generated
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        jobs: list[tuple[int, list[_Page]]] = []
+        for index, request in enumerate(requests):
+            try:
+                jobs.append((index, self._read_pages(request)))
+            except InputError as exc:
+                responses[index] = error_response(str(exc))
+            except Exception as exc:  # never let one request take the model down
+                traceback.print_exc()
+                responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+        if not jobs:
+            return responses
+        pages = [page for _, request_pages in jobs for page in request_pages]
+        try:
+            generated = self.router.run(self.vlm, lambda: self._generate(pages))
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, ComputeError) else f"internal error: {exc!r}"
+            if not isinstance(exc, ComputeError):
+                traceback.print_exc()
+            for index, _ in jobs:
+                responses[index] = error_response(message, invalid_input=False)
+            return responses
+        offset = 0
+        for index, request_pages in jobs:
+            ids = generated[offset : offset + len(request_pages)]
+            offset += len(request_pages)
+            try:
+                responses[index] = self._respond(request_pages, ids)
+            except Exception as exc:
+                traceback.print_exc()
+                responses[index] = error_response(f"decoding DocTags failed: {exc!r}", invalid_input=False)
+        return responses
+
+    def _respond(self, pages: list[_Page], generated: list[list[int]]) -> Any:
+        doctags = [self.prompts.decode(ids) for ids in generated]
+        documents = [
+            pages_to_document([PageTags(tags, page.image)], name="page").model_dump_json()
+            for tags, page in zip(doctags, pages, strict=True)
+        ]
+        return pb_utils.InferenceResponse(
+            output_tensors=[_strings("STRUCTURED_JSON", documents), _strings("DOCTAGS", doctags)]
+        )
+
+    def finalize(self) -> None:
+        pass
+
+
+class DoclingDocumentEndpoint:
+    """Async execute: the pages' BLS requests to `docling` are in flight together."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        params = model_parameters(args)
+        self.page_model = params["page_model"]
+        self.limits = _limits(params)
+
+    async def execute(self, requests: list[Any]) -> list[Any]:
+        return [await self._convert(request) for request in requests]
+
+    async def _convert(self, request: Any) -> Any:
+        try:
+            rows = _raw_rows(request, "DOCUMENT")
+            if len(rows) != 1:
+                raise InputError(f"DOCUMENT must hold exactly one PDF, got {len(rows)}")
+            pages = render_pdf(rows[0], self.limits)
+        except InputError as exc:
+            return error_response(str(exc))
+        except Exception as exc:
+            traceback.print_exc()
+            return error_response(f"internal error: {exc!r}", invalid_input=False)
+        errors = {page.number: page.error for page in pages if page.image is None}
+        rendered = [page for page in pages if page.image is not None]
+        results = await asyncio.gather(*(self._page(page.image) for page in rendered))  # type: ignore[arg-type]
+        doctags: dict[int, str] = {}
+        for page, (tags, error) in zip(rendered, results, strict=True):
+            if error:
+                errors[page.number] = error
+            else:
+                doctags[page.number] = tags
+        if not doctags:
+            reasons = "; ".join(f"page {n}: {e}" for n, e in sorted(errors.items()))
+            return error_response(f"no page could be converted ({reasons})", invalid_input=False)
+        blank = Image.new("RGB", (1, 1), "white")
+        document = pages_to_document(
+            [PageTags(doctags.get(p.number, ""), p.image or blank, p.size_points) for p in pages], name="document"
+        )
+        page_errors = json.dumps({str(n): e for n, e in sorted(errors.items())})
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                _strings("STRUCTURED_JSON", [document.model_dump_json()], batched=False),
+                _strings("PAGE_ERRORS", [page_errors], batched=False),
+            ]
+        )
+
+    async def _page(self, image: Image.Image) -> tuple[str, str]:
+        """(DocTags, "") or ("", the reason the page failed)."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)
+        request = pb_utils.InferenceRequest(
+            model_name=self.page_model,
+            requested_output_names=["DOCTAGS"],
+            inputs=[pb_utils.Tensor("IMAGE", np.array([[buffer.getvalue()]], dtype=np.object_))],
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            return "", response.error().message()
+        return pb_utils.get_output_tensor_by_name(response, "DOCTAGS").as_numpy().reshape(-1)[0].decode(), ""
+
+    def finalize(self) -> None:
+        pass
+
+
+class VlmModel:
+    """`docling_vlm` on the PyTorch engine (CUDA when present)."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        from triton_rag.engines.torch_vlm import TorchVlm
+
+        params = model_parameters(args)
+        self.stop_ids = tuple(int(x) for x in params["stop_ids"].split(",") if x)
+        self.engine = TorchVlm(
+            Path(args["model_repository"]) / args["model_version"] / "hf", params.get("dtype", "auto")
+        )
+        print(f"{args['model_name']}: VLM engine on {self.engine.device} in {self.engine.dtype}", flush=True)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        from triton_rag.engines.torch_vlm import PageInput
+
+        responses = []
+        for request in requests:
+            try:
+                inputs = {
+                    name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                    for name in ("PIXELS", "NUM_IMAGES", "INPUT_IDS", "ATTENTION_MASK", "MAX_NEW_TOKENS")
+                }
+                pages = [
+                    PageInput(
+                        inputs["PIXELS"][row, : int(count)],
+                        inputs["INPUT_IDS"][row][inputs["ATTENTION_MASK"][row] == 1],
+                    )
+                    for row, count in enumerate(inputs["NUM_IMAGES"].reshape(-1))
+                ]
+                limits = [int(x) for x in inputs["MAX_NEW_TOKENS"].reshape(-1)]
+                generated = self.engine.generate(pages, limits, self.stop_ids)
+                out = np.full((len(generated), max(len(g) for g in generated)), -1, dtype=np.int64)
+                for row, ids in enumerate(generated):
+                    out[row, : len(ids)] = ids
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("GENERATED_IDS", out)]))
+            except ValueError as exc:
+                responses.append(error_response(str(exc)))
+            except Exception as exc:  # e.g. out of memory: report it, keep serving
+                traceback.print_exc()
+                responses.append(error_response(f"docling_vlm failed: {exc!r}", invalid_input=False))
+        return responses
+
+    def finalize(self) -> None:
+        del self.engine
