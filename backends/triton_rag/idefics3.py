@@ -19,6 +19,10 @@ divisions and `int()` truncations, so they agree on every input size):
 Every resize goes through PIL on uint8 RGB, as transformers does (it converts its uint8 arrays to PIL images and back),
 so steps 1-3 are exact in uint8 and `preprocess` stops there: the tiles travel 4x smaller than float32, and
 `normalize` (step 4) can run later, on the device.
+
+Batching is the caller's: transformers (`do_pad`) pads every sample of a batch to the same number of images with
+all-zero float32 images (zero after normalize, which no uint8 pixel gives) and a zero `pixel_attention_mask`; the
+model drops images that are exactly 0.0 everywhere.
 """
 
 from __future__ import annotations

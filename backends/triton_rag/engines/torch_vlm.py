@@ -30,7 +30,9 @@ class PageInput:
 
 
 class TorchVlm:
-    def __init__(self, model_dir: Path, dtype: str = "auto", device: str = "auto") -> None:
+    def __init__(
+        self, model_dir: Path, dtype: str = "auto", device: str = "auto", use_graphs: bool | None = None
+    ) -> None:
         import json
 
         from transformers import Idefics3ForConditionalGeneration
@@ -62,9 +64,13 @@ class TorchVlm:
             json.loads(preprocessor.read_text()) if preprocessor.exists() else {}
         )
         self.tile_size = processor.tile_size
-        self.scale = torch.tensor(processor.rescale_factor, dtype=torch.float32, device=self.device)
+        # x / (1 / rescale_factor) in float32 is bit-identical to transformers' float64 rescale for uint8 input
+        self.divisor = torch.tensor(1.0 / processor.rescale_factor, dtype=torch.float32, device=self.device)
         self.mean = torch.tensor(processor.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        #: CUDA graph decode (default on CUDA); elsewhere True runs the same static-buffer path without capture.
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
 
     def validate(self, page: PageInput) -> None:
         """Reject what would otherwise fail deep inside torch (or trip a device assert on CUDA)."""
@@ -88,8 +94,8 @@ class TorchVlm:
     @torch.inference_mode()
     def image_features(self, pixels: np.ndarray) -> torch.Tensor:
         """[images * image_seq_len, hidden]: the embeddings that replace the `<image>` tokens, in order."""
-        tiles = torch.from_numpy(pixels).to(self.device, non_blocking=True).float()
-        values = ((tiles * self.scale - self.mean) / self.std).to(self.dtype)
+        tiles = torch.from_numpy(pixels).to(self.device).float()
+        values = ((tiles / self.divisor - self.mean) / self.std).to(self.dtype)
         side = self.patches_per_side
         mask = torch.ones((len(values), side, side), dtype=torch.bool, device=self.device)
         hidden = self.vision(pixel_values=values, patch_attention_mask=mask).last_hidden_state
@@ -143,59 +149,165 @@ class TorchVlm:
     def _next_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.text.norm(hidden)).argmax(dim=-1)
 
+    def _allocate(self, rows: int, slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (rows, self.kv_heads, slots, self.head_dim)
+        zeros = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        return [(zeros(), zeros()) for _ in range(self.layers)]
+
+    def _prefill(self, pages: list[PageInput], caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Each page alone (no padding enters its numbers) into its own cache row; returns the first new ids."""
+        first = []
+        for row, page in enumerate(pages):
+            hidden = self._embed_prompt(page)[None]
+            positions = torch.arange(len(page.input_ids), device=self.device)[None]
+            rotary = self.text.rotary_emb(hidden, positions)
+            write = (torch.tensor([row], device=self.device), positions[0])
+            for index in range(self.layers):
+                hidden = self._attention_layer(index, hidden, rotary, write, caches[index], None)
+            first.append(self._next_tokens(hidden[:, -1]))
+        return torch.cat(first)
+
+    def _step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[tuple[torch.Tensor, torch.Tensor]],
+        used: int,
+        slot_numbers: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step for every row: the next ids. Reads the first `used` cache slots of each row, masked to
+        the row's own length; `slot_numbers` is arange(slots) (kept, so a captured graph allocates nothing)."""
+        row_index = slot_numbers[: len(tokens)]
+        mask = (slot_numbers[None, :used] <= positions[:, None])[:, None, None, :]
+        hidden = self.text.embed_tokens(tokens)[:, None]
+        rotary = self.text.rotary_emb(hidden, positions[:, None])
+        for index in range(self.layers):
+            keys, values = caches[index]
+            cache = (keys[:, :, :used], values[:, :, :used])
+            hidden = self._attention_layer(index, hidden, rotary, (row_index, positions), cache, mask)
+        return self._next_tokens(hidden[:, -1])
+
     @torch.inference_mode()
     def generate(
         self, pages: list[PageInput], max_new_tokens: int | list[int], stop_ids: tuple[int, ...]
     ) -> list[list[int]]:
         """Greedy ids per page, each ending at its first stop id (included) or after its max_new_tokens."""
         limits = [max_new_tokens] * len(pages) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(limits) != len(pages) or min(limits, default=1) < 1:
+        if not pages or len(limits) != len(pages) or min(limits) < 1:
             raise ValueError("max_new_tokens must be at least 1 for every page")
         for page in pages:
             self.validate(page)
-        lengths = [len(page.input_ids) for page in pages]
-        rows, slots = len(pages), max(lengths) + max(limits)
-        shape = (rows, self.kv_heads, slots, self.head_dim)
-        caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.layers)
-        ]
-        first = []
-        for row, page in enumerate(pages):
-            hidden = self._embed_prompt(page)[None]
-            positions = torch.arange(lengths[row], device=self.device)[None]
-            rotary = self.text.rotary_emb(hidden, positions)
-            write = (torch.tensor([row], device=self.device), positions[0])
-            for index in range(self.layers):
-                hidden = self._attention_layer(index, hidden, rotary, write, caches[index], None)
-            first.append(self._next_tokens(hidden[:, -1]))
-        tokens = torch.cat(first)
-        positions = torch.tensor(lengths, device=self.device)
-        row_index = torch.arange(rows, device=self.device)
+        slots = max(len(page.input_ids) for page in pages) + max(limits)
+        if self.use_graphs:
+            ids = self._decode_with_graph(pages, limits, stop_ids, slots)
+        else:
+            ids = self._decode_eager(pages, limits, stop_ids, slots)
+        return [_cut_at_stop(row[:limit], stop_ids) for row, limit in zip(ids, limits, strict=True)]
+
+    def _decode_eager(
+        self, pages: list[PageInput], limits: list[int], stop_ids: tuple[int, ...], slots: int
+    ) -> list[list[int]]:
+        """Attends over the slots in use only (cheapest without graphs; the CPU path)."""
+        caches = self._allocate(len(pages), slots)
+        tokens = self._prefill(pages, caches)
+        positions = torch.tensor([len(page.input_ids) for page in pages], device=self.device)
+        slot_numbers = torch.arange(max(slots, len(pages)), device=self.device)
         stops = torch.tensor(stop_ids or (-1,), device=self.device)
-        generated = [tokens]
         budget = torch.tensor(limits, device=self.device)
+        generated = [tokens]
         done = torch.isin(tokens, stops) | (budget <= 1)
         for _ in range(max(limits) - 1):
             if bool(done.all()):
                 break
-            used = int(positions.max()) + 1  # attend over the slots in use only
-            mask = (torch.arange(used, device=self.device)[None] <= positions[:, None])[:, None, None, :]
-            hidden = self.text.embed_tokens(tokens)[:, None]
-            rotary = self.text.rotary_emb(hidden, positions[:, None])
-            for index in range(self.layers):
-                keys, values = caches[index]
-                cache = (keys[:, :, :used], values[:, :, :used])
-                hidden = self._attention_layer(index, hidden, rotary, (row_index, positions), cache, mask)
-            tokens = self._next_tokens(hidden[:, -1])
+            tokens = self._step(tokens, positions, caches, int(positions.max()) + 1, slot_numbers)
             generated.append(tokens)
             done |= torch.isin(tokens, stops) | (budget <= len(generated))
             positions = positions + 1
-        ids = torch.stack(generated, dim=1).cpu().tolist()
-        return [_cut_at_stop(row[:limit], stop_ids) for row, limit in zip(ids, limits, strict=True)]
+        return torch.stack(generated, dim=1).cpu().tolist()
+
+    def _decode_with_graph(
+        self, pages: list[PageInput], limits: list[int], stop_ids: tuple[int, ...], slots: int
+    ) -> list[list[int]]:
+        """Replays one captured CUDA graph per step: a step is ~20 kernels per layer, and launching them one by one
+        from Python costs more than running them (a 165M decoder is launch-bound)."""
+        graph = self._graph_for(_bucket(len(pages)), -(-slots // GRAPH_SLOT_BUCKET) * GRAPH_SLOT_BUCKET)
+        rows = len(pages)
+        first = self._prefill(pages, graph.caches)
+        graph.tokens.zero_()
+        graph.positions.zero_()
+        graph.tokens[:rows] = first
+        graph.positions[:rows] = torch.tensor([len(page.input_ids) for page in pages], device=self.device)
+        longest = max(limits)
+        out = torch.empty((len(graph.tokens), longest), dtype=torch.long, device=self.device)
+        out[:, 0] = graph.tokens
+        stops = torch.tensor(stop_ids or (-1,), device=self.device)
+        stopped = torch.isin(first, stops)
+        budget = torch.tensor(limits, device=self.device)
+        for step in range(1, longest):
+            graph.replay()
+            out[:, step] = graph.tokens
+            stopped |= torch.isin(graph.tokens[:rows], stops)
+            if step % GRAPH_SYNC_EVERY == 0 and bool((stopped | (budget <= step + 1)).all()):
+                out = out[:, : step + 1]
+                break
+        return out[:rows].cpu().tolist()
+
+    def _graph_for(self, rows: int, slots: int) -> _DecodeGraph:
+        key = (rows, slots)
+        if key not in self._graphs:
+            while len(self._graphs) >= MAX_GRAPHS:  # each holds a KV cache: keep the recent ones only
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = _DecodeGraph(self, rows, slots)
+        self._graphs[key] = self._graphs.pop(key)  # most recently used last
+        return self._graphs[key]
+
+
+#: Decode graphs are captured per (rows, slots) bucket; slots round up to this.
+GRAPH_SLOT_BUCKET = 1024
+MAX_GRAPHS = 2
+#: The host checks for the end of generation every this many steps (a check is a device sync).
+GRAPH_SYNC_EVERY = 8
+
+
+def _bucket(rows: int) -> int:
+    return 1 << (rows - 1).bit_length()
+
+
+class _DecodeGraph:
+    """A captured decode step with its own KV cache and input buffers: replay() advances every row by one token."""
+
+    def __init__(self, engine: TorchVlm, rows: int, slots: int) -> None:
+        self.caches = engine._allocate(rows, slots)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=engine.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=engine.device)
+        slot_numbers = torch.arange(max(slots, rows), device=engine.device)
+
+        def step() -> None:
+            self.tokens.copy_(engine._step(self.tokens, self.positions, self.caches, slots, slot_numbers))
+            self.positions.add_(1)
+
+        self._step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if engine.device.type != "cuda":
+            return  # same buffers and arithmetic, replayed eagerly: how tests run this path on a CPU
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up before capture, as CUDA graphs require
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+        torch.cuda.synchronize()
+
+    def replay(self) -> None:
+        if self.graph is None:
+            self._step()
+        else:
+            self.graph.replay()
 
 
 def _cut_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
