@@ -9,6 +9,7 @@ import pytest
 
 from tests.harness import CACHE_DIR, RunningServer, start_server
 from triton_rag.offline import build_tiny_qwen3
+from triton_rag.offline_docling import build_random_granite_docling
 from triton_rag.repository import prepare_repository
 from triton_rag.settings import EmbedSettings, RerankSettings, Settings
 
@@ -21,6 +22,11 @@ def tiny_embed_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_rerank_dir() -> Path:
     return build_tiny_qwen3("rerank", CACHE_DIR / "offline" / "tiny-qwen3-rerank", CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_docling_dir() -> Path:
+    return build_random_granite_docling(CACHE_DIR / "offline" / "tiny-granite-docling", CACHE_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +44,7 @@ def qwen_repository(tmp_path_factory: pytest.TempPathFactory, tiny_embed_dir: Pa
         rerank=RerankSettings(model=str(tiny_rerank_dir), max_length=512),
         offline_fallback=False,
     )
-    prepare_repository(settings, repository, CACHE_DIR)
+    prepare_repository(settings, repository, CACHE_DIR, endpoints=("embed", "rerank"))
     return repository
 
 

@@ -83,7 +83,7 @@ def router_server(
         router=router,
         offline_fallback=False,
     )
-    summary = prepare_repository(settings, repository, CACHE_DIR)
+    summary = prepare_repository(settings, repository, CACHE_DIR, endpoints=("embed", "rerank"))
     (repository / STUBBORN / "1").mkdir(parents=True)
     (repository / STUBBORN / "config.pbtxt").write_text(STUBBORN_CONFIG)
     (repository / STUBBORN / "1" / "model.py").write_text(STUBBORN_MODEL_PY)

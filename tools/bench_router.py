@@ -76,7 +76,7 @@ def prepare(work: Path, cache: Path, shape: str, router: RouterSettings) -> tupl
         offline_fallback=False,
     )
     (repository / contract.ROUTER / "measured.json").unlink(missing_ok=True)  # measure afresh
-    return repository, prepare_repository(settings, repository, cache, log=log)
+    return repository, prepare_repository(settings, repository, cache, log=log, endpoints=("embed", "rerank"))
 
 
 def start(repository: Path, cache: Path, out: Path, name: str) -> TritonServer:

@@ -8,6 +8,7 @@ pdfium call holds one process-wide lock.
 from __future__ import annotations
 
 import io
+import re
 import threading
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from PIL import Image
 from triton_rag.text import InputError
 
 _PDFIUM_LOCK = threading.Lock()
+_EMPTY_PAGE_TREE = re.compile(rb"/Type\s*/Pages\b[^>]*?/Count\s+0\b|/Count\s+0\b[^>]*?/Type\s*/Pages\b")
 #: Pillow refuses images above this many pixels (decompression bombs); ours is explicit and configurable.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -82,11 +84,12 @@ def render_pdf(data: bytes, limits: Limits) -> list[RenderedPage]:
         try:
             document = pdfium.PdfDocument(data)
         except pdfium.PdfiumError as exc:
-            code = getattr(exc, "err_code", None)
-            if code == pdfium.raw.FPDF_ERR_PASSWORD:
-                raise InputError("DOCUMENT is an encrypted PDF (a password is needed)") from None
-            if code == pdfium.raw.FPDF_ERR_SUCCESS:  # PDFium refuses a well-formed PDF whose page tree is empty
+            # PDFium refuses a well-formed PDF whose page tree is empty without setting its last error, so the
+            # error code then belongs to an earlier failure: recognise an empty page tree by its declaration.
+            if data.startswith(b"%PDF") and _EMPTY_PAGE_TREE.search(data):
                 raise InputError("DOCUMENT is a PDF with no pages") from None
+            if getattr(exc, "err_code", None) == pdfium.raw.FPDF_ERR_PASSWORD:
+                raise InputError("DOCUMENT is an encrypted PDF (a password is needed)") from None
             raise InputError(f"DOCUMENT is not a readable PDF ({exc})") from None
         try:
             count = len(document)

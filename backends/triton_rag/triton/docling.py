@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from docling_core.types.doc import DoclingDocument
 from PIL import Image
 
 from triton_rag import contract
 from triton_rag.docling_prompt import PagePrompts
 from triton_rag.doctags import PageTags, pages_to_document
 from triton_rag.idefics3 import ImageProcessorConfig, Tiles, preprocess
-from triton_rag.pdf import Limits, open_image, render_pdf
+from triton_rag.pdf import Limits, RenderedPage, open_image, render_pdf
 from triton_rag.text import InputError
 from triton_rag.triton.common import ComputeError, RouterClient, call_model, error_response, model_parameters
 
@@ -199,10 +200,7 @@ class DoclingDocumentEndpoint:
         if not doctags:
             reasons = "; ".join(f"page {n}: {e}" for n, e in sorted(errors.items()))
             return error_response(f"no page could be converted ({reasons})", invalid_input=False)
-        blank = Image.new("RGB", (1, 1), "white")
-        document = pages_to_document(
-            [PageTags(doctags.get(p.number, ""), p.image or blank, p.size_points) for p in pages], name="document"
-        )
+        document = _merge(pages, doctags, errors)
         page_errors = json.dumps({str(n): e for n, e in sorted(errors.items())})
         return pb_utils.InferenceResponse(
             output_tensors=[
@@ -212,21 +210,46 @@ class DoclingDocumentEndpoint:
         )
 
     async def _page(self, image: Image.Image) -> tuple[str, str]:
-        """(DocTags, "") or ("", the reason the page failed)."""
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=1)
-        request = pb_utils.InferenceRequest(
-            model_name=self.page_model,
-            requested_output_names=["DOCTAGS"],
-            inputs=[pb_utils.Tensor("IMAGE", np.array([[buffer.getvalue()]], dtype=np.object_))],
-        )
-        response = await request.async_exec()
-        if response.has_error():
-            return "", response.error().message()
-        return pb_utils.get_output_tensor_by_name(response, "DOCTAGS").as_numpy().reshape(-1)[0].decode(), ""
+        """(DocTags, "") or ("", the reason the page failed): a failed page is reported, never raised."""
+        try:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG", compress_level=1)  # lossless, fast
+            request = pb_utils.InferenceRequest(
+                model_name=self.page_model,
+                requested_output_names=["DOCTAGS"],
+                inputs=[pb_utils.Tensor("IMAGE", np.array([[buffer.getvalue()]], dtype=np.object_))],
+            )
+            response = await request.async_exec()
+            if response.has_error():
+                return "", response.error().message()
+            return pb_utils.get_output_tensor_by_name(response, "DOCTAGS").as_numpy().reshape(-1)[0].decode(), ""
+        except Exception as exc:
+            traceback.print_exc()
+            return "", f"internal error: {exc!r}"
 
     def finalize(self) -> None:
         pass
+
+
+def _merge(pages: list[RenderedPage], doctags: dict[int, str], errors: dict[int, str]) -> DoclingDocument:
+    """One document in page order; a page without DocTags keeps its number and size and has no content. DocTags
+    that docling-core cannot read fail their own page only (recorded in `errors`)."""
+    blank = Image.new("RGB", (1, 1), "white")
+
+    def tags(page: RenderedPage) -> PageTags:
+        return PageTags(doctags.get(page.number, ""), page.image or blank, page.size_points)
+
+    try:
+        return pages_to_document([tags(p) for p in pages], name="document")
+    except Exception:
+        for page in pages:
+            if page.number in doctags:
+                try:
+                    pages_to_document([tags(page)])
+                except Exception as exc:
+                    errors[page.number] = f"its DocTags cannot be decoded: {exc!r}"
+                    del doctags[page.number]
+        return pages_to_document([tags(p) for p in pages], name="document")
 
 
 class VlmModel:

@@ -1,0 +1,245 @@
+"""The docling pipeline's parts without a server: the offline granite-docling tokenizer, our VLM engine against
+transformers' `generate` on the same weights, page prompts against Idefics3Processor, PDF rendering and its limits."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.harness import CACHE_DIR
+from triton_rag.docling_prompt import GRANITE_CHAT, PagePrompts
+from triton_rag.engines.torch_vlm import PageInput, TorchVlm
+from triton_rag.footprint import estimate_vlm_bytes
+from triton_rag.idefics3 import ImageProcessorConfig, normalize, preprocess
+from triton_rag.offline_docling import build_granite_tokenizer
+from triton_rag.pdf import Limits, open_image, render_pdf
+from triton_rag.settings import SettingsError, load_settings
+from triton_rag.text import InputError
+
+#: sha256 of granite-docling-258M's own vocab.json (tokens by id) + merges.txt, as published on 2026-11-27.
+GRANITE_VOCAB_SHA256 = "7de6b917a76eeed7aa926fd72e200d95105952ff4d30c35a931890bd1b5a35be"
+PROMPT = "Convert this page to docling."
+NEW_TOKENS = 24
+
+
+def noise_page(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def make_pdf(*sizes: tuple[int, int]) -> bytes:
+    """A PDF of pages of the given sizes in points, each with a drawn block (written by Pillow)."""
+    images = []
+    for index, (width, height) in enumerate(sizes):
+        page = Image.new("RGB", (width, height), "white")
+        page.paste((20 * index, 40, 90), (width // 4, height // 4, width // 2, height // 3))
+        images.append(page)
+    buffer = io.BytesIO()
+    images[0].save(buffer, "PDF", resolution=72.0, save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
+def empty_pdf() -> bytes:
+    """A well-formed PDF whose page tree is empty (PDFium refuses to open it)."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 3\n0000000000 65535 f \n" + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size 3 /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % xref
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_docling_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_docling_dir))
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> PagePrompts:
+    return PagePrompts(tokenizer, PROMPT, ImageProcessorConfig(), eos_token_id=100257)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_docling_dir: Path):
+    """transformers' own Idefics3 model and processor on the same weights (the model card's recipe)."""
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(str(tiny_docling_dir), dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(str(tiny_docling_dir))
+
+
+@pytest.fixture(scope="module")
+def pages() -> list[Image.Image]:
+    return [noise_page(0, 612, 792), noise_page(1, 842, 595), noise_page(2, 300, 200)]
+
+
+def reference_generate(reference, image: Image.Image, stop_ids: list[int] | None) -> list[int]:
+    model, processor = reference
+    inputs = processor(text=GRANITE_CHAT.format(prompt=PROMPT), images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stop_ids, pad_token_id=100257
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def page_input(prompts: PagePrompts, image: Image.Image) -> PageInput:
+    tiles = preprocess(image)
+    return PageInput(tiles.pixels, prompts.encode(tiles))
+
+
+def test_the_offline_tokenizer_is_granite_doclings_own(tmp_path: Path) -> None:
+    directory = build_granite_tokenizer(tmp_path / "tokenizer", CACHE_DIR, log=lambda _: None)
+    vocab = json.loads((directory / "vocab.json").read_text())
+    lines = (directory / "merges.txt").read_text().split("\n")
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    canonical = json.dumps(sorted(vocab.items(), key=lambda item: item[1]), ensure_ascii=False).encode()
+    canonical += b"\n".join(merge.encode() for merge in merges)
+    assert hashlib.sha256(canonical).hexdigest() == GRANITE_VOCAB_SHA256
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<image>", "</doctag>", "<global-img>")}
+    assert ids == {"<|end_of_text|>": 100257, "<image>": 100270, "</doctag>": 100328, "<global-img>": 100340}
+    # <loc_N> is plain text in granite-docling (5 tokens), unlike SmolDocling's single tokens
+    assert tokenizer("<loc_123>", add_special_tokens=False)["input_ids"] == [27, 1092, 62, 4513, 29]
+    text = "<doctag><text><loc_30><loc_50>naïve café 東京 it's</text></doctag>"
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=False) == text
+
+
+def test_page_prompt_ids_equal_idefics3_processor(prompts: PagePrompts, reference, pages) -> None:
+    _, processor = reference
+    for image in pages:
+        expected = processor(text=GRANITE_CHAT.format(prompt=PROMPT), images=[image], return_tensors="np")
+        tiles = preprocess(image)
+        assert prompts.encode(tiles).tolist() == expected["input_ids"][0].tolist()
+        assert np.abs(normalize(tiles.pixels) - expected["pixel_values"][0]).max() <= 1e-5
+
+
+def test_stop_tokens_and_decoding(prompts: PagePrompts, tokenizer) -> None:
+    assert prompts.stop_ids == (100257, 100328)  # <|end_of_text|>, </doctag>; <end_of_utterance> is not in vocab
+    tags = "<doctag><text><loc_1><loc_2><loc_3><loc_4>Hello</text></doctag>"
+    ids = tokenizer(tags, add_special_tokens=False)["input_ids"]
+    assert prompts.decode(ids) == tags  # </doctag> is part of the DocTags
+    assert prompts.decode([*ids[:-1], 100257]) == tags.removesuffix("</doctag>")  # eos is not
+    with pytest.raises(ValueError, match="exactly one <image>"):
+        tokenizer.chat_template = "{{ messages[0]['content'][1]['text'] }}"
+        try:
+            PagePrompts(tokenizer, PROMPT, ImageProcessorConfig())
+        finally:
+            tokenizer.chat_template = None
+
+
+def test_engine_generates_what_transformers_generates(tiny_docling_dir: Path, prompts, reference, pages) -> None:
+    engine = TorchVlm(tiny_docling_dir, dtype="float32", device="cpu", use_graphs=False)
+    inputs = [page_input(prompts, image) for image in pages]
+    alone = [engine.generate([page], NEW_TOKENS, ())[0] for page in inputs]
+    for image, ours in zip(pages, alone, strict=True):
+        assert ours == reference_generate(reference, image, None)
+        assert len(set(ours)) > NEW_TOKENS // 2  # varied output, or this comparison would prove little
+    assert engine.generate(inputs, NEW_TOKENS, ()) == alone  # alone and inside a batch agree
+    # the static-buffer path (what CUDA graphs capture), replayed eagerly here, decodes the same ids
+    assert TorchVlm(tiny_docling_dir, "float32", "cpu", use_graphs=True).generate(inputs, NEW_TOKENS, ()) == alone
+
+
+def test_generation_stops_at_a_stop_token_and_at_each_rows_limit(tiny_docling_dir: Path, prompts, reference, pages):
+    inputs = [page_input(prompts, image) for image in pages]
+    for use_graphs in (False, True):
+        engine = TorchVlm(tiny_docling_dir, dtype="float32", device="cpu", use_graphs=use_graphs)
+        free = engine.generate(inputs, NEW_TOKENS, ())
+        stop = free[1][6]  # pretend the 7th token of page 2 ends generation
+        stopped = engine.generate(inputs, NEW_TOKENS, (stop,))
+        for full, cut in zip(free, stopped, strict=True):
+            end = full.index(stop) + 1 if stop in full else NEW_TOKENS
+            assert cut == full[:end]
+        assert stopped[1] == reference_generate(reference, pages[1], [stop])
+        assert [len(ids) for ids in engine.generate(inputs, [3, 9, 1], ())] == [3, 9, 1]
+
+
+def test_engine_rejects_malformed_pages(tiny_docling_dir: Path, prompts, pages) -> None:
+    engine = TorchVlm(tiny_docling_dir, dtype="float32", device="cpu")
+    page = page_input(prompts, pages[0])
+    cases = {
+        "pixels must be uint8": PageInput(page.pixels.astype(np.float32), page.input_ids),
+        "image tokens": PageInput(page.pixels[:-1], page.input_ids),
+        "token ids must lie": PageInput(page.pixels, np.append(page.input_ids, 10**6)),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(ValueError, match=message):
+            engine.generate([bad], 4, ())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([page], 0, ())
+
+
+def test_pdf_pages_render_at_the_configured_resolution_with_sizes_in_points() -> None:
+    pages = render_pdf(make_pdf((612, 792), (842, 595)), Limits())
+    assert [(p.number, p.size_points, p.image.size, p.error) for p in pages] == [  # type: ignore[union-attr]
+        (1, (612.0, 792.0), (1224, 1584), ""),
+        (2, (842.0, 595.0), (1684, 1190), ""),
+    ]
+    poster = render_pdf(make_pdf((2000, 2000)), Limits(max_image_pixels=1_000_000))[0]
+    assert poster.image is not None and poster.image.size[0] * poster.image.size[1] <= 1_000_000
+    assert poster.size_points == (2000.0, 2000.0)  # rendered smaller, still reported in points
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "message"),
+    [
+        (b"", Limits(), "DOCUMENT is empty"),
+        (b"this is not a pdf", Limits(), "not a readable PDF"),
+        (make_pdf((612, 792))[:300], Limits(), "not a readable PDF"),
+        (empty_pdf(), Limits(), "PDF with no pages"),
+        (make_pdf(*[(200, 200)] * 3), Limits(max_pages=2), "3 pages, more than the limit of 2"),
+        (make_pdf((200, 200)), Limits(max_document_bytes=100), "more than the limit of 100"),
+    ],
+)
+def test_bad_pdfs_are_refused_clearly(data: bytes, limits: Limits, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        render_pdf(data, limits)
+
+
+def test_page_images_are_checked_before_decoding() -> None:
+    png = io.BytesIO()
+    noise_page(3, 40, 30).save(png, "PNG")
+    assert open_image(png.getvalue(), Limits()).size == (40, 30)
+    with pytest.raises(InputError, match="not an image"):
+        open_image(b"GIF89a but not really", Limits())
+    with pytest.raises(InputError, match="1200 pixels, more than the limit of 1000"):
+        open_image(png.getvalue(), Limits(max_image_pixels=1000))
+    with pytest.raises(InputError, match="cannot be decoded"):
+        open_image(png.getvalue()[: len(png.getvalue()) // 2], Limits())
+    with pytest.raises(InputError, match="empty"):
+        open_image(b"", Limits())
+
+
+def test_vlm_footprint_counts_weights_kv_cache_and_vision_activations(tiny_docling_dir: Path) -> None:
+    config = json.loads((tiny_docling_dir / "config.json").read_text())
+    one = estimate_vlm_bytes(tiny_docling_dir, config, "auto", pages=1, max_tokens=1000)
+    two = estimate_vlm_bytes(tiny_docling_dir, config, "auto", pages=2, max_tokens=1000)
+    text, vision = config["text_config"], config["vision_config"]
+    kv_per_page = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * text["head_dim"] * 1000
+    vision_per_page = 17 * 1024 * (6 * vision["hidden_size"] + 3 * vision["intermediate_size"])
+    assert two["cpu"] - one["cpu"] == 4 * (kv_per_page + vision_per_page)  # auto: float32 on the CPU
+    assert two["gpu"] - one["gpu"] == 2 * (kv_per_page + vision_per_page)  # bfloat16 on a GPU
+
+
+def test_docling_settings(tmp_path: Path) -> None:
+    path = tmp_path / "rag.toml"
+    path.write_text('[docling]\nmodel = "/models/granite-docling-258M"\nmax_new_tokens = 4096\ndpi = 100\n')
+    settings = load_settings(path, ["docling.max_pages=10"])
+    assert (settings.docling.max_new_tokens, settings.docling.dpi, settings.docling.max_pages) == (4096, 100.0, 10)
+    with pytest.raises(SettingsError, match="unknown keys"):
+        load_settings(path, ["docling.max_tokens=5"])
+    with pytest.raises(SettingsError, match="positive"):
+        load_settings(path, ["docling.max_pages=0"])
