@@ -243,3 +243,14 @@ def test_docling_settings(tmp_path: Path) -> None:
         load_settings(path, ["docling.max_tokens=5"])
     with pytest.raises(SettingsError, match="positive"):
         load_settings(path, ["docling.max_pages=0"])
+
+
+def test_image_embeddings_from_a_separate_vision_model_give_the_same_ids(tiny_docling_dir: Path, prompts, pages):
+    """The tensorrt_plan variant computes the tower's output elsewhere (docling_vision) and hands it over."""
+    engine = TorchVlm(tiny_docling_dir, dtype="float32", device="cpu")
+    page = page_input(prompts, pages[1])
+    embeds = engine.image_features(page.pixels).numpy().reshape(len(page.pixels), engine.image_seq_len, -1)
+    handed_over = PageInput(page.pixels, page.input_ids, embeds)
+    assert engine.generate([handed_over], NEW_TOKENS, ()) == engine.generate([page], NEW_TOKENS, ())
+    with pytest.raises(ValueError, match="image embeds must be"):
+        engine.generate([PageInput(page.pixels, page.input_ids, embeds[:, :10])], 4, ())

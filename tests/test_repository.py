@@ -14,17 +14,33 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tests.harness import CACHE_DIR, PROJECT_ROOT
 from triton_rag import contract, contract_doc
 from triton_rag.model_config import parse
-from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository
-from triton_rag.settings import EmbedSettings, RerankSettings, Settings, SettingsError, load_settings
+from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
+from triton_rag.settings import DoclingSettings, EmbedSettings, RerankSettings, Settings, SettingsError, load_settings
 from triton_rag.sources import ModelSourceError, resolve_model
 
-MODELS = (contract.EMBED_ENDPOINT, contract.EMBED_ENCODER, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
+MODELS = (
+    contract.EMBED_ENDPOINT,
+    contract.EMBED_ENCODER,
+    contract.RERANK_ENDPOINT,
+    contract.RERANK_ENCODER,
+    contract.DOCLING_ENDPOINT,
+    contract.DOCLING_DOCUMENT_ENDPOINT,
+    contract.DOCLING_VLM,
+    contract.ROUTER,
+)
 
 
-def generate(tmp_path: Path, embed_dir: Path, rerank_dir: Path, engine: str) -> Path:
+@pytest.fixture(scope="module")
+def model_dirs(tiny_embed_dir: Path, tiny_rerank_dir: Path, tiny_docling_dir: Path) -> tuple[Path, Path, Path]:
+    return tiny_embed_dir, tiny_rerank_dir, tiny_docling_dir
+
+
+def generate(tmp_path: Path, model_dirs: tuple[Path, Path, Path], engine: str) -> Path:
+    embed_dir, rerank_dir, docling_dir = model_dirs
     settings = Settings(
         embed=EmbedSettings(model=str(embed_dir), engine=engine),  # type: ignore[arg-type]
         rerank=RerankSettings(model=str(rerank_dir), engine=engine),  # type: ignore[arg-type]
+        docling=DoclingSettings(model=str(docling_dir), engine=engine),  # type: ignore[arg-type]
         offline_fallback=False,
     )
     repository = tmp_path / engine
@@ -32,8 +48,8 @@ def generate(tmp_path: Path, embed_dir: Path, rerank_dir: Path, engine: str) -> 
     return repository
 
 
-def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, tiny_embed_dir: Path, tiny_rerank_dir: Path):
-    repository = generate(tmp_path, tiny_embed_dir, tiny_rerank_dir, "torch")
+def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, model_dirs: tuple[Path, Path, Path]) -> None:
+    repository = generate(tmp_path, model_dirs, "torch")
     configs = {name: parse((repository / name / "config.pbtxt").read_text()) for name in MODELS}
     embed = configs[contract.EMBED_ENDPOINT]
     assert embed.max_batch_size == 32 and list(embed.dynamic_batching.preferred_batch_size) == [4, 8, 16]
@@ -47,11 +63,34 @@ def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, tiny_embed_
     assert configs[contract.RERANK_ENCODER].parameters["yes_no_ids"].string_value == "2152,9693"
     with pytest.raises(ParseError):
         parse('name: "x"\ninput [{ name: "A", data_type: TYPE_BYTES, dims: [1] }]')  # the original notes' type
+    page = configs[contract.DOCLING_ENDPOINT]
+    assert page.max_batch_size == 4 and list(page.dynamic_batching.preferred_batch_size) == [1, 2]
+    assert page.dynamic_batching.max_queue_delay_microseconds == 20000
+    assert [t.name for t in page.output] == ["STRUCTURED_JSON", "DOCTAGS"]
+    assert configs[contract.DOCLING_DOCUMENT_ENDPOINT].max_batch_size == 0
+    vlm = configs[contract.DOCLING_VLM]
+    assert vlm.parameters["stop_ids"].string_value == "100257,100328" and "vision_model" not in vlm.parameters
+    assert [t.name for t in vlm.input][:2] == ["PIXELS", "NUM_IMAGES"] and list(vlm.input[0].dims) == [-1, 3, 512, 512]
+    assert not (repository / contract.DOCLING_VISION / "config.pbtxt").exists()
+    startup = startup_models(repository)
+    assert contract.DOCLING_VLM not in startup and contract.DOCLING_DOCUMENT_ENDPOINT in startup
+    router_models = configs[contract.ROUTER].parameters["models"].string_value
+    assert '"docling_vlm"' in router_models and '"docling_document"' in router_models
 
 
-def test_tensorrt_plan_variant_keeps_the_encoder_contract(tmp_path: Path, tiny_embed_dir: Path, tiny_rerank_dir):
-    torch_repo = generate(tmp_path, tiny_embed_dir, tiny_rerank_dir, "torch")
-    plan_repo = generate(tmp_path, tiny_embed_dir, tiny_rerank_dir, "tensorrt_plan")
+def test_tensorrt_plan_variant_of_the_docling_vision_tower(tmp_path: Path, model_dirs: tuple[Path, Path, Path]):
+    repository = generate(tmp_path, model_dirs, "tensorrt_plan")
+    vision = parse((repository / contract.DOCLING_VISION / "config.pbtxt").read_text())
+    assert vision.platform == "tensorrt_plan" and vision.instance_group[0].kind == vision.instance_group[0].KIND_GPU
+    assert [(t.name, list(t.dims)) for t in vision.output] == [("IMAGE_EMBEDS", [-1, 64, 64])]  # tiny hidden size 64
+    vlm = parse((repository / contract.DOCLING_VLM / "config.pbtxt").read_text())
+    assert vlm.backend == "python" and vlm.parameters["vision_model"].string_value == contract.DOCLING_VISION
+    assert contract.DOCLING_VISION in startup_models(repository)
+
+
+def test_tensorrt_plan_variant_keeps_the_encoder_contract(tmp_path: Path, model_dirs: tuple[Path, Path, Path]):
+    torch_repo = generate(tmp_path, model_dirs, "torch")
+    plan_repo = generate(tmp_path, model_dirs, "tensorrt_plan")
     for name in (contract.EMBED_ENCODER, contract.RERANK_ENCODER):
         torch_config = parse((torch_repo / name / "config.pbtxt").read_text())
         plan_config = parse((plan_repo / name / "config.pbtxt").read_text())
@@ -116,6 +155,10 @@ def test_unreachable_hub_falls_back_loudly(tmp_path: Path, monkeypatch: pytest.M
     model = resolve_model("Qwen/Qwen3-Embedding-0.6B", "embed", tmp_path, offline_fallback=True, log=messages.append)
     assert model.origin == "offline" and model.is_offline_stand_in
     assert any("RANDOM-WEIGHT" in m for m in messages)
+    shutil.copytree(CACHE_DIR / "cl100k-tokenizer", tmp_path / "cl100k-tokenizer")
+    model = resolve_model("ibm-granite/granite-docling-258M", "docling", tmp_path, True, log=messages.append)
+    assert model.origin == "offline" and model.config["model_type"] == "idefics3"
+    assert any("RANDOM-WEIGHT granite-docling" in m for m in messages)
 
 
 def test_docker_compose_file_is_valid() -> None:

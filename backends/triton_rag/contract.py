@@ -292,3 +292,31 @@ def docling_vlm(max_batch_size: int = 4) -> ModelContract:
             ),
         ),
     )
+
+
+DOCLING_VISION = "docling_vision"
+
+
+def docling_vision(hidden_size: int, image_seq_len: int = 64) -> ModelContract:
+    tile = DOCLING_TILE
+    return ModelContract(
+        name=DOCLING_VISION,
+        doc=(
+            "The VLM's vision tower and connector alone, for a `tensorrt_plan` build (docling.engine = "
+            '"tensorrt_plan"): docling_vlm then takes image embeddings from it instead of running its own tower. '
+            "Loaded at start-up (86M parameters), not under the router."
+        ),
+        max_batch_size=0,
+        client_facing=False,
+        inputs=(
+            TensorSpec("PIXELS", "TYPE_UINT8", (-1, 3, tile, tile), "One page's tiles, as docling_vlm's PIXELS row."),
+        ),
+        outputs=(
+            TensorSpec(
+                "IMAGE_EMBEDS",
+                "TYPE_FP32",
+                (-1, image_seq_len, hidden_size),
+                "The embeddings that replace each tile's `<image>` tokens, in tile order.",
+            ),
+        ),
+    )

@@ -57,6 +57,7 @@ def render() -> str:
         contract.docling_endpoint(),
         contract.docling_document_endpoint(),
         contract.docling_vlm(),
+        contract.docling_vision(hidden_marker),
     ]
     lines = [HEADER]
     for model in models:

@@ -286,6 +286,16 @@ def prepare_docling(
 
     vlm = contract.docling_vlm()
     vlm_params = {"dtype": settings.dtype, "stop_ids": ",".join(map(str, prompts.stop_ids))}
+    also_load: list[str] = []
+    vision_dir = repository / contract.DOCLING_VISION
+    if settings.engine == "tensorrt_plan":  # the tower as a plan (1/model.plan, built separately); decoding stays ours
+        vision = contract.docling_vision(int(model.config["text_config"]["hidden_size"]), image_config.image_seq_len)
+        vision_config = build_config(vision, platform="tensorrt_plan", instance_kind="KIND_GPU")
+        _write(vision_dir, vision, render(vision_config, GENERATED_HEADER), with_model_py=False)
+        vlm_params["vision_model"] = vision.name
+        also_load.append(vision.name)  # loaded at start-up with the endpoints, not under the router
+    else:
+        (vision_dir / "config.pbtxt").unlink(missing_ok=True)
     vlm_dir = repository / vlm.name
     _write(vlm_dir, vlm, render(build_config(vlm, backend="python", parameters=vlm_params), GENERATED_HEADER), True)
     _link(model.path, vlm_dir / "1" / "hf")
@@ -302,6 +312,7 @@ def prepare_docling(
         "compute_model": vlm.name,
         "endpoint": page.name,
         "endpoints": [page.name, document.name],
+        "also_load": also_load,
         "estimate_bytes": estimate,
     }
 
@@ -337,7 +348,11 @@ def prepare_repository(
         summary["rerank"] = prepare_rerank(settings.rerank, repository, cache_dir, fallback, log, router)
     if "docling" in endpoints:
         summary["docling"] = prepare_docling(settings.docling, repository, cache_dir, fallback, log, router)
-    startup = [name for chosen in summary.values() for name in chosen.get("endpoints", [chosen["endpoint"]])]
+    startup = [
+        name
+        for chosen in summary.values()
+        for name in chosen.get("endpoints", [chosen["endpoint"]]) + chosen.get("also_load", [])
+    ]
     if router:
         prepare_router(settings.router, repository, summary)
         startup.append(contract.ROUTER)

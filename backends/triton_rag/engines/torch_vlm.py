@@ -23,10 +23,12 @@ from triton_rag.idefics3 import ImageProcessorConfig
 
 @dataclass(frozen=True)
 class PageInput:
-    """One page: its uint8 tiles [images, 3, tile, tile] (tiles row-major, then the global image) and prompt ids."""
+    """One page: its uint8 tiles [images, 3, tile, tile] (tiles row-major, then the global image) and prompt ids;
+    `image_embeds` [images, image_seq_len, hidden] when a separate vision model (a TensorRT plan) computed them."""
 
     pixels: np.ndarray
     input_ids: np.ndarray
+    image_embeds: np.ndarray | None = None
 
 
 class TorchVlm:
@@ -84,6 +86,10 @@ class TorchVlm:
             raise ValueError("input ids must be one non-empty row")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        embeds = page.image_embeds
+        if embeds is not None and embeds.shape != (len(pixels), self.image_seq_len, self.hidden_size):
+            expected = [len(pixels), self.image_seq_len, self.hidden_size]
+            raise ValueError(f"image embeds must be {expected}, got {list(embeds.shape)}")
         placeholders = int((ids == self.image_token_id).sum())
         if placeholders != len(pixels) * self.image_seq_len:
             raise ValueError(
@@ -105,7 +111,11 @@ class TorchVlm:
         ids = torch.from_numpy(page.input_ids.astype(np.int64)).to(self.device)
         embeds = self.text.embed_tokens(ids)
         slots = ids == self.image_token_id
-        embeds[slots] = self.image_features(page.pixels).to(embeds.dtype)
+        if page.image_embeds is None:
+            features = self.image_features(page.pixels)
+        else:
+            features = torch.from_numpy(page.image_embeds).to(self.device).reshape(-1, self.hidden_size)
+        embeds[slots] = features.to(embeds.dtype)
         return embeds
 
     def _attention_layer(

@@ -260,14 +260,14 @@ class VlmModel:
 
         params = model_parameters(args)
         self.stop_ids = tuple(int(x) for x in params["stop_ids"].split(",") if x)
+        #: A separate vision model (a TensorRT plan of the tower) computes the image embeddings when configured.
+        self.vision_model = params.get("vision_model", "")
         self.engine = TorchVlm(
             Path(args["model_repository"]) / args["model_version"] / "hf", params.get("dtype", "auto")
         )
         print(f"{args['model_name']}: VLM engine on {self.engine.device} in {self.engine.dtype}", flush=True)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        from triton_rag.engines.torch_vlm import PageInput
-
         responses = []
         for request in requests:
             try:
@@ -275,18 +275,16 @@ class VlmModel:
                     name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                     for name in ("PIXELS", "NUM_IMAGES", "INPUT_IDS", "ATTENTION_MASK", "MAX_NEW_TOKENS")
                 }
+                ids, mask = inputs["INPUT_IDS"], inputs["ATTENTION_MASK"]
                 pages = [
-                    PageInput(
-                        inputs["PIXELS"][row, : int(count)],
-                        inputs["INPUT_IDS"][row][inputs["ATTENTION_MASK"][row] == 1],
-                    )
+                    self._page(inputs["PIXELS"][row, : int(count)], ids[row][mask[row] == 1])
                     for row, count in enumerate(inputs["NUM_IMAGES"].reshape(-1))
                 ]
                 limits = [int(x) for x in inputs["MAX_NEW_TOKENS"].reshape(-1)]
                 generated = self.engine.generate(pages, limits, self.stop_ids)
                 out = np.full((len(generated), max(len(g) for g in generated)), -1, dtype=np.int64)
-                for row, ids in enumerate(generated):
-                    out[row, : len(ids)] = ids
+                for row, row_ids in enumerate(generated):
+                    out[row, : len(row_ids)] = row_ids
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("GENERATED_IDS", out)]))
             except ValueError as exc:
                 responses.append(error_response(str(exc)))
@@ -294,6 +292,14 @@ class VlmModel:
                 traceback.print_exc()
                 responses.append(error_response(f"docling_vlm failed: {exc!r}", invalid_input=False))
         return responses
+
+    def _page(self, pixels: np.ndarray, input_ids: np.ndarray) -> Any:
+        from triton_rag.engines.torch_vlm import PageInput
+
+        if not self.vision_model:
+            return PageInput(pixels, input_ids)
+        embeds = call_model(self.vision_model, {"PIXELS": pixels}, ["IMAGE_EMBEDS"])["IMAGE_EMBEDS"]
+        return PageInput(pixels, input_ids, embeds.astype(np.float32))
 
     def finalize(self) -> None:
         del self.engine
