@@ -21,26 +21,12 @@ from triton_rag.idefics3 import (
     number_of_images,
     preprocess,
 )
+from triton_rag.offline_docling import PREPROCESSOR_CONFIG
 
 transformers = pytest.importorskip("transformers")
 
-# granite-docling-258M's preprocessor_config.json, as shipped.
-GRANITE_PREPROCESSOR_CONFIG = {
-    "do_convert_rgb": True,
-    "do_image_splitting": True,
-    "do_normalize": True,
-    "do_pad": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_processor_type": "Idefics3ImageProcessor",
-    "image_std": [0.5, 0.5, 0.5],
-    "max_image_size": {"longest_edge": 512},
-    "processor_class": "Idefics3Processor",
-    "resample": 1,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"longest_edge": 2048},
-}
+# granite-docling-258M's preprocessor_config.json, as shipped (the offline stand-in writes the same file).
+GRANITE_PREPROCESSOR_CONFIG = PREPROCESSOR_CONFIG
 TOLERANCE = 1e-5
 
 

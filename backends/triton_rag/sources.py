@@ -62,7 +62,7 @@ def _download(repo_id: str, dest: Path, log: Log) -> Path:
         snapshot_download(
             repo_id,
             local_dir=str(dest),
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Normalize/*"],
+            allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Normalize/*"],
         )
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise ModelSourceError(f"{repo_id}: {exc}") from exc

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from triton_rag.text import InputError, decode_utf8
 
 T = TypeVar("T")
+Row = TypeVar("Row")
 
 
 class ComputeError(RuntimeError):
@@ -37,6 +39,66 @@ def read_strings(request: Any, name: str, optional: bool = False) -> list[str] |
 def error_response(message: str, invalid_input: bool = True) -> Any:
     code = pb_utils.TritonError.INVALID_ARG if invalid_input else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def execute_jointly(
+    requests: list[Any],
+    parse: Callable[[Any], Sequence[Row]],
+    compute: Callable[[list[Row]], Any],
+    respond: Callable[[Sequence[Row], Any], Any],
+) -> list[Any]:
+    """The endpoints' execute(): parse every request into rows (a bad request gets its own INVALID_ARG error), one
+    `compute` over the good rows of all requests together (a sequence or array, one result per row), then one
+    response per request from its share of the results. A compute failure fails the requests that needed it;
+    nothing takes the model down."""
+    responses: list[Any] = [None] * len(requests)
+    jobs: list[tuple[int, Sequence[Row]]] = []
+    for index, request in enumerate(requests):
+        try:
+            rows = parse(request)
+            if not rows:
+                raise InputError("the request has no rows")
+            jobs.append((index, rows))
+        except InputError as exc:
+            responses[index] = error_response(str(exc))
+        except Exception as exc:
+            traceback.print_exc()
+            responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+    if not jobs:
+        return responses
+    try:
+        results = compute([row for _, rows in jobs for row in rows])
+    except Exception as exc:
+        if not isinstance(exc, ComputeError):
+            traceback.print_exc()
+        message = str(exc) if isinstance(exc, ComputeError) else f"internal error: {exc!r}"
+        for index, _ in jobs:
+            responses[index] = error_response(message, invalid_input=False)
+        return responses
+    offset = 0
+    for index, rows in jobs:
+        try:
+            responses[index] = respond(rows, results[offset : offset + len(rows)])
+        except Exception as exc:
+            traceback.print_exc()
+            responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+        offset += len(rows)
+    return responses
+
+
+def answer_each(requests: list[Any], compute: Callable[[Any], list[Any]], failure: str) -> list[Any]:
+    """The compute models' execute(): one response per request from its output tensors. A ValueError is the
+    request's own bad input; anything else (out of memory, say) is reported and the model keeps serving."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=compute(request)))
+        except ValueError as exc:
+            responses.append(error_response(str(exc)))
+        except Exception as exc:
+            traceback.print_exc()
+            responses.append(error_response(f"{failure}: {exc!r}", invalid_input=False))
+    return responses
 
 
 def call_model(model_name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:

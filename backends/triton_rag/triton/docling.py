@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ from triton_rag.doctags import PageTags, pages_to_document
 from triton_rag.idefics3 import ImageProcessorConfig, Tiles, preprocess
 from triton_rag.pdf import Limits, RenderedPage, open_image, render_pdf
 from triton_rag.text import InputError
-from triton_rag.triton.common import ComputeError, RouterClient, call_model, error_response, model_parameters
+from triton_rag.triton.common import (
+    RouterClient,
+    answer_each,
+    call_model,
+    error_response,
+    execute_jointly,
+    model_parameters,
+)
 
 
 def _limits(params: dict[str, str]) -> Limits:
@@ -105,8 +113,6 @@ class DoclingEndpoint:
                 raise InputError(f"row {row}: {exc}") from None
             tiles = preprocess(image, self.image_config)
             pages.append(_Page(image, tiles, self.prompts.encode(tiles)))
-        if not pages:
-            raise InputError("the request has no rows")
         return pages
 
     def _generate(self, pages: list[_Page]) -> list[list[int]]:
@@ -119,40 +125,12 @@ class DoclingEndpoint:
         return generated
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        jobs: list[tuple[int, list[_Page]]] = []
-        for index, request in enumerate(requests):
-            try:
-                jobs.append((index, self._read_pages(request)))
-            except InputError as exc:
-                responses[index] = error_response(str(exc))
-            except Exception as exc:  # never let one request take the model down
-                traceback.print_exc()
-                responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
-        if not jobs:
-            return responses
-        pages = [page for _, request_pages in jobs for page in request_pages]
-        try:
-            generated = self.router.run(self.vlm, lambda: self._generate(pages))
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, ComputeError) else f"internal error: {exc!r}"
-            if not isinstance(exc, ComputeError):
-                traceback.print_exc()
-            for index, _ in jobs:
-                responses[index] = error_response(message, invalid_input=False)
-            return responses
-        offset = 0
-        for index, request_pages in jobs:
-            ids = generated[offset : offset + len(request_pages)]
-            offset += len(request_pages)
-            try:
-                responses[index] = self._respond(request_pages, ids)
-            except Exception as exc:
-                traceback.print_exc()
-                responses[index] = error_response(f"decoding DocTags failed: {exc!r}", invalid_input=False)
-        return responses
+        return execute_jointly(requests, self._read_pages, self._run_vlm, self._respond)
 
-    def _respond(self, pages: list[_Page], generated: list[list[int]]) -> Any:
+    def _run_vlm(self, pages: list[_Page]) -> list[list[int]]:
+        return self.router.run(self.vlm, lambda: self._generate(pages))
+
+    def _respond(self, pages: Sequence[_Page], generated: Sequence[list[int]]) -> Any:
         doctags = [self.prompts.decode(ids) for ids in generated]
         documents = [
             pages_to_document([PageTags(tags, page.image)], name="page").model_dump_json()
@@ -268,30 +246,24 @@ class VlmModel:
         print(f"{args['model_name']}: VLM engine on {self.engine.device} in {self.engine.dtype}", flush=True)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                inputs = {
-                    name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                    for name in ("PIXELS", "NUM_IMAGES", "INPUT_IDS", "ATTENTION_MASK", "MAX_NEW_TOKENS")
-                }
-                ids, mask = inputs["INPUT_IDS"], inputs["ATTENTION_MASK"]
-                pages = [
-                    self._page(inputs["PIXELS"][row, : int(count)], ids[row][mask[row] == 1])
-                    for row, count in enumerate(inputs["NUM_IMAGES"].reshape(-1))
-                ]
-                limits = [int(x) for x in inputs["MAX_NEW_TOKENS"].reshape(-1)]
-                generated = self.engine.generate(pages, limits, self.stop_ids)
-                out = np.full((len(generated), max(len(g) for g in generated)), -1, dtype=np.int64)
-                for row, row_ids in enumerate(generated):
-                    out[row, : len(row_ids)] = row_ids
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("GENERATED_IDS", out)]))
-            except ValueError as exc:
-                responses.append(error_response(str(exc)))
-            except Exception as exc:  # e.g. out of memory: report it, keep serving
-                traceback.print_exc()
-                responses.append(error_response(f"docling_vlm failed: {exc!r}", invalid_input=False))
-        return responses
+        return answer_each(requests, self._compute, "docling_vlm failed")
+
+    def _compute(self, request: Any) -> list[Any]:
+        inputs = {
+            name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+            for name in ("PIXELS", "NUM_IMAGES", "INPUT_IDS", "ATTENTION_MASK", "MAX_NEW_TOKENS")
+        }
+        ids, mask = inputs["INPUT_IDS"], inputs["ATTENTION_MASK"]
+        pages = [
+            self._page(inputs["PIXELS"][row, : int(count)], ids[row][mask[row] == 1])
+            for row, count in enumerate(inputs["NUM_IMAGES"].reshape(-1))
+        ]
+        limits = [int(x) for x in inputs["MAX_NEW_TOKENS"].reshape(-1)]
+        generated = self.engine.generate(pages, limits, self.stop_ids)
+        out = np.full((len(generated), max(len(g) for g in generated)), -1, dtype=np.int64)
+        for row, row_ids in enumerate(generated):
+            out[row, : len(row_ids)] = row_ids
+        return [pb_utils.Tensor("GENERATED_IDS", out)]
 
     def _page(self, pixels: np.ndarray, input_ids: np.ndarray) -> Any:
         from triton_rag.engines.torch_vlm import PageInput

@@ -5,14 +5,13 @@ A tensorrt_plan variant of the same contract replaces this model where TensorRT 
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.triton.common import error_response, model_parameters
+from triton_rag.triton.common import answer_each, model_parameters
 
 
 class EncoderModel:
@@ -35,19 +34,12 @@ class EncoderModel:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
-                mask = pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy()
-                out = self.engine.forward(ids, mask)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]))
-            except ValueError as exc:
-                responses.append(error_response(str(exc)))
-            except Exception as exc:  # e.g. out of memory: report it, keep serving
-                traceback.print_exc()
-                responses.append(error_response(f"encoder failed: {exc!r}", invalid_input=False))
-        return responses
+        return answer_each(requests, self._compute, "encoder failed")
+
+    def _compute(self, request: Any) -> list[Any]:
+        ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
+        mask = pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy()
+        return [pb_utils.Tensor(self.output_name, self.engine.forward(ids, mask))]
 
     def finalize(self) -> None:
         del self.engine

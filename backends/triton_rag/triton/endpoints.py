@@ -7,7 +7,7 @@ own: a bad request gets its own error while the others in the same batch are ans
 
 from __future__ import annotations
 
-import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,9 @@ from triton_rag.text import (
     require_non_empty,
 )
 from triton_rag.triton.common import (
-    ComputeError,
     RouterClient,
     call_model,
-    error_response,
+    execute_jointly,
     model_parameters,
     read_strings,
 )
@@ -83,32 +82,10 @@ class _TextEndpoint:
         return result
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        jobs: list[tuple[int, list[Encoded]]] = []
-        for index, request in enumerate(requests):
-            try:
-                encoded = self.encode_request(request)
-                if not encoded:
-                    raise InputError("the request has no rows")
-                jobs.append((index, encoded))
-            except InputError as exc:
-                responses[index] = error_response(str(exc))
-            except Exception as exc:  # never let one request take the model down
-                responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
-                traceback.print_exc()
-        if jobs:
-            try:
-                outputs = self.run_encoder([row for _, encoded in jobs for row in encoded])
-            except Exception as exc:
-                message = str(exc) if isinstance(exc, ComputeError) else f"internal error: {exc!r}"
-                for index, _ in jobs:
-                    responses[index] = error_response(message, invalid_input=False)
-            else:
-                offset = 0
-                for index, encoded in jobs:
-                    responses[index] = self.respond(outputs[offset : offset + len(encoded)], encoded)
-                    offset += len(encoded)
-        return responses
+        return execute_jointly(requests, self.encode_request, self.run_encoder, self._respond)
+
+    def _respond(self, encoded: Sequence[Encoded], outputs: Any) -> Any:
+        return self.respond(outputs, list(encoded))
 
     def finalize(self) -> None:
         pass
