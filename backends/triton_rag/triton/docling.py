@@ -145,7 +145,10 @@ class DoclingEndpoint:
 
 
 class DoclingDocumentEndpoint:
-    """Async execute: the pages' BLS requests to `docling` are in flight together."""
+    """Async execute: the pages' BLS requests to `docling` are in flight together, up to PAGES_IN_FLIGHT of them (a
+    200-page PDF must not queue 200 PNGs at once; 16 keeps four full VLM batches of 4 pages fed)."""
+
+    PAGES_IN_FLIGHT = 16
 
     def initialize(self, args: dict[str, str]) -> None:
         params = model_parameters(args)
@@ -168,7 +171,8 @@ class DoclingDocumentEndpoint:
             return error_response(f"internal error: {exc!r}", invalid_input=False)
         errors = {page.number: page.error for page in pages if page.image is None}
         rendered = [page for page in pages if page.image is not None]
-        results = await asyncio.gather(*(self._page(page.image) for page in rendered))  # type: ignore[arg-type]
+        in_flight = asyncio.Semaphore(self.PAGES_IN_FLIGHT)
+        results = await asyncio.gather(*(self._page(page.image, in_flight) for page in rendered))  # type: ignore[arg-type]
         doctags: dict[int, str] = {}
         for page, (tags, error) in zip(rendered, results, strict=True):
             if error:
@@ -187,8 +191,12 @@ class DoclingDocumentEndpoint:
             ]
         )
 
-    async def _page(self, image: Image.Image) -> tuple[str, str]:
+    async def _page(self, image: Image.Image, in_flight: asyncio.Semaphore) -> tuple[str, str]:
         """(DocTags, "") or ("", the reason the page failed): a failed page is reported, never raised."""
+        async with in_flight:
+            return await self._convert_page(image)
+
+    async def _convert_page(self, image: Image.Image) -> tuple[str, str]:
         try:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG", compress_level=1)  # lossless, fast
