@@ -50,10 +50,17 @@ class PagePrompts:
             raise ValueError(f"the chat prompt must hold exactly one <image>, got {template!r}")
         self.before, self.after = template.split("<image>")
         self.stop_ids = stop_token_ids(self.tokenizer, self.eos_token_id)
+        self._by_grid: dict[tuple[int, int], np.ndarray] = {}
 
     def encode(self, tiles: Tiles) -> np.ndarray:
-        text = self.before + image_prompt(tiles.rows, tiles.cols, self.image_config) + self.after
-        return np.array(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        """The prompt ids depend on the tile grid alone (a handful of page shapes), so each is tokenized once."""
+        grid = (tiles.rows, tiles.cols)
+        if grid not in self._by_grid:
+            text = self.before + image_prompt(tiles.rows, tiles.cols, self.image_config) + self.after
+            ids = np.array(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            ids.flags.writeable = False
+            self._by_grid[grid] = ids
+        return self._by_grid[grid]
 
     def decode(self, ids: list[int]) -> str:
         """DocTags text with special tokens kept (they are the structure), the stop token removed."""

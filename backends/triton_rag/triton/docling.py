@@ -61,8 +61,10 @@ def _strings(name: str, values: list[str], batched: bool = True) -> Any:
 
 
 class _Page:
-    def __init__(self, image: Image.Image, tiles: Tiles, input_ids: np.ndarray) -> None:
+    def __init__(self, image: Image.Image, tiles: Tiles, input_ids: np.ndarray, want_json: bool) -> None:
         self.image, self.tiles, self.input_ids = image, tiles, input_ids
+        #: docling_document asks for DOCTAGS only (it builds the whole document itself): skip the page's JSON then.
+        self.want_json = want_json
 
 
 def pack_pages(pages: list[_Page], max_new_tokens: int) -> dict[str, np.ndarray]:
@@ -106,13 +108,14 @@ class DoclingEndpoint:
 
     def _read_pages(self, request: Any) -> list[_Page]:
         pages = []
+        want_json = "STRUCTURED_JSON" in request.requested_output_names()
         for row, data in enumerate(_raw_rows(request, "IMAGE")):
             try:
                 image = open_image(data, self.limits)
             except InputError as exc:
                 raise InputError(f"row {row}: {exc}") from None
             tiles = preprocess(image, self.image_config)
-            pages.append(_Page(image, tiles, self.prompts.encode(tiles)))
+            pages.append(_Page(image, tiles, self.prompts.encode(tiles), want_json))
         return pages
 
     def _generate(self, pages: list[_Page]) -> list[list[int]]:
@@ -132,13 +135,14 @@ class DoclingEndpoint:
 
     def _respond(self, pages: Sequence[_Page], generated: Sequence[list[int]]) -> Any:
         doctags = [self.prompts.decode(ids) for ids in generated]
-        documents = [
-            pages_to_document([PageTags(tags, page.image)], name="page").model_dump_json()
-            for tags, page in zip(doctags, pages, strict=True)
-        ]
-        return pb_utils.InferenceResponse(
-            output_tensors=[_strings("STRUCTURED_JSON", documents), _strings("DOCTAGS", doctags)]
-        )
+        outputs = [_strings("DOCTAGS", doctags)]
+        if pages[0].want_json:
+            documents = [
+                pages_to_document([PageTags(tags, page.image)], name="page").model_dump_json()
+                for tags, page in zip(doctags, pages, strict=True)
+            ]
+            outputs.append(_strings("STRUCTURED_JSON", documents))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def finalize(self) -> None:
         pass
