@@ -191,7 +191,7 @@ def prepare_embed(
         # Last-token pooling reads the end-of-text token; mean pooling keeps the tokenizer's own specials.
         "pool_token": QWEN3_POOL_TOKEN if pooling == "last_token" else "",
     }
-    encoder_params = {"task": "embed", "pooling": pooling, "dtype": settings.dtype}
+    encoder_params = {"task": "embed", "pooling": pooling, "dtype": settings.dtype, "precision": settings.precision}
     _write_endpoint_pair(
         repository,
         model,
@@ -218,7 +218,12 @@ def prepare_rerank(
     endpoint_params = _common_parameters(settings, contract.RERANK_ENCODER, router) | {
         "default_instruction": settings.default_instruction,
     }
-    encoder_params = {"task": "rerank", "dtype": settings.dtype, "yes_no_ids": ",".join(map(str, yes_no))}
+    encoder_params = {
+        "task": "rerank",
+        "dtype": settings.dtype,
+        "precision": settings.precision,
+        "yes_no_ids": ",".join(map(str, yes_no)),
+    }
     _write_endpoint_pair(
         repository,
         model,

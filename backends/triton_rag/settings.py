@@ -36,6 +36,9 @@ class EncoderSettings:
     overflow: Overflow = "reject"
     engine: Engine = "torch"
     dtype: DType = "auto"
+    #: nvfp4 | fp8 | bfloat16 | float32 | auto (= `dtype`); a precision the GPU or engine cannot run falls back
+    #: down that chain, with the reason in the log (triton_rag.precision).
+    precision: str = "auto"
     #: Largest padded batch (rows x longest row) sent to the encoder at once.
     max_batch_tokens: int = 32768
 
@@ -145,6 +148,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": ("auto", "last_token", "mean"),
     "engine": ("torch", "tensorrt_plan"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "precision": ("auto", "nvfp4", "fp8", "bfloat16", "float32"),
 }
 
 

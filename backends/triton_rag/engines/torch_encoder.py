@@ -8,12 +8,19 @@ output small: the reranker reads just the two LM-head rows it needs instead of t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from safetensors import safe_open
+
+from triton_rag.engines.fp8 import convert_linears
+from triton_rag.precision import Device, choose_precision
+
+#: What this engine has kernels for (NVFP4 GEMMs come with TensorRT plans, issue 6).
+ENGINE_PRECISIONS = frozenset({"fp8", "bfloat16", "float32"})
 
 Task = Literal["embed", "rerank"]
 Pooling = Literal["last_token", "mean"]
@@ -77,15 +84,35 @@ class TorchEncoder:
         dtype: str = "auto",
         device: str = "auto",
         yes_no_ids: tuple[int, int] | None = None,
+        precision: str = "auto",
+        log: Callable[[str], None] = print,
+        compile_model: bool = False,
     ) -> None:
         from transformers import AutoModel
 
         self.task = task
         self.pooling = pooling
         self.device = choose_device(device)
-        self.dtype = choose_dtype(dtype, self.device)
+        self.precision, reasons = choose_precision(
+            precision,  # type: ignore[arg-type]
+            Device(torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None),
+            ENGINE_PRECISIONS,
+        )
+        for reason in reasons:
+            log(f"precision: {reason}")
+        # FP8 quantizes bfloat16 weights; an explicit precision is the dtype; "auto" leaves it to `dtype`
+        if self.precision == "fp8":
+            self.dtype = torch.bfloat16
+        elif precision == "auto":
+            self.dtype = choose_dtype(dtype, self.device)
+        else:
+            self.dtype = _DTYPES[self.precision]
         model = AutoModel.from_pretrained(str(model_dir), dtype=self.dtype, attn_implementation="sdpa")
         self.model = model.to(self.device).eval()
+        if self.precision == "fp8":
+            log(f"precision: fp8, {convert_linears(self.model)} linear layers quantized rowwise")
+        if compile_model and self.device.type == "cuda":  # fuses FP8 activation quantization into its producers
+            self.model = torch.compile(self.model, dynamic=True)
         self.vocab_size = int(model.config.vocab_size)
         self.hidden_size = int(model.config.hidden_size)
         self.head: torch.Tensor | None = None

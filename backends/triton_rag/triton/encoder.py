@@ -26,9 +26,11 @@ class EncoderModel:
             pooling=params.get("pooling", "last_token"),  # type: ignore[arg-type]
             dtype=params.get("dtype", "auto"),
             yes_no_ids=yes_no,  # type: ignore[arg-type]
+            precision=params.get("precision", "auto"),
+            log=lambda message: print(f"{args['model_name']}: {message}", flush=True),
         )
         print(
-            f"{args['model_name']}: {task} engine on {self.engine.device} in {self.engine.dtype}, "
+            f"{args['model_name']}: {task} engine on {self.engine.device} in {self.engine.precision}, "
             f"hidden size {self.engine.hidden_size}",
             flush=True,
         )
