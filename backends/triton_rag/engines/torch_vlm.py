@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from triton_rag.engines.torch_encoder import choose_device, choose_dtype
 from triton_rag.idefics3 import ImageProcessorConfig
@@ -129,8 +130,6 @@ class TorchVlm:
     ) -> torch.Tensor:
         """One decoder layer. `hidden` is [rows, tokens, hidden]; `write` picks the cache slots for the new keys and
         values; attention reads `cache` (already sliced to the slots in use) under `mask` (None: causal prefill)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         layer = self.text.layers[index]
         attention = layer.self_attn
         rows, tokens, _ = hidden.shape
