@@ -3,6 +3,7 @@ committed files and docs in sync with their generators, settings errors, and doc
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -72,6 +73,10 @@ def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, model_dirs:
     assert vlm.parameters["stop_ids"].string_value == "100257,100328" and "vision_model" not in vlm.parameters
     assert [t.name for t in vlm.input][:2] == ["PIXELS", "NUM_IMAGES"] and list(vlm.input[0].dims) == [-1, 3, 512, 512]
     assert not (repository / contract.DOCLING_VISION / "config.pbtxt").exists()
+    processing = json.loads(
+        (repository / contract.DOCLING_ENDPOINT / "1" / "tokenizer" / "preprocessor_config.json").read_text()
+    )
+    assert processing["image_seq_len"] == 64 and processing["size"] == {"longest_edge": 2048}  # merged for the endpoint
     startup = startup_models(repository)
     assert contract.DOCLING_VLM not in startup and contract.DOCLING_DOCUMENT_ENDPOINT in startup
     router_models = configs[contract.ROUTER].parameters["models"].string_value

@@ -258,7 +258,15 @@ def prepare_docling(
     preprocessor = model.path / "preprocessor_config.json"
     if not preprocessor.exists():
         raise RepositoryError(f"{model.path} has no preprocessor_config.json: not an Idefics3 (granite-docling) model")
-    image_config = ImageProcessorConfig.from_preprocessor_config(json.loads(preprocessor.read_text()))
+    # image_seq_len (placeholder tokens per tile) lives in processor_config.json; the endpoint reads one merged file
+    processing = json.loads(preprocessor.read_text())
+    processor_file = model.path / "processor_config.json"
+    if processor_file.exists() and "image_seq_len" in json.loads(processor_file.read_text()):
+        processing["image_seq_len"] = json.loads(processor_file.read_text())["image_seq_len"]
+    try:
+        image_config = ImageProcessorConfig.from_preprocessor_config(processing)
+    except ValueError as exc:
+        raise RepositoryError(f"{preprocessor}: {exc}") from None
     eos = model.config.get("eos_token_id", model.config.get("text_config", {}).get("eos_token_id"))
     tokenizer = AutoTokenizer.from_pretrained(str(model.path))
     prompts = PagePrompts(tokenizer, settings.prompt, image_config, eos)
@@ -278,7 +286,7 @@ def prepare_docling(
     config = build_config(page, backend="python", instance_count=2, parameters=page_params)
     _write(page_dir, page, render(config, GENERATED_HEADER), with_model_py=True)
     _copy_tokenizer(model, page_dir / "1" / "tokenizer")
-    shutil.copy(preprocessor, page_dir / "1" / "tokenizer" / "preprocessor_config.json")
+    (page_dir / "1" / "tokenizer" / "preprocessor_config.json").write_text(json.dumps(processing, indent=1))
 
     document = contract.docling_document_endpoint()
     document_params = limits | {
