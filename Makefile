@@ -26,7 +26,7 @@ SET += --set router.high_watermark=$(VRAM_HIGH_WATERMARK)
 endif
 SERVE_ARGS ?=
 
-.PHONY: install test-tools prepare serve test clean
+.PHONY: install test-tools prepare serve test bench clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ serve: install
 
 test: install test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The encoder benchmark (issue 5, in progress): on a GPU the real shapes against the transformers baseline in the
+# same run; on a CPU a short smoke run with the tiny model. Results under bench_results/encoders/.
+bench: install
+	$(PY) tools/bench_encoders.py --out bench_results/encoders $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache model_repository/*/config.pbtxt model_repository/*/1/hf model_repository/*/1/tokenizer
