@@ -51,9 +51,9 @@ test: install test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The encoder benchmark (issue 5, in progress): on a GPU the real shapes against the transformers baseline in the
-# same run; on a CPU a short smoke run with the tiny model. Results under bench_results/encoders/.
+# same run, bare and through tritonserver; on a CPU a short smoke run with the tiny model. bench_results/encoders/.
 bench: install
-	$(PY) tools/bench_encoders.py --out bench_results/encoders $(BENCH_ARGS)
+	$(PY) tools/bench_encoders.py --e2e --out bench_results/encoders $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache model_repository/*/config.pbtxt model_repository/*/1/hf model_repository/*/1/tokenizer

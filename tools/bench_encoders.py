@@ -7,7 +7,9 @@ Workload: `--texts` random-token texts of 32-512 tokens (CPU smoke: 16-64), and 
 - ours: `TorchEncoder` at each `--precisions` (optionally compiled), with the endpoint's own micro-batching
   (length-sorted groups under a padded-token budget).
 Reported: tokens/s over real tokens, the 16-token query's p50/p99, peak GPU memory, and the cosine of each
-variant's embeddings to the baseline's. Bare engines only: end to end through Triton is still to come (issue 5).
+variant's embeddings to the baseline's. With `--e2e`, each precision of ours is also served by the real
+tritonserver (`qwen_embed` endpoint, router on) and driven over gRPC: the same texts as strings, 16 per request,
+`--concurrency` requests in flight, and the 16-token query one at a time.
 
     python tools/bench_encoders.py --out bench_results/encoders                  # GPU: 0.6B and 8B shapes
     python tools/bench_encoders.py --shapes tiny --texts 64 --out /tmp/enc       # CPU smoke run
@@ -122,6 +124,65 @@ def measure(
     return row, vectors
 
 
+def end_to_end(model_dir: Path, precision: str, texts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    """Ours behind tritonserver: the endpoint tokenizes, batches and calls the encoder through the router."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as grpcclient
+    from transformers import AutoTokenizer
+
+    from triton_rag.repository import prepare_repository
+    from triton_rag.server import TritonServer, free_ports
+    from triton_rag.settings import EmbedSettings, Settings
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    strings = [tokenizer.decode(ids) for ids in texts]
+    real_tokens = sum(len(tokenizer(text)["input_ids"]) + 1 for text in strings)  # + the appended end-of-text
+    repository = args.work / f"e2e-{model_dir.name}-{precision}"
+    settings = Settings(
+        embed=EmbedSettings(model=str(model_dir), max_length=1024, precision=precision, dim=1024),
+        offline_fallback=False,
+    )
+    prepare_repository(settings, repository, args.cache, log=log, endpoints=("embed",))
+    with open(args.out / f"server-{precision}.log", "wb") as server_log:
+        server = TritonServer(repository, args.cache, free_ports(), log=server_log)
+        server.start()
+        try:
+            server.wait_ready(600)
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+
+            def send(batch: list[str]) -> None:
+                data = np.array([[text.encode()] for text in batch], dtype=object)
+                tensor = grpcclient.InferInput("TEXT", list(data.shape), "BYTES")
+                tensor.set_data_from_numpy(data)
+                client.infer("qwen_embed", [tensor])
+
+            send(strings[:16])  # first use: the router loads the encoder
+            batches = [strings[i : i + 16] for i in range(0, len(strings), 16)]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                list(pool.map(send, batches))
+            seconds = time.perf_counter() - start
+            query = tokenizer.decode(list(range(5, 20)))
+            latencies = []
+            for _ in range(50):
+                begin = time.perf_counter()
+                send([query])
+                latencies.append((time.perf_counter() - begin) * 1e3)
+        finally:
+            server.stop()
+    row = {
+        "variant": f"ours {precision}, through Triton (concurrency {args.concurrency})",
+        "tokens_per_s": round(real_tokens / seconds),
+        "query16_p50_ms": round(float(np.percentile(latencies[5:], 50)), 2),
+        "query16_p99_ms": round(float(np.percentile(latencies[5:], 99)), 2),
+        "peak_gib": None,
+        "min_cosine_to_baseline": "-",
+    }
+    log(json.dumps(row))
+    return row
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -136,6 +197,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["bfloat16", "fp8"] if gpu else ["float32"])
     parser.add_argument("--compile", action="store_true", help="also run each precision under torch.compile")
     parser.add_argument("--max-batch-tokens", type=int, default=32768)
+    parser.add_argument("--e2e", action="store_true", help="also serve ours with tritonserver and drive it over gRPC")
+    parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--work", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--out", type=Path, required=True)
@@ -177,6 +240,10 @@ def main() -> None:
             del encoder
             if gpu:
                 torch.cuda.empty_cache()
+            if args.e2e and not compiled:
+                served = end_to_end(model_dir, precision, texts, args)
+                served["speedup"] = round(served["tokens_per_s"] / reference_row["tokens_per_s"], 2)
+                rows.append(served)
         summary["shapes"][shape] = rows
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "encoders.json").write_text(json.dumps(summary, indent=2))
