@@ -26,7 +26,7 @@ SET += --set router.high_watermark=$(VRAM_HIGH_WATERMARK)
 endif
 SERVE_ARGS ?=
 
-.PHONY: install test-tools prepare serve test bench clean
+.PHONY: install test-tools prepare serve test bench engines clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ test: install test-tools
 # same run, bare and through tritonserver; on a CPU a short smoke run with the tiny model. bench_results/encoders/.
 bench: install
 	$(PY) tools/bench_encoders.py --e2e --out bench_results/encoders $(BENCH_ARGS)
+
+# Engine builds (issue 6, first step): each encoder to ONNX with the PyTorch engine's contract, checked with onnxruntime
+engines: install
+	$(PY) tools/export_onnx.py $(SET)
 
 clean:
 	rm -rf .cache model_repository/*/config.pbtxt model_repository/*/1/hf model_repository/*/1/tokenizer

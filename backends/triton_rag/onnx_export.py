@@ -1,0 +1,94 @@
+"""Encoders to ONNX with the same tensor contract as the PyTorch engine, and the parity check with onnxruntime.
+
+The exported graph is what a TensorRT build starts from (issue 6): integer ids and mask in (INT64, dynamic batch
+and sequence axes), the pooled row out (embeddings: the last real token's hidden state) or the reranker's two
+logits (the "no"/"yes" rows of the LM head only, never the vocabulary). It is the engine's own module
+(`TorchEncoder.model` and `TorchEncoder.head`) wrapped with the engine's own pooling, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from triton_rag import contract
+from triton_rag.engines.torch_encoder import TorchEncoder, pool
+
+#: The legacy TorchScript exporter: no extra dependency (onnxscript), dynamic axes by name, opset 18.
+OPSET = 18
+
+
+class _Contract(nn.Module):
+    """INPUT_IDS, ATTENTION_MASK -> POOLED (embed) or LOGITS (rerank), as the engine computes them."""
+
+    def __init__(self, engine: TorchEncoder) -> None:
+        super().__init__()
+        self.model = engine.model
+        self.pooling = engine.pooling if engine.task == "embed" else "last_token"
+        self.head = None if engine.head is None else nn.Parameter(engine.head.detach().float(), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.pooling)  # type: ignore[arg-type]
+        return pooled if self.head is None else pooled @ self.head.T
+
+
+def output_name(engine: TorchEncoder) -> str:
+    return "POOLED" if engine.task == "embed" else "LOGITS"
+
+
+def export_encoder(engine: TorchEncoder, path: Path, log: Callable[[str], None] = print) -> Path:
+    """Write `engine` (float32, CPU) as ONNX at `path`; the input and output names are the encoder contract's."""
+    if engine.dtype != torch.float32 or engine.device.type != "cpu":
+        raise ValueError("export from a float32 CPU engine (TorchEncoder(dtype='float32', device='cpu'))")
+    names = [spec.name for spec in contract.embed_encoder(1).inputs]
+    sample = (torch.tensor([[100, 200, 300, 400], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
+    axes = {name: {0: "rows", 1: "tokens"} for name in names} | {output_name(engine): {0: "rows"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"exporting the {engine.task} encoder to {path} (opset {OPSET})")
+    with torch.inference_mode():
+        torch.onnx.export(
+            _Contract(engine).eval(),
+            sample,
+            str(path),
+            input_names=names,
+            output_names=[output_name(engine)],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return path
+
+
+def parity(engine: TorchEncoder, path: Path, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """(smallest cosine, largest absolute difference) between the engine's rows and onnxruntime's on the same
+    batches (CPU, float32). The cosine speaks for embeddings, the difference for the reranker's two logits."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst_cosine, worst_difference = 1.0, 0.0
+    for ids, mask in batches:
+        expected = engine.forward(ids, mask)
+        (got,) = session.run(None, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
+        cosine = (expected * got).sum(axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
+        worst_cosine = min(worst_cosine, float(cosine.min()))
+        worst_difference = max(worst_difference, float(np.abs(expected - got).max()))
+    return worst_cosine, worst_difference
+
+
+def sample_batches(seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Batches of other shapes than the export sample, left- and right-padded: what dynamic axes must handle."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for rows, tokens in ((1, 3), (3, 17), (8, 64)):
+        ids = rng.integers(100, 100000, size=(rows, tokens)).astype(np.int64)
+        mask = np.ones_like(ids)
+        if rows > 1:
+            mask[0, : tokens // 3] = 0  # left padding
+            mask[-1, tokens - tokens // 4 :] = 0  # right padding
+        batches.append((ids, mask))
+    return batches
