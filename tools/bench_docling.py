@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchlib import markdown_table, timed
 from PIL import Image, ImageDraw
 
 from triton_rag.docling_prompt import GRANITE_CHAT
@@ -57,16 +58,6 @@ def synthetic_page(seed: int, size: tuple[int, int] = (1224, 1584)) -> Image.Ima
         for col in range(4):
             draw.rectangle((120 + col * 240, 1100 + row * 40, 360 + col * 240, 1140 + row * 40), outline="black")
     return page
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -176,7 +167,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         ours, seconds = timed(lambda b=batch: run_all(ours_fn, b), device)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-        record("ours (TorchVlm, CUDA graph decode)", batch, seconds, sum(map(len, ours)), peak)
+        decode = "CUDA graph decode" if engine.use_graphs else "eager decode"
+        record(f"ours (TorchVlm, {decode})", batch, seconds, sum(map(len, ours)), peak)
         if args.eager_too and device.type == "cuda":
             engine.use_graphs = False
             eager, seconds = timed(lambda b=batch: run_all(ours_fn, b), device)
@@ -234,16 +226,9 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "docling.json").write_text(json.dumps(summary, indent=2))
-    lines = [
-        "| engine | batch | pages | new tokens/page | pages/s | decode tokens/s | peak GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in results:
-        lines.append(
-            f"| {row['engine']} | {row['batch']} | {row['pages']} | {row['new_tokens_per_page']} | "
-            f"{row['pages_per_s'] if row['pages_per_s'] is not None else '-'} | {row['decode_tokens_per_s']} | "
-            f"{row['peak_gib'] if row['peak_gib'] is not None else '-'} |"
-        )
+    header = ("engine", "batch", "pages", "new tokens/page", "pages/s", "decode tokens/s", "peak GiB")
+    keys = ("engine", "batch", "pages", "new_tokens_per_page", "pages_per_s", "decode_tokens_per_s", "peak_gib")
+    lines = markdown_table(header, [[row[key] for key in keys] for row in results])
     (args.out / "docling.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(summary, indent=2))
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchlib import markdown_table, timed
 
 from triton_rag.batching import pad_rows, plan_micro_batches
 from triton_rag.engines.torch_encoder import TorchEncoder, pool
@@ -41,19 +42,6 @@ BASELINE_BATCH = 32
 
 def log(message: str) -> None:
     print(f"[bench_encoders {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return result, time.perf_counter() - start
 
 
 def workload(count: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
@@ -247,19 +235,18 @@ def main() -> None:
         summary["shapes"][shape] = rows
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "encoders.json").write_text(json.dumps(summary, indent=2))
+    header = ("shape", "variant", "tokens/s", "x baseline", "16-token p50 ms", "p99 ms", "peak GiB", "min cosine")
+    table = [
+        [shape, r["variant"], r["tokens_per_s"], r.get("speedup", 1.0), r["query16_p50_ms"], r["query16_p99_ms"],
+         r["peak_gib"], r["min_cosine_to_baseline"]]
+        for shape, rows in summary["shapes"].items()
+        for r in rows
+    ]  # fmt: skip
     lines = [
         f"{summary['device']}, {summary['date']}, {len(texts)} texts of {low}-{high} tokens: `{summary['command']}`",
         "",
-        "| shape | variant | tokens/s | x baseline | 16-token p50 ms | p99 ms | peak GiB | min cosine |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *markdown_table(header, table),
     ]
-    for shape, rows in summary["shapes"].items():
-        for row in rows:
-            lines.append(
-                f"| {shape} | {row['variant']} | {row['tokens_per_s']} | {row.get('speedup', 1.0)} | "
-                f"{row['query16_p50_ms']} | {row['query16_p99_ms']} | {row['peak_gib'] or '-'} | "
-                f"{row['min_cosine_to_baseline']} |"
-            )
     (args.out / "encoders.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

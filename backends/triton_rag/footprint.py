@@ -47,10 +47,15 @@ def estimate_bytes(model_dir: Path, config: dict, dtype: str, max_batch_tokens: 
     hidden = int(config.get("hidden_size", 0))
     intermediate = int(config.get("intermediate_size", 4 * hidden))
     activation_values = max_batch_tokens * (6 * hidden + 3 * intermediate)
+    return _per_device(parameters + activation_values, dtype)
+
+
+def _per_device(values: int, dtype: str) -> dict[str, int]:
+    """{"gpu", "cpu"}: the runtime plus `values` numbers at the serving dtype (auto: bfloat16 on a GPU, float32 on
+    the CPU)."""
     result = {}
     for device, runtime, auto_dtype in (("gpu", GPU_RUNTIME_BYTES, "bfloat16"), ("cpu", CPU_RUNTIME_BYTES, "float32")):
-        width = _DTYPE_BYTES[auto_dtype if dtype == "auto" else dtype]
-        result[device] = runtime + parameters * width + activation_values * width
+        result[device] = runtime + values * _DTYPE_BYTES[auto_dtype if dtype == "auto" else dtype]
     return result
 
 
@@ -65,8 +70,4 @@ def estimate_vlm_bytes(model_dir: Path, config: dict, dtype: str, pages: int, ma
     patches = pages * 17 * (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
     vision_hidden = int(vision["hidden_size"])
     vision_values = patches * (6 * vision_hidden + 3 * int(vision.get("intermediate_size", 4 * vision_hidden)))
-    result = {}
-    for device, runtime, auto_dtype in (("gpu", GPU_RUNTIME_BYTES, "bfloat16"), ("cpu", CPU_RUNTIME_BYTES, "float32")):
-        width = _DTYPE_BYTES[auto_dtype if dtype == "auto" else dtype]
-        result[device] = runtime + (parameters + kv_values + vision_values) * width
-    return result
+    return _per_device(parameters + kv_values + vision_values, dtype)

@@ -261,8 +261,9 @@ def prepare_docling(
     # image_seq_len (placeholder tokens per tile) lives in processor_config.json; the endpoint reads one merged file
     processing = json.loads(preprocessor.read_text())
     processor_file = model.path / "processor_config.json"
-    if processor_file.exists() and "image_seq_len" in json.loads(processor_file.read_text()):
-        processing["image_seq_len"] = json.loads(processor_file.read_text())["image_seq_len"]
+    processor = json.loads(processor_file.read_text()) if processor_file.exists() else {}
+    if "image_seq_len" in processor:
+        processing["image_seq_len"] = processor["image_seq_len"]
     try:
         image_config = ImageProcessorConfig.from_preprocessor_config(processing)
     except ValueError as exc:
