@@ -50,10 +50,11 @@ serve: install
 test: install test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The encoder benchmark (issue 5, in progress): on a GPU the real shapes against the transformers baseline in the
-# same run, bare and through tritonserver; on a CPU a short smoke run with the tiny model. bench_results/encoders/.
-bench: install
-	$(PY) tools/bench_encoders.py --e2e --out bench_results/encoders $(BENCH_ARGS)
+# The encoder benchmark: on a GPU the 0.6B and 8B shapes against the transformers baseline in the same run, bare and
+# through tritonserver (perf_analyzer), table appended to BENCHMARKS.md; on a CPU a short smoke run with the tiny
+# models. Results in bench_results/encoders/. Parts: make bench BENCH_ARGS="--shapes 8b --tasks embed"
+bench: install test-tools
+	$(PY) tools/bench_encoders.py --e2e --out bench_results/encoders --append BENCHMARKS.md $(BENCH_ARGS)
 
 # Engine builds (issue 6, first step): each encoder to ONNX with the PyTorch engine's contract, checked with onnxruntime
 engines: install

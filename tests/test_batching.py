@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triton_rag.batching import pad_rows, plan_micro_batches
+from triton_rag.batching import graph_shape, pad_rows, padded_tokens, plan_micro_batches
 
 
 @given(
@@ -27,6 +27,61 @@ def test_micro_batches_cover_every_row_once_within_limits(lengths: list[int], ma
 def test_rows_of_similar_length_go_together() -> None:
     lengths = [10, 4000, 12, 3900, 11]
     assert plan_micro_batches(lengths, max_rows=32, max_padded_tokens=8000) == [[1, 3], [2, 4, 0]]
+
+
+def _cost(lengths: list[int], groups: list[list[int]], overhead: int) -> int:
+    return padded_tokens(lengths, groups) + overhead * len(groups)
+
+
+def _all_plans(sorted_rows: list[int]) -> list[list[list[int]]]:
+    """Every cut of the length-sorted rows into consecutive groups (brute force for small inputs)."""
+    if not sorted_rows:
+        return [[]]
+    return [[sorted_rows[:k], *rest] for k in range(1, len(sorted_rows) + 1) for rest in _all_plans(sorted_rows[k:])]
+
+
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=600), min_size=1, max_size=8),
+    max_rows=st.integers(min_value=1, max_value=8),
+    budget=st.integers(min_value=1, max_value=3000),
+    overhead=st.integers(min_value=0, max_value=400),
+)
+def test_micro_batches_cost_no_more_than_any_other_cut(
+    lengths: list[int], max_rows: int, budget: int, overhead: int
+) -> None:
+    groups = plan_micro_batches(lengths, max_rows, budget, overhead)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    feasible = [
+        plan
+        for plan in _all_plans(order)
+        if all(len(g) <= max_rows and (len(g) == 1 or len(g) * lengths[g[0]] <= budget) for g in plan)
+    ]
+    assert _cost(lengths, groups, overhead) == min(_cost(lengths, plan, overhead) for plan in feasible)
+
+
+def test_random_lengths_are_cut_where_they_jump() -> None:
+    """32 texts of 32-512 tokens: one padded batch computes ~1.8x the real tokens; the plan stays within 10%."""
+    lengths = np.random.default_rng(0).integers(32, 513, size=32).tolist()
+    one_batch = padded_tokens(lengths, [list(range(32))])
+    groups = plan_micro_batches(lengths, max_rows=32, max_padded_tokens=32768)
+    assert one_batch > 1.5 * sum(lengths)
+    assert padded_tokens(lengths, groups) < 1.1 * sum(lengths)
+    assert 2 <= len(groups) <= 8
+
+
+def test_without_pass_overhead_every_row_goes_alone_unless_lengths_are_equal() -> None:
+    groups = plan_micro_batches([5, 7, 7, 9], max_rows=4, max_padded_tokens=100, pass_overhead_tokens=0)
+    assert padded_tokens([5, 7, 7, 9], groups) == 28
+
+
+def test_graph_shapes_round_up_to_powers_of_two_within_the_token_limit() -> None:
+    assert graph_shape(1, 16, 2048) == (1, 16)
+    assert graph_shape(1, 3, 2048) == (1, 16)
+    assert graph_shape(3, 17, 2048) == (4, 32)
+    assert graph_shape(16, 128, 2048) == (16, 128)
+    assert graph_shape(17, 100, 2048) is None
+    assert graph_shape(1, 2049, 4096) == (1, 4096)
+    assert graph_shape(2, 2049, 4096) is None
 
 
 def test_bad_limits_are_refused() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -56,3 +57,54 @@ def test_encoder_refuses_malformed_tensors(tiny_embed_dir: Path) -> None:
             assert message in str(exc)
         else:
             raise AssertionError(f"accepted input that should fail with {message!r}")
+
+
+def _alone(model_dir: Path, rows: list[list[int]], pooling: str) -> np.ndarray:
+    """transformers' forward on each row alone (no padding at all), pooled as the model cards say."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = [model(input_ids=torch.tensor([row])).last_hidden_state[0] for row in rows]
+    return torch.stack([h[-1] if pooling == "last_token" else h.mean(dim=0) for h in hidden]).numpy()
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = pad_rows([row[::-1] for row in rows], pad_id)
+    return ids[:, ::-1].copy(), mask[:, ::-1].copy()
+
+
+ROWS = [[7 + i for i in range(n)] for n in (3, 40, 17, 5, 38, 1, 64, 16)]
+
+
+@pytest.mark.parametrize("pooling", ["last_token", "mean"])
+@pytest.mark.parametrize("use_graphs", [False, True])
+def test_causal_loop_equals_each_row_alone_for_either_padding(
+    tiny_embed_dir: Path, pooling: str, use_graphs: bool
+) -> None:
+    """Right-aligned rows, causal-only attention, length-planned groups and (with use_graphs) the padded static
+    shapes of the CUDA-graph path, run eagerly here: every row equals transformers on that row alone."""
+    encoder = TorchEncoder(tiny_embed_dir, "embed", pooling=pooling, use_graphs=use_graphs)  # type: ignore[arg-type]
+    assert encoder.causal and encoder.use_graphs == use_graphs
+    expected = _alone(tiny_embed_dir, ROWS, pooling)
+    for ids, mask in (pad_rows(ROWS, pad_id=151643), _left_pad(ROWS, pad_id=151643)):
+        np.testing.assert_allclose(encoder.forward(ids, mask), expected, atol=2e-5, rtol=1e-4)
+    single = encoder.forward(np.array([ROWS[2]]), np.ones((1, len(ROWS[2])), dtype=np.int64))
+    np.testing.assert_allclose(single[0], expected[2], atol=2e-5, rtol=1e-4)
+    if use_graphs:  # the static shapes were the power-of-two ones
+        assert set(encoder._graphs) <= {(r, w) for r in (1, 2, 4, 8) for w in (16, 32, 64)}
+        assert encoder._graphs
+
+
+def test_reranker_loop_reads_the_head_at_each_rows_last_token(tiny_rerank_dir: Path) -> None:
+    full = AutoModelForCausalLM.from_pretrained(str(tiny_rerank_dir), dtype=torch.float32).eval()
+    encoder = TorchEncoder(tiny_rerank_dir, "rerank", yes_no_ids=(2152, 9693), use_graphs=True)
+    with torch.no_grad():
+        expected = torch.stack([full(input_ids=torch.tensor([row])).logits[0, -1, [2152, 9693]] for row in ROWS])
+    np.testing.assert_allclose(encoder.forward(*_left_pad(ROWS, 0)), expected.numpy(), atol=1e-4)
+
+
+def test_a_mask_with_holes_is_refused(tiny_embed_dir: Path) -> None:
+    encoder = TorchEncoder(tiny_embed_dir, "embed")
+    with pytest.raises(ValueError, match="one contiguous run"):
+        encoder.forward(np.array([[5, 6, 7, 8]]), np.array([[1, 0, 1, 1]]))

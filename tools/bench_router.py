@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import numpy as np
 import tritonclient.grpc as grpcclient
 
@@ -139,29 +137,10 @@ def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> d
 
 
 def perf_analyzer(binary: str, server: TritonServer, out: Path, name: str, concurrency: int) -> dict[str, float]:
-    """One perf_analyzer measurement; numbers read from its report on stdout (kept under --out)."""
     data = out / "perf_input.json"
     data.write_text(json.dumps({"data": [{"TEXT": [QUERY]}]}))
-    command = [
-        binary, "-m", contract.EMBED_ENDPOINT, "-u", server.grpc_url, "-i", "grpc", "-b", "1",
-        "--input-data", str(data), "--concurrency-range", str(concurrency), "--measurement-interval", "5000",
-        "--max-trials", "4", "--stability-percentage", "999",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    (out / f"perf-{name}-c{concurrency}.txt").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed:\n{result.stdout}\n{result.stderr}")
-    client_block = result.stdout.split("Client:", 1)[1]
-    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", client_block)
-    p50, p99 = (re.search(rf"p{p} latency: (\d+) usec", client_block) for p in (50, 99))
-    if throughput is None or p50 is None or p99 is None:
-        raise RuntimeError(f"could not read perf_analyzer's report:\n{result.stdout}")
-    return {
-        "concurrency": concurrency,
-        "infer_per_s": float(throughput.group(1)),
-        "p50_ms": int(p50.group(1)) / 1000,
-        "p99_ms": int(p99.group(1)) / 1000,
-    }
+    log_file = out / f"perf-{name}-c{concurrency}.txt"
+    return benchlib.perf_analyzer(binary, server.grpc_url, contract.EMBED_ENDPOINT, data, concurrency, log_file)
 
 
 def lease_round_trip(router: RouterControl, pairs: int = 300) -> dict[str, float]:
@@ -246,7 +225,7 @@ def main() -> int:
     parser.add_argument("--swaps", type=int, default=3, help="swaps in each direction")
     parser.add_argument("--perf", action="store_true", help="also measure the router's overhead with perf_analyzer")
     parser.add_argument("--perf-shape", default="0.6b", choices=sorted(SHAPES))
-    parser.add_argument("--perf-analyzer", default=shutil.which("perf_analyzer") or "perf_analyzer")
+    parser.add_argument("--perf-analyzer", default=benchlib.find_perf_analyzer() or "perf_analyzer")
     parser.add_argument("--work", type=Path, default=Path("/tmp/triton-rag-bench"))
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     parser.add_argument("--out", type=Path, default=Path("bench_results/router"))

@@ -191,7 +191,7 @@ def prepare_embed(
         # Last-token pooling reads the end-of-text token; mean pooling keeps the tokenizer's own specials.
         "pool_token": QWEN3_POOL_TOKEN if pooling == "last_token" else "",
     }
-    encoder_params = {"task": "embed", "pooling": pooling, "dtype": settings.dtype, "precision": settings.precision}
+    encoder_params = {"task": "embed", "pooling": pooling} | _engine_parameters(settings)
     _write_endpoint_pair(
         repository,
         model,
@@ -203,6 +203,16 @@ def prepare_embed(
     )
     chosen = {"model": settings.model, "path": str(model.path), "origin": model.origin, "dim": dim, "pooling": pooling}
     return chosen | _compute_summary(model, settings, contract.EMBED_ENDPOINT, contract.EMBED_ENCODER)
+
+
+def _engine_parameters(settings: EncoderSettings) -> dict[str, str]:
+    """How the PyTorch engine runs an encoder (triton_rag.engines.torch_encoder)."""
+    return {
+        "dtype": settings.dtype,
+        "precision": settings.precision,
+        "compile": str(settings.compile).lower(),
+        "max_batch_tokens": str(settings.max_batch_tokens),
+    }
 
 
 def prepare_rerank(
@@ -220,8 +230,7 @@ def prepare_rerank(
     }
     encoder_params = {
         "task": "rerank",
-        "dtype": settings.dtype,
-        "precision": settings.precision,
+        **_engine_parameters(settings),
         "yes_no_ids": ",".join(map(str, yes_no)),
     }
     _write_endpoint_pair(

@@ -41,6 +41,9 @@ class EncoderSettings:
     precision: str = "auto"
     #: Largest padded batch (rows x longest row) sent to the encoder at once.
     max_batch_tokens: int = 32768
+    #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
+    #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
+    compile: bool = True
 
 
 @dataclass(frozen=True)

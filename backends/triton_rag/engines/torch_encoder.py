@@ -1,14 +1,25 @@
 """PyTorch engine behind the encoder contract: token ids in, one small pooled row (or two logits) out.
 
-Runs on CUDA when present, else on the CPU. The transformer is transformers' own implementation of the checkpoint's
-architecture, so the numbers are the reference's; only pooling and the reranker head are ours, and they keep the
-output small: the reranker reads just the two LM-head rows it needs instead of the whole vocabulary.
+Runs on CUDA when present, else on the CPU. The layers are transformers' own modules and weights of the checkpoint,
+so the numbers are the reference's; what is ours is how they are driven, for speed:
+
+- Qwen3 (a causal decoder): every row is re-aligned to the left (right padding) and attention is purely causal, so
+  a real token never sees padding and no mask is built (SDPA's flash kernel; no host sync). Rows are sorted by
+  length and cut into micro-batches that minimise padded tokens plus a per-pass overhead (`plan_micro_batches`),
+  all groups are queued before one copy back. Small batches run as replayed CUDA graphs, one per power-of-two
+  (rows, width) shape. With `compile_model`, each decoder layer is compiled once (regional compilation: identical
+  layers share the code), which fuses the norms, RoPE and FP8 activation quantization into their neighbours.
+- Other architectures (a bidirectional encoder such as MiniLM in the tests) run transformers' forward with the mask.
+
+Only pooling and the reranker head are fully ours, and they keep the output small: the reranker reads just the two
+LM-head rows it needs instead of the whole vocabulary.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +27,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from triton_rag.batching import graph_shape, plan_micro_batches
 from triton_rag.engines.fp8 import convert_linears
 from triton_rag.precision import Device, choose_precision
 
@@ -73,6 +85,32 @@ def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | N
     return None
 
 
+#: Architectures driven by our causal loop (mask-free attention over right-aligned rows); others use transformers'
+#: forward with the mask.
+CAUSAL_DECODERS = frozenset({"qwen3"})
+#: Batches up to this many (padded) tokens run as CUDA graphs: launch-bound sizes, where a graph pays.
+GRAPH_MAX_TOKENS = 2048
+
+
+def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of each row's real tokens; ValueError unless they are one contiguous run (left or right
+    padding, as every tokenizer pads)."""
+    starts = mask[:, 0] + (np.diff(mask, axis=1) == 1).sum(axis=1)
+    if (starts != 1).any():
+        raise ValueError("ATTENTION_MASK must mark one contiguous run of real tokens per row (left or right padding)")
+    return np.argmax(mask, axis=1), mask.sum(axis=1)
+
+
+@dataclass
+class _Captured:
+    """One static shape: its input buffers, its output, and (on CUDA) the graph that fills the output."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    out: torch.Tensor | None = None
+    graph: torch.cuda.CUDAGraph | None = None
+
+
 class TorchEncoder:
     """One loaded encoder; `forward` maps INT64 ids and mask to float32 POOLED rows or [no, yes] LOGITS."""
 
@@ -87,12 +125,16 @@ class TorchEncoder:
         precision: str = "auto",
         log: Callable[[str], None] = print,
         compile_model: bool = False,
+        use_graphs: bool | None = None,
+        max_batch_tokens: int = 32768,
     ) -> None:
+        """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests)."""
         from transformers import AutoModel
 
         self.task = task
         self.pooling = pooling
         self.device = choose_device(device)
+        self.max_batch_tokens = max_batch_tokens
         self.precision, reasons = choose_precision(
             precision,  # type: ignore[arg-type]
             Device(torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None),
@@ -111,10 +153,22 @@ class TorchEncoder:
         self.model = model.to(self.device).eval()
         if self.precision == "fp8":
             log(f"precision: fp8, {convert_linears(self.model)} linear layers quantized rowwise")
-        if compile_model and self.device.type == "cuda":  # fuses FP8 activation quantization into its producers
-            self.model = torch.compile(self.model, dynamic=True)
-        self.vocab_size = int(model.config.vocab_size)
-        self.hidden_size = int(model.config.hidden_size)
+        config = model.config
+        self.causal = config.model_type in CAUSAL_DECODERS and not getattr(config, "use_sliding_window", False)
+        self.layers: list[Callable[..., torch.Tensor]] = list(model.layers) if self.causal else []
+        cuda = self.device.type == "cuda"
+        if compile_model and cuda:  # fuses FP8 activation quantization into its producers
+            if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
+                self.layers = [torch.compile(layer, dynamic=True) for layer in self.layers]
+            else:
+                self.model = torch.compile(self.model, dynamic=True)
+        self.use_graphs = self.causal and (cuda if use_graphs is None else use_graphs)
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs and cuda else None
+        if self.causal:
+            self._positions = torch.arange(int(config.max_position_embeddings), device=self.device)[None]
+        self.vocab_size = int(config.vocab_size)
+        self.hidden_size = int(config.hidden_size)
         self.head: torch.Tensor | None = None
         if task == "rerank":
             if yes_no_ids is None:
@@ -139,10 +193,93 @@ class TorchEncoder:
             raise ValueError("ATTENTION_MASK must hold only 0 and 1")
         if (attention_mask.sum(axis=1) == 0).any():
             raise ValueError("every row needs at least one real token")
+        if self.causal and input_ids.shape[1] > self._positions.shape[1]:
+            raise ValueError(f"rows longer than the model's {self._positions.shape[1]} positions")
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         self.validate(input_ids, attention_mask)
+        starts, lengths = real_spans(attention_mask)
+        if not self.causal:
+            return self._forward_masked(input_ids, attention_mask)
+        groups = plan_micro_batches(lengths.tolist(), len(lengths), self.max_batch_tokens)
+        shapes = [self._shape(len(group), int(lengths[group].max())) for group in groups]
+        # every group's right-aligned block in one host buffer, one copy to the device, then all groups queued
+        blocks = [np.zeros(shape, dtype=np.int64) for shape in shapes]
+        block_lengths = [np.ones(shape[0], dtype=np.int64) for shape in shapes]  # padding rows: one token
+        for group, block, lens in zip(groups, blocks, block_lengths, strict=True):
+            for row, index in enumerate(group):
+                block[row, : lengths[index]] = input_ids[index, starts[index] : starts[index] + lengths[index]]
+                lens[row] = lengths[index]
+        flat = torch.from_numpy(np.concatenate([b.ravel() for b in blocks] + block_lengths)).to(self.device)
+        outputs = []
+        offset = 0
+        for group, (rows, width) in zip(groups, shapes, strict=True):
+            ids = flat[offset : offset + rows * width].view(rows, width)
+            offset += rows * width
+            outputs.append((group, ids, rows))
+        results = []
+        for group, ids, rows in outputs:
+            row_lengths = flat[offset : offset + rows]
+            offset += rows
+            results.append(self._run(ids, row_lengths)[: len(group)])
+        values = torch.cat(results).float().cpu().numpy()
+        out = np.empty_like(values)
+        out[np.concatenate(groups)] = values
+        return out
+
+    def _shape(self, rows: int, width: int) -> tuple[int, int]:
+        return (graph_shape(rows, width, GRAPH_MAX_TOKENS) if self.use_graphs else None) or (rows, width)
+
+    def _run(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        shape = (ids.shape[0], ids.shape[1])
+        if not self.use_graphs or graph_shape(*shape, GRAPH_MAX_TOKENS) != shape:
+            return self._pooled(ids, lengths)
+        captured = self._graphs.get(shape) or self._capture(shape)
+        captured.ids.copy_(ids)
+        captured.lengths.copy_(lengths)
+        if captured.graph is not None:
+            captured.graph.replay()
+        else:  # CPU: the same static buffers, run eagerly
+            captured.out = self._pooled(captured.ids, captured.lengths)
+        assert captured.out is not None
+        return captured.out.clone()  # the next replay overwrites the static output
+
+    def _capture(self, shape: tuple[int, int]) -> _Captured:
+        captured = _Captured(
+            ids=torch.zeros(shape, dtype=torch.long, device=self.device),
+            lengths=torch.ones(shape[0], dtype=torch.long, device=self.device),
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside capture: compilation, cuBLAS workspaces, allocator
+                for _ in range(2):
+                    self._pooled(captured.ids, captured.lengths)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            captured.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured.graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                captured.out = self._pooled(captured.ids, captured.lengths)
+            torch.cuda.synchronize(self.device)
+        self._graphs[shape] = captured
+        return captured
+
+    def _pooled(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-aligned rows through the decoder, causal attention only, then pooling (and the reranker head)."""
+        hidden = self.model.embed_tokens(ids)
+        rope = self.model.rotary_emb(hidden, self._positions[:, : ids.shape[1]])
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=None, position_embeddings=rope)
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = self.model.norm(hidden)
+        if self.task == "embed" and self.pooling == "mean":
+            mask = (self._positions[:, : ids.shape[1]] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
+            return (hidden * mask).sum(dim=1) / lengths[:, None].to(hidden.dtype)
+        last = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        return last if self.task == "embed" else last @ self.head.T  # type: ignore[union-attr]
+
+    def _forward_masked(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.device)
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -27,6 +27,8 @@ class EncoderModel:
             dtype=params.get("dtype", "auto"),
             yes_no_ids=yes_no,  # type: ignore[arg-type]
             precision=params.get("precision", "auto"),
+            compile_model=params.get("compile", "false") == "true",
+            max_batch_tokens=int(params.get("max_batch_tokens", "32768")),
             log=lambda message: print(f"{args['model_name']}: {message}", flush=True),
         )
         print(
