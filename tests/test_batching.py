@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triton_rag.batching import graph_shape, pad_rows, padded_tokens, plan_micro_batches
+from triton_rag.batching import graph_shape, graph_shapes, pad_rows, padded_tokens, plan_micro_batches
 
 
 @given(
@@ -60,12 +60,12 @@ def test_micro_batches_cost_no_more_than_any_other_cut(
 
 
 def test_random_lengths_are_cut_where_they_jump() -> None:
-    """32 texts of 32-512 tokens: one padded batch computes ~1.8x the real tokens; the plan stays within 10%."""
+    """32 texts of 32-512 tokens: one padded batch computes ~1.8x the real tokens; the plan stays within 20%."""
     lengths = np.random.default_rng(0).integers(32, 513, size=32).tolist()
     one_batch = padded_tokens(lengths, [list(range(32))])
     groups = plan_micro_batches(lengths, max_rows=32, max_padded_tokens=32768)
     assert one_batch > 1.5 * sum(lengths)
-    assert padded_tokens(lengths, groups) < 1.1 * sum(lengths)
+    assert padded_tokens(lengths, groups) < 1.2 * sum(lengths)
     assert 2 <= len(groups) <= 8
 
 
@@ -82,6 +82,13 @@ def test_graph_shapes_round_up_to_powers_of_two_within_the_token_limit() -> None
     assert graph_shape(17, 100, 2048) is None
     assert graph_shape(1, 2049, 4096) == (1, 4096)
     assert graph_shape(2, 2049, 4096) is None
+
+
+def test_the_graph_shapes_captured_at_load_are_all_that_small_batches_can_need() -> None:
+    shapes = graph_shapes(2048, 64)
+    assert len(shapes) == len(set(shapes)) == 35
+    needed = {graph_shape(r, w, 2048) for r in range(1, 65) for w in range(1, 2049)} - {None}
+    assert needed == set(shapes)
 
 
 def test_bad_limits_are_refused() -> None:

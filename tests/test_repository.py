@@ -53,11 +53,11 @@ def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, model_dirs:
     repository = generate(tmp_path, model_dirs, "torch")
     configs = {name: parse((repository / name / "config.pbtxt").read_text()) for name in MODELS}
     embed = configs[contract.EMBED_ENDPOINT]
-    assert embed.max_batch_size == 32 and list(embed.dynamic_batching.preferred_batch_size) == [4, 8, 16]
-    assert 2000 <= embed.dynamic_batching.max_queue_delay_microseconds <= 5000
+    assert embed.max_batch_size == 32 and list(embed.dynamic_batching.preferred_batch_size) == [4, 8, 16, 32]
+    assert 100 <= embed.dynamic_batching.max_queue_delay_microseconds <= 1000
     assert [t.name for t in embed.output] == ["EMBEDDING", "TRUNCATED"] and list(embed.output[0].dims) == [64]
     rerank = configs[contract.RERANK_ENDPOINT]
-    assert rerank.max_batch_size == 16 and list(rerank.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    assert rerank.max_batch_size == 16 and list(rerank.dynamic_batching.preferred_batch_size) == [2, 4, 8, 16]
     encoder = configs[contract.EMBED_ENCODER]
     int64 = mc.DataType.Value("TYPE_INT64")
     assert [(t.name, t.data_type) for t in encoder.input] == [("INPUT_IDS", int64), ("ATTENTION_MASK", int64)]

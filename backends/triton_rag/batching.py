@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: What one extra forward pass costs, in padded tokens. A pass that launches its kernels ahead of the GPU costs
-#: about a host round trip (~1 ms: 60 tokens of an 8B FP8 encoder, a few hundred of a 0.6B one); see BENCHMARKS.md.
-PASS_OVERHEAD_TOKENS = 256
+#: What one extra forward pass costs, in padded tokens: its host time (a compiled layer's call ~0.2 ms, so ~6 ms for
+#: 28-36 layers) at the GPU's rate (0.6B bf16 ~150k tokens/s, 8B FP8 ~60k), from the profiles in BENCHMARKS.md.
+PASS_OVERHEAD_TOKENS = 512
 
 
 def plan_micro_batches(
@@ -63,6 +63,16 @@ def graph_shape(rows: int, width: int, max_tokens: int) -> tuple[int, int] | Non
     shapes, so few graphs: at most log2(max_tokens) x log2(max_tokens / 16)."""
     shape = (1 << max(rows - 1, 0).bit_length(), max(16, 1 << max(width - 1, 0).bit_length()))
     return shape if shape[0] * shape[1] <= max_tokens else None
+
+
+def graph_shapes(max_tokens: int, max_rows: int) -> list[tuple[int, int]]:
+    """Every shape `graph_shape` can return for up to `max_rows` rows, smallest first."""
+    return sorted(
+        (rows, width)
+        for rows in (1 << i for i in range(max_rows.bit_length()) if 1 << i <= max_rows)
+        for width in (1 << i for i in range(4, max_tokens.bit_length()))
+        if rows * width <= max_tokens
+    )
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

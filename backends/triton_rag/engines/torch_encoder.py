@@ -18,6 +18,7 @@ LM-head rows it needs instead of the whole vocabulary.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from triton_rag.batching import graph_shape, plan_micro_batches
+from triton_rag.batching import graph_shape, graph_shapes, plan_micro_batches
 from triton_rag.engines.fp8 import convert_linears
 from triton_rag.precision import Device, choose_precision
 
@@ -90,6 +91,8 @@ def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | N
 CAUSAL_DECODERS = frozenset({"qwen3"})
 #: Batches up to this many (padded) tokens run as CUDA graphs: launch-bound sizes, where a graph pays.
 GRAPH_MAX_TOKENS = 2048
+#: Graphs are captured at load for up to this many rows (more rows in a small batch: captured when first seen).
+GRAPH_MAX_ROWS = 64
 
 
 def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +160,8 @@ class TorchEncoder:
         self.causal = config.model_type in CAUSAL_DECODERS and not getattr(config, "use_sliding_window", False)
         self.layers: list[Callable[..., torch.Tensor]] = list(model.layers) if self.causal else []
         cuda = self.device.type == "cuda"
+        if cuda:  # cuDNN's SDPA plans each new shape on the host (~0.9 ms a layer, BENCHMARKS.md); flash does not
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if compile_model and cuda:  # fuses FP8 activation quantization into its producers
             if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
                 self.layers = [torch.compile(layer, dynamic=True) for layer in self.layers]
@@ -177,6 +182,21 @@ class TorchEncoder:
             if rows is None:  # tied head: the rows are the input embeddings
                 rows = model.get_input_embeddings().weight[list(yes_no_ids)].detach()
             self.head = rows.to(device=self.device, dtype=self.dtype)
+        if cuda and self.causal:
+            self.warm_up(log)
+
+    def warm_up(self, log: Callable[[str], None]) -> None:
+        """Do at load what would otherwise stall the first requests for seconds each: compile the layers for one
+        row and for any shape, and capture every CUDA-graph shape."""
+        started = time.perf_counter()
+        for rows, width in ((1, 16), (3, 40), (5, 300)):
+            self.forward(np.full((rows, width), 100, dtype=np.int64), np.ones((rows, width), dtype=np.int64))
+        if self.use_graphs:
+            with torch.inference_mode():
+                for shape in graph_shapes(GRAPH_MAX_TOKENS, GRAPH_MAX_ROWS):
+                    if shape not in self._graphs:
+                        self._capture(shape)
+        log(f"warmed up in {time.perf_counter() - started:.1f} s ({len(self._graphs)} CUDA graphs)")
 
     def validate(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         """Reject what would otherwise fail deep inside torch (or trip a device assert on CUDA)."""
