@@ -53,7 +53,7 @@ def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, model_dirs:
     repository = generate(tmp_path, model_dirs, "torch")
     configs = {name: parse((repository / name / "config.pbtxt").read_text()) for name in MODELS}
     embed = configs[contract.EMBED_ENDPOINT]
-    assert embed.max_batch_size == 32 and list(embed.dynamic_batching.preferred_batch_size) == [4, 8, 16, 32]
+    assert embed.max_batch_size == 64 and list(embed.dynamic_batching.preferred_batch_size) == [4, 8, 16, 32, 64]
     assert 100 <= embed.dynamic_batching.max_queue_delay_microseconds <= 1000
     assert [t.name for t in embed.output] == ["EMBEDDING", "TRUNCATED"] and list(embed.output[0].dims) == [64]
     rerank = configs[contract.RERANK_ENDPOINT]

@@ -113,7 +113,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_carries_on(qwen_server: Run
     assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", ["fine", "  "])], "TEXT row 1 is empty")
     assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", [b"\xff\xfe bad"])], "not valid UTF-8")
     assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", ["word " * 600])], "more than max_length 512")
-    assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", ["x"] * 33)], "batch")  # above max_batch_size 32
+    assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", ["x"] * 65)], "batch")  # above max_batch_size 64
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"]), strings("DOCUMENT", [""])], "DOCUMENT")
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"])], "DOCUMENT")  # missing input
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"]), strings("DOCUMENT", ["d " * 600])], "512")

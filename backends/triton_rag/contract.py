@@ -49,8 +49,8 @@ def embed_endpoint(dim: int) -> ModelContract:
     return ModelContract(
         name=EMBED_ENDPOINT,
         doc="Text embeddings (Qwen3-Embedding recipe, or mean pooling for BERT-family embedders).",
-        max_batch_size=32,
-        dynamic_batching=((4, 8, 16, 32), 500),
+        max_batch_size=64,
+        dynamic_batching=((4, 8, 16, 32, 64), 500),
         inputs=(
             TensorSpec("TEXT", "TYPE_STRING", (1,), "UTF-8 text to embed. Empty text is an error."),
             TensorSpec(
@@ -118,7 +118,7 @@ def embed_encoder(hidden_size: int) -> ModelContract:
     return ModelContract(
         name=EMBED_ENCODER,
         doc="Compute engine of qwen_embed: transformer plus pooling, nothing per token leaves it.",
-        max_batch_size=32,
+        max_batch_size=64,
         client_facing=False,
         inputs=_ENCODER_INPUTS,
         outputs=(

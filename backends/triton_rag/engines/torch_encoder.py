@@ -89,10 +89,12 @@ def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | N
 #: Architectures driven by our causal loop (mask-free attention over right-aligned rows); others use transformers'
 #: forward with the mask.
 CAUSAL_DECODERS = frozenset({"qwen3"})
-#: Batches up to this many (padded) tokens run as CUDA graphs: launch-bound sizes, where a graph pays.
-GRAPH_MAX_TOKENS = 2048
+#: Batches up to this many (padded) tokens run as CUDA graphs: launch-bound sizes, where a graph pays. Larger ones
+#: keep the GPU busy without (an 8B layer at 1000 tokens outlasts its launch), and the power-of-two padding of a
+#: graph shape would cost more than it saves (BENCHMARKS.md).
+GRAPH_MAX_TOKENS = 512
 #: Graphs are captured at load for up to this many rows (more rows in a small batch: captured when first seen).
-GRAPH_MAX_ROWS = 64
+GRAPH_MAX_ROWS = 32
 
 
 def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -69,7 +69,10 @@ class _TextEndpoint:
         return self.router.run(self.encoder, lambda: self._encode(rows))
 
     def _encode(self, rows: list[Encoded]) -> np.ndarray:
-        groups = plan_micro_batches([len(row.ids) for row in rows], self.max_rows, self.max_batch_tokens)
+        # As few encoder calls as its limits allow: the engine cuts its own micro-batches and queues them all on
+        # the GPU before one copy back, where separate calls would each pay a BLS round trip and a host sync.
+        lengths = [len(row.ids) for row in rows]
+        groups = plan_micro_batches(lengths, self.max_rows, self.max_batch_tokens, self.max_batch_tokens)
         result: np.ndarray | None = None
         for group in groups:
             ids, mask = pad_rows([rows[i].ids for i in group], self.pad_id)
