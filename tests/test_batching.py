@@ -60,12 +60,13 @@ def test_micro_batches_cost_no_more_than_any_other_cut(
 
 
 def test_random_lengths_are_cut_where_they_jump() -> None:
-    """32 texts of 32-512 tokens: one padded batch computes ~1.8x the real tokens; the plan stays within 20%."""
+    """32 texts of 32-512 tokens: one padded batch computes ~1.8x the real tokens; with a pass worth 256 tokens the
+    plan stays within 10%."""
     lengths = np.random.default_rng(0).integers(32, 513, size=32).tolist()
     one_batch = padded_tokens(lengths, [list(range(32))])
-    groups = plan_micro_batches(lengths, max_rows=32, max_padded_tokens=32768)
+    groups = plan_micro_batches(lengths, max_rows=32, max_padded_tokens=32768, pass_overhead_tokens=256)
     assert one_batch > 1.5 * sum(lengths)
-    assert padded_tokens(lengths, groups) < 1.2 * sum(lengths)
+    assert padded_tokens(lengths, groups) < 1.1 * sum(lengths)
     assert 2 <= len(groups) <= 8
 
 

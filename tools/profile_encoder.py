@@ -4,6 +4,7 @@ one `forward` per micro-batch - timed per call (host wall time, GPU time by CUDA
 torch.profiler with the top operators by host and device time.
 
     python tools/profile_encoder.py --shape 0.6b --precision bfloat16 --out $OUT
+    python tools/profile_encoder.py --shape 8b --precision fp8 --rows 1 --lengths 16 16 --out $OUT   # one query
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from triton_rag.offline import QWEN3_SHAPES, build_random_qwen3
 PAD_ID = 151643
 
 
-def batch_calls(rng: np.random.Generator, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    texts = [rng.integers(1000, 100000, size=int(n)).tolist() for n in rng.integers(32, 513, size=rows)]
+def batch_calls(rng: np.random.Generator, rows: int, low: int, high: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    texts = [rng.integers(1000, 100000, size=int(n)).tolist() for n in rng.integers(low, high + 1, size=rows)]
     groups = plan_micro_batches([len(t) for t in texts], 32, 32768)
     return [pad_rows([texts[i] for i in group], PAD_ID) for group in groups]
 
@@ -34,14 +35,16 @@ def main() -> None:
     parser.add_argument("--shape", default="0.6b", choices=sorted(QWEN3_SHAPES))
     parser.add_argument("--precision", default="bfloat16")
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--lengths", type=int, nargs=2, default=[32, 512], metavar=("LOW", "HIGH"))
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--work", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    shape = QWEN3_SHAPES[args.shape]
     model_dir = build_random_qwen3(
-        "embed", args.work / f"qwen3-{args.shape}-embed", Path(".cache"), QWEN3_SHAPES[args.shape], print, "bfloat16", "cuda"
+        "embed", args.work / f"qwen3-{args.shape}-embed", Path(".cache"), shape, print, "bfloat16", "cuda"
     )
     encoder = TorchEncoder(
         model_dir, "embed", precision=args.precision, compile_model=not args.no_compile,
@@ -49,11 +52,11 @@ def main() -> None:
     )  # fmt: skip
     rng = np.random.default_rng(0)
     for _ in range(5):  # warm-up
-        for ids, mask in batch_calls(rng, args.rows):
+        for ids, mask in batch_calls(rng, args.rows, *args.lengths):
             encoder.forward(ids, mask)
     host, device, tokens, calls = [], [], 0, 0
     for _ in range(args.batches):
-        for ids, mask in batch_calls(rng, args.rows):
+        for ids, mask in batch_calls(rng, args.rows, *args.lengths):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             began = time.perf_counter()
@@ -71,6 +74,7 @@ def main() -> None:
         "compiled": not args.no_compile,
         "graphs": not args.no_graphs,
         "rows_per_batch": args.rows,
+        "lengths": args.lengths,
         "calls_per_batch": calls / args.batches,
         "ms_per_call_host": round(float(np.mean(host)), 2),
         "ms_per_call_gpu_events": round(float(np.mean(device)), 2),
@@ -80,7 +84,7 @@ def main() -> None:
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as profiler:
-        for ids, mask in batch_calls(rng, args.rows):
+        for ids, mask in batch_calls(rng, args.rows, *args.lengths):
             encoder.forward(ids, mask)
         torch.cuda.synchronize()
     tables = [
@@ -88,9 +92,10 @@ def main() -> None:
         profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=15),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.shape}-{encoder.precision}{'' if args.no_compile else '-compiled'}{'' if args.no_graphs else '-graphs'}"
+    modes = ("" if args.no_compile else "-compiled") + ("" if args.no_graphs else "-graphs")
+    tag = f"{args.shape}-{encoder.precision}-{args.rows}x{args.lengths[1]}{modes}"
     (args.out / f"profile-{tag}.txt").write_text(json.dumps(summary) + "\n\n" + "\n\n".join(tables))
-    print(tables[0][:3000])
+    print(tables[1][:4000])
 
 
 if __name__ == "__main__":
