@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 #: What one extra forward pass costs, in padded tokens: its host time (a compiled layer's call ~0.2 ms, so ~6 ms for
-#: 28-36 layers) at the GPU's rate (0.6B bf16 ~150k tokens/s, 8B FP8 ~60k), plus the lower efficiency of small
-#: GEMMs (an 8B FP8 encoder ran 20-row batches at 32k tokens/s against 57k for large ones; BENCHMARKS.md).
-PASS_OVERHEAD_TOKENS = 1024
+#: 28-36 layers) at the GPU's rate (0.6B bf16 ~150k tokens/s, 8B FP8 ~60k). Measured end to end on an 8B FP8
+#: encoder, 512 did better than 1024 (BENCHMARKS.md).
+PASS_OVERHEAD_TOKENS = 512
 
 
 def plan_micro_batches(

@@ -152,9 +152,9 @@ def _write_endpoint_pair(
 ) -> None:
     """An endpoint (python, with the tokenizer) and its encoder (python+torch with linked weights, or a plan)."""
     endpoint_dir, encoder_dir = repository / endpoint.name, repository / encoder.name
-    # One instance: while it waits on the encoder the queue fills, so its next dynamic batch is large and the
-    # engine cuts it into large micro-batches; two instances halved the batches and cost 8B FP8 throughput.
-    endpoint_config = build_config(endpoint, backend="python", instance_count=1, parameters=endpoint_params)
+    # Two instances: one tokenizes and answers while the other waits on the encoder. One instance gave larger
+    # batches but lost more to that serialisation (8B FP8 end to end: 35.4k tokens/s against 44.7k; BENCHMARKS.md).
+    endpoint_config = build_config(endpoint, backend="python", instance_count=2, parameters=endpoint_params)
     _write(endpoint_dir, endpoint, render(endpoint_config, GENERATED_HEADER), with_model_py=True)
     _copy_tokenizer(model, endpoint_dir / "1" / "tokenizer")
     if settings.engine == "tensorrt_plan":
