@@ -408,7 +408,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for axis, (key, rows) in zip(axes[0], results.items(), strict=True):
         axis.barh([r["variant"].replace(", ", "\n", 1) for r in rows], [r["speedup"] for r in rows])
         axis.axvline(1.0, color="gray", linewidth=0.8)
-        axis.set_title(f"{key}: x transformers baseline ({summary['device']})", fontsize=9)
+        axis.set_title(f"{key}: x transformers baseline\n{summary['device']}", fontsize=9)
         axis.tick_params(axis="y", labelsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
