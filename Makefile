@@ -56,7 +56,8 @@ test: install test-tools
 bench: install test-tools
 	$(PY) tools/bench_encoders.py --e2e --out bench_results/encoders --append BENCHMARKS.md $(BENCH_ARGS)
 
-# Engine builds (issue 6, first step): each encoder to ONNX with the PyTorch engine's contract, checked with onnxruntime
+# Engine builds (issue 6, in progress): each encoder to ONNX with the PyTorch engine's contract, checked with
+# onnxruntime, then a TensorRT-RTX engine for RTX 50 (SM120) with its manifest (built on any machine, no GPU needed)
 engines: install
 	$(PY) tools/export_onnx.py $(SET)
 

@@ -1,16 +1,20 @@
-"""Export the configured encoders to ONNX and check them against the PyTorch engine (the first step of
-`make engines`, issue 6; quantization and TensorRT plans come next).
+"""Export the configured encoders to ONNX, check them against the PyTorch engine, and build TensorRT-RTX engines
+for RTX 50 from them (`make engines`, issue 6; quantization and full-TensorRT plans come next).
 
-    python tools/export_onnx.py [--config rag.toml] [--set section.key=value ...] [--out .cache/engines]
+    python tools/export_onnx.py [--config rag.toml] [--set section.key=value ...] [--out .cache/engines] [--no-rtx]
 
 For each encoder: resolve the model as `triton-rag prepare` does, load the PyTorch engine in float32 on the CPU,
 export `<out>/<encoder>/model.onnx` with the encoder's tensor contract, and run onnxruntime on batches of other
-shapes with left and right padding; it fails unless the cosine to the engine is at least 0.9999.
+shapes with left and right padding; it fails unless the cosine to the engine is at least 0.9999. Then, where
+TensorRT-RTX is installed (the `rtx` extra), build `<out>/<encoder>/model.sm120.engine` and its manifest, with
+optimization profiles from the configuration (rows up to the encoder's max batch, tokens up to max_length). No GPU is
+needed to build; running the engine needs an RTX 50 card.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -20,6 +24,7 @@ from transformers import AutoTokenizer
 from triton_rag import contract
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.onnx_export import export_encoder, parity, sample_batches
+from triton_rag.plans import encoder_profiles
 from triton_rag.settings import load_settings
 from triton_rag.sources import resolve_model
 
@@ -36,12 +41,16 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--out", type=Path, default=Path(".cache/engines"))
+    parser.add_argument("--no-rtx", action="store_true", help="skip the TensorRT-RTX SM120 engines")
     args = parser.parse_args()
+    rtx = not args.no_rtx and importlib.util.find_spec("tensorrt_rtx") is not None
+    if not args.no_rtx and not rtx:
+        log("TensorRT-RTX is not installed (pip install -e '.[rtx]'): ONNX only")
     settings = load_settings(args.config if args.config.exists() else None, args.overrides)
     failures = 0
-    for kind, name, encoder_settings in (
-        ("embed", contract.EMBED_ENCODER, settings.embed),
-        ("rerank", contract.RERANK_ENCODER, settings.rerank),
+    for kind, name, encoder_settings, max_rows in (
+        ("embed", contract.EMBED_ENCODER, settings.embed, contract.embed_encoder(1).max_batch_size),
+        ("rerank", contract.RERANK_ENCODER, settings.rerank, contract.rerank_encoder().max_batch_size),
     ):
         model = resolve_model(encoder_settings.model, kind, args.cache, settings.offline_fallback, log)  # type: ignore[arg-type]
         yes_no = None
@@ -59,6 +68,17 @@ def main() -> int:
             f"max |diff| {difference:.2e}: {verdict}"
         )
         failures += cosine < PARITY_COSINE
+        if rtx and cosine >= PARITY_COSINE:
+            from triton_rag.trt_rtx import build_rtx_engine
+
+            profiles = encoder_profiles(max_rows, encoder_settings.max_length, encoder_settings.max_batch_tokens)
+            plan = path.with_name("model.sm120.engine")
+            started = time.perf_counter()
+            build_rtx_engine(path, plan, profiles, encoder_settings.model, name, "float32", log=log)
+            log(
+                f"{name}: {plan} ({plan.stat().st_size / 2**20:.1f} MiB, built in "
+                f"{time.perf_counter() - started:.0f} s, not run: needs an RTX 50 GPU) and its manifest"
+            )
     return 1 if failures else 0
 
 

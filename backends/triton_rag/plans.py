@@ -72,7 +72,8 @@ class Manifest:
 
     source_model: str
     contract: str
-    precision: PlanPrecision
+    #: What the plan computes in: nvfp4 | fp8 | float16, or float32 for an unquantized export.
+    precision: str
     runtime: Runtime
     runtime_version: str
     #: Compute capability the plan's kernels were built for, e.g. (12, 0) for RTX 50 (SM120), (9, 0) for H100.

@@ -1,0 +1,43 @@
+"""TensorRT-RTX engines for RTX 50 (SM120) built on this CPU-only machine from the exported tiny encoders. Built, not
+run: running them needs an RTX 50 card, which neither this machine nor CI has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from triton_rag import contract
+from triton_rag.engines.torch_encoder import TorchEncoder
+from triton_rag.onnx_export import export_encoder
+from triton_rag.plans import Host, Manifest, choose_variant, encoder_profiles, incompatibility
+from triton_rag.trt_rtx import build_rtx_engine, load_tensorrt_rtx, manifest_path
+
+
+@pytest.mark.parametrize("task", ["embed", "rerank"])
+def test_sm120_engine_is_built_on_a_cpu_with_its_manifest(
+    task: str, tiny_embed_dir: Path, tiny_rerank_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = tiny_embed_dir if task == "embed" else tiny_rerank_dir
+    yes_no = (2152, 9693) if task == "rerank" else None
+    engine = TorchEncoder(model_dir, task, dtype="float32", device="cpu", yes_no_ids=yes_no)  # type: ignore[arg-type]
+    onnx_path = export_encoder(engine, tmp_path / "model.onnx", log=lambda _: None)
+    name = contract.EMBED_ENCODER if task == "embed" else contract.RERANK_ENCODER
+    profiles = encoder_profiles(max_rows=16, max_length=512, max_batch_tokens=4096)
+    plan = tmp_path / "model.sm120.engine"
+    manifest = build_rtx_engine(onnx_path, plan, profiles, str(model_dir), name, "float32", log=lambda _: None)
+    assert plan.stat().st_size > 1_000_000  # the tiny model's weights (~37 MiB in float32) are in it
+    assert Manifest.from_json(manifest_path(plan).read_text()) == manifest
+    assert manifest.runtime == "tensorrt-rtx" and manifest.runtime_version == load_tensorrt_rtx().__version__
+    assert manifest.compute_capability == (12, 0) and manifest.contract == name
+    assert [p.max for p in manifest.profiles] == [(16, 512), (16, 512)]
+    # where it loads, and where the repository falls back instead
+    rtx_5070_ti = Host((12, 0), {"tensorrt-rtx": manifest.runtime_version})
+    assert incompatibility(manifest, rtx_5070_ti) is None
+    h100 = Host((9, 0), {"tensorrt-rtx": manifest.runtime_version})
+    assert choose_variant([("python_trt_rtx", manifest), ("torch", None)], h100)[0] == "torch"
+
+
+def test_targets_tensorrt_rtx_cannot_build_are_refused(tiny_embed_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot target compute capability"):
+        build_rtx_engine(tmp_path / "x.onnx", tmp_path / "x.engine", [], "m", "c", "float32", capability=(9, 0))
