@@ -3,6 +3,8 @@ manifests, and the fallback to the next engine variant when a plan cannot load h
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from triton_rag.plans import (
@@ -96,3 +98,31 @@ def test_the_repository_falls_back_to_the_next_variant_with_reasons() -> None:
     assert "not tensorrt" in choose_variant(mislabelled, Host(RTX_5070_TI, {"tensorrt-rtx": "1.7.1"}))[1][0]
     with pytest.raises(ValueError, match="no engine variant loads"):
         choose_variant([("tensorrt_plan", plan)], Host(None, {}))
+
+
+def test_trtexec_shape_flags_come_from_the_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    from triton_rag.cli import main
+
+    assert main(["plan-shapes", "--set", "embed.max_length=1024", "--set", "rerank.max_batch_tokens=4096"]) == 0
+    embed, rerank = capsys.readouterr().out.strip().splitlines()
+    assert embed.startswith("qwen_embed_encoder: --minShapes=INPUT_IDS:1x1,ATTENTION_MASK:1x1 ")
+    assert "--maxShapes=INPUT_IDS:64x1024,ATTENTION_MASK:64x1024" in embed
+    assert "--optShapes=INPUT_IDS:8x512,ATTENTION_MASK:8x512" in rerank and "16x8192" in rerank
+
+
+def test_record_plan_needs_the_gpu_and_version_it_was_built_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from triton_rag.cli import main
+
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"x")
+    args = ["record-plan", "--engine", str(plan), "--encoder", "qwen_embed_encoder", "--precision", "fp8"]
+    assert main([*args, "--source-model", "m"]) == 2
+    assert "needs the GPU and the tensorrt package" in capsys.readouterr().err
+    assert not (tmp_path / "model.plan.manifest.json").exists()
+    told = ["--capability", "12.0", "--tensorrt-version", "10.13.3.9"]
+    assert main([*args, "--source-model", "Qwen/Qwen3-Embedding-8B", *told]) == 0
+    manifest = Manifest.from_json((tmp_path / "model.plan.manifest.json").read_text())
+    assert manifest.compute_capability == (12, 0) and manifest.runtime_version == "10.13.3.9"
+    assert manifest.runtime == "tensorrt" and manifest.profiles[0].max == (64, 8192)

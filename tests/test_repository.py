@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tests.harness import CACHE_DIR, PROJECT_ROOT
 from triton_rag import contract, contract_doc
 from triton_rag.model_config import parse
+from triton_rag.plans import Host, Manifest, encoder_profiles, manifest_file
 from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
 from triton_rag.settings import DoclingSettings, EmbedSettings, RerankSettings, Settings, SettingsError, load_settings
 from triton_rag.sources import ModelSourceError, resolve_model
@@ -36,17 +38,40 @@ def model_dirs(tiny_embed_dir: Path, tiny_rerank_dir: Path, tiny_docling_dir: Pa
     return tiny_embed_dir, tiny_rerank_dir, tiny_docling_dir
 
 
-def generate(tmp_path: Path, model_dirs: tuple[Path, Path, Path], engine: str) -> Path:
+NO_GPU = Host(None, {})
+RTX_5070_TI = (12, 0)
+
+
+def generate(
+    tmp_path: Path,
+    model_dirs: tuple[Path, Path, Path],
+    engine: str,
+    host: Host = NO_GPU,
+    log: Callable[[str], None] = lambda _: None,
+) -> Path:
+    """A repository for `engine`, looking for built engines in tmp_path/engines (what `fake_engine` put there)."""
     embed_dir, rerank_dir, docling_dir = model_dirs
+    docling_engine = "tensorrt_plan" if engine == "tensorrt_plan" else "torch"
     settings = Settings(
         embed=EmbedSettings(model=str(embed_dir), engine=engine),  # type: ignore[arg-type]
         rerank=RerankSettings(model=str(rerank_dir), engine=engine),  # type: ignore[arg-type]
-        docling=DoclingSettings(model=str(docling_dir), engine=engine),  # type: ignore[arg-type]
+        docling=DoclingSettings(model=str(docling_dir), engine=docling_engine),  # type: ignore[arg-type]
         offline_fallback=False,
     )
-    repository = tmp_path / engine
-    prepare_repository(settings, repository, CACHE_DIR, log=lambda _: None)
+    repository = tmp_path / f"{engine}-{host.capability}"
+    prepare_repository(settings, repository, CACHE_DIR, log=log, host=host, engines_dir=tmp_path / "engines")
     return repository
+
+
+def fake_engine(tmp_path: Path, variant: str, capability: tuple[int, int], version: str) -> None:
+    """Stand-in engine files with real manifests (the bytes are not an engine: nothing here loads them)."""
+    runtime = "tensorrt" if variant == "tensorrt_plan" else "tensorrt-rtx"
+    for name in (contract.EMBED_ENCODER, contract.RERANK_ENCODER):
+        file = tmp_path / "engines" / name / ("model.plan" if runtime == "tensorrt" else "model.sm120.engine")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"stand-in engine bytes")
+        manifest = Manifest("m", name, "fp8", runtime, version, capability, encoder_profiles(16, 512, 4096))
+        manifest_file(file).write_text(manifest.to_json())
 
 
 def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, model_dirs: tuple[Path, Path, Path]) -> None:
@@ -93,18 +118,57 @@ def test_tensorrt_plan_variant_of_the_docling_vision_tower(tmp_path: Path, model
     assert contract.DOCLING_VISION in startup_models(repository)
 
 
-def test_tensorrt_plan_variant_keeps_the_encoder_contract(tmp_path: Path, model_dirs: tuple[Path, Path, Path]):
-    torch_repo = generate(tmp_path, model_dirs, "torch")
-    plan_repo = generate(tmp_path, model_dirs, "tensorrt_plan")
+def test_each_engine_variant_keeps_the_encoder_contract(tmp_path: Path, model_dirs: tuple[Path, Path, Path]):
+    """A config per variant (tensorrt_plan, python + TensorRT-RTX, python + torch), parsed with Triton's proto."""
+    fake_engine(tmp_path, "tensorrt_plan", RTX_5070_TI, "10.13.2.6")
+    fake_engine(tmp_path, "python_trt_rtx", RTX_5070_TI, "1.7.1.116")
+    host = Host(RTX_5070_TI, {"tensorrt": "10.13.2.6", "tensorrt-rtx": "1.7.1.116"})
+    torch_repo = generate(tmp_path, model_dirs, "torch", host)
+    plan_repo = generate(tmp_path, model_dirs, "tensorrt_plan", host)
+    rtx_repo = generate(tmp_path, model_dirs, "tensorrt_rtx", host)
     for name in (contract.EMBED_ENCODER, contract.RERANK_ENCODER):
         torch_config = parse((torch_repo / name / "config.pbtxt").read_text())
         plan_config = parse((plan_repo / name / "config.pbtxt").read_text())
-        assert plan_config.platform == "tensorrt_plan" and torch_config.backend == "python"
+        rtx_config = parse((rtx_repo / name / "config.pbtxt").read_text())
+        assert plan_config.platform == "tensorrt_plan" and torch_config.backend == rtx_config.backend == "python"
         assert plan_config.instance_group[0].kind == plan_config.instance_group[0].KIND_GPU
-        assert list(plan_config.input) == list(torch_config.input)
-        assert list(plan_config.output) == list(torch_config.output)
-        assert plan_config.max_batch_size == torch_config.max_batch_size
+        assert rtx_config.parameters["engine_file"].string_value == "model.engine"
+        assert "engine_file" not in torch_config.parameters
+        for config in (plan_config, rtx_config):
+            assert list(config.input) == list(torch_config.input)
+            assert list(config.output) == list(torch_config.output)
+            assert config.max_batch_size == torch_config.max_batch_size
         assert not (plan_repo / name / "1" / "model.py").exists()
+        assert (plan_repo / name / "1" / "model.plan").read_bytes() == b"stand-in engine bytes"
+        assert (rtx_repo / name / "1" / "model.engine").exists() and (rtx_repo / name / "1" / "model.py").exists()
+        assert not (torch_repo / name / "1" / "model.engine").exists()
+
+
+def test_an_engine_that_cannot_load_here_falls_back_to_the_next_variant(
+    tmp_path: Path, model_dirs: tuple[Path, Path, Path]
+) -> None:
+    fake_engine(tmp_path, "tensorrt_plan", (9, 0), "10.13.2.6")  # a plan built on an H100
+    fake_engine(tmp_path, "python_trt_rtx", RTX_5070_TI, "1.7.1.116")
+    messages: list[str] = []
+    on_5070 = Host(RTX_5070_TI, {"tensorrt": "10.13.2.6", "tensorrt-rtx": "1.7.1.116"})
+    repository = generate(tmp_path, model_dirs, "tensorrt_plan", on_5070, messages.append)
+    config = parse((repository / contract.EMBED_ENCODER / "config.pbtxt").read_text())
+    assert config.parameters["engine_file"].string_value == "model.engine"  # python + TensorRT-RTX
+    assert any("built for compute capability 9.0, this GPU is 12.0" in m for m in messages)
+    messages.clear()
+    repository = generate(tmp_path, model_dirs, "tensorrt_plan", NO_GPU, messages.append)
+    config = parse((repository / contract.EMBED_ENCODER / "config.pbtxt").read_text())
+    assert config.backend == "python" and config.parameters["precision"].string_value == "auto"  # torch
+    assert sum("falling back" in m for m in messages) == 4  # two variants passed over, for each encoder
+    assert json.loads((repository / ".prepared.json").read_text())["endpoints"]["embed"]["engine"] == "torch"
+
+
+def test_without_built_engines_the_plan_variant_says_how_to_build_them(
+    tmp_path: Path, model_dirs: tuple[Path, Path, Path]
+) -> None:
+    messages: list[str] = []
+    generate(tmp_path, model_dirs, "tensorrt_rtx", NO_GPU, messages.append)
+    assert any("no engine built" in m and "make engines" in m for m in messages)
 
 
 def test_committed_model_py_files_are_what_the_generator_writes() -> None:

@@ -10,8 +10,8 @@ import pytest
 from triton_rag import contract
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.onnx_export import export_encoder
-from triton_rag.plans import Host, Manifest, choose_variant, encoder_profiles, incompatibility
-from triton_rag.trt_rtx import build_rtx_engine, load_tensorrt_rtx, manifest_path
+from triton_rag.plans import Host, Manifest, choose_variant, encoder_profiles, incompatibility, manifest_file
+from triton_rag.trt_rtx import build_rtx_engine, load_tensorrt_rtx
 
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])
@@ -27,7 +27,7 @@ def test_sm120_engine_is_built_on_a_cpu_with_its_manifest(
     plan = tmp_path / "model.sm120.engine"
     manifest = build_rtx_engine(onnx_path, plan, profiles, str(model_dir), name, "float32", log=lambda _: None)
     assert plan.stat().st_size > 1_000_000  # the tiny model's weights (~37 MiB in float32) are in it
-    assert Manifest.from_json(manifest_path(plan).read_text()) == manifest
+    assert Manifest.from_json(manifest_file(plan).read_text()) == manifest
     assert manifest.runtime == "tensorrt-rtx" and manifest.runtime_version == load_tensorrt_rtx().__version__
     assert manifest.compute_capability == (12, 0) and manifest.contract == name
     assert [p.max for p in manifest.profiles] == [(16, 512), (16, 512)]

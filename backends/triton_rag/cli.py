@@ -1,4 +1,5 @@
-"""`triton-rag prepare | serve`: what `make prepare` and `make serve` run."""
+"""`triton-rag prepare | serve | load-flags | plan-shapes | record-plan`: what `make prepare` and `make serve` run,
+and the helpers for engine builds (docs/ENGINES.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from triton_rag import contract
+from triton_rag.plans import Manifest, Profile, detect_host, encoder_profiles, manifest_file
 from triton_rag.repository import RepositoryError, prepare_repository, startup_models
 from triton_rag.server import Ports, TritonServer
 from triton_rag.settings import SettingsError, load_settings
@@ -42,6 +45,51 @@ def _prepare(args: argparse.Namespace) -> None:
         _log(f"router: budget {router.budget} (reserve {router.reserve}), high watermark {router.high_watermark}")
 
 
+def _encoder_profiles(args: argparse.Namespace) -> dict[str, list[Profile]]:
+    settings = load_settings(args.config if args.config.exists() else None, args.overrides)
+    return {
+        contract.EMBED_ENCODER: encoder_profiles(
+            contract.embed_encoder(1).max_batch_size, settings.embed.max_length, settings.embed.max_batch_tokens
+        ),
+        contract.RERANK_ENCODER: encoder_profiles(
+            contract.rerank_encoder().max_batch_size, settings.rerank.max_length, settings.rerank.max_batch_tokens
+        ),
+    }
+
+
+def _plan_shapes(args: argparse.Namespace) -> None:
+    """trtexec's shape flags per encoder, from rag.toml (docs/ENGINES.md uses them)."""
+    for name, profiles in _encoder_profiles(args).items():
+        shapes = [profile.trtexec() for profile in profiles]
+        flags = [",".join(shape[i] for shape in shapes) for i in range(3)]
+        print(f"{name}: --minShapes={flags[0]} --optShapes={flags[1]} --maxShapes={flags[2]}")
+
+
+def _record_plan(args: argparse.Namespace) -> None:
+    """Write the manifest beside a plan just built on this machine (its GPU and TensorRT version)."""
+    host = detect_host()
+    capability = tuple(int(x) for x in args.capability.split(".")) if args.capability else host.capability
+    version = args.tensorrt_version or host.versions.get("tensorrt")
+    if capability is None or version is None:
+        raise RepositoryError(
+            "record-plan runs where the plan was built: it needs the GPU and the tensorrt package "
+            "(or --capability and --tensorrt-version, as trtexec --version and nvidia-smi report them)"
+        )
+    if not args.engine.exists():
+        raise RepositoryError(f"{args.engine} does not exist")
+    manifest = Manifest(
+        source_model=args.source_model,
+        contract=args.encoder,
+        precision=args.precision,
+        runtime="tensorrt",
+        runtime_version=version,
+        compute_capability=capability,  # type: ignore[arg-type]
+        profiles=_encoder_profiles(args)[args.encoder],
+    )
+    manifest_file(args.engine).write_text(manifest.to_json())
+    _log(f"wrote {manifest_file(args.engine)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="triton-rag", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         "load-flags", help="print the --load-model flags for tritonserver (the light models; the router loads the rest)"
     )
     flags.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository")
+    shapes = commands.add_parser("plan-shapes", help="print trtexec's shape flags per encoder (docs/ENGINES.md)")
+    _add_common(shapes)
+    record = commands.add_parser("record-plan", help="write the manifest beside a TensorRT plan built here")
+    _add_common(record)
+    record.add_argument("--engine", type=Path, required=True, help="the plan, e.g. .cache/engines/<encoder>/model.plan")
+    record.add_argument("--encoder", required=True, choices=[contract.EMBED_ENCODER, contract.RERANK_ENCODER])
+    record.add_argument("--precision", required=True, choices=["nvfp4", "fp8", "float16", "float32"])
+    record.add_argument("--source-model", required=True, help="what the ONNX was exported from")
+    record.add_argument("--capability", help="the GPU's compute capability, e.g. 12.0 (default: detected)")
+    record.add_argument("--tensorrt-version", help="e.g. 10.13.3.9 (default: the tensorrt package's)")
     args = parser.parse_args(argv)
     if args.command == "load-flags":
         try:
@@ -66,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
+        if args.command == "plan-shapes":
+            _plan_shapes(args)
+            return 0
+        if args.command == "record-plan":
+            _record_plan(args)
+            return 0
         if args.command == "prepare" or not args.no_prepare:
             _prepare(args)
     except (SettingsError, ModelSourceError, RepositoryError) as exc:

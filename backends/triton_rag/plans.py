@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from triton_rag.precision import Device, hardware_supports
@@ -142,3 +143,55 @@ def choose_variant(available: Sequence[tuple[Variant, Manifest | None]], here: H
             return variant, reasons
         reasons.append(f"{variant}: {why}; falling back")
     raise ValueError("no engine variant loads here: " + "; ".join(reasons) if reasons else "no engine variant given")
+
+
+#: Where `make engines` (and the documented trtexec command) put an encoder's built engines, under the engines dir.
+PLAN_FILE = "model.plan"
+RTX_ENGINE_GLOB = "model.sm*.engine"
+
+
+def manifest_file(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".manifest.json")
+
+
+def built_engines(directory: Path, here: Host) -> list[tuple[Variant, Manifest | None, Path]]:
+    """The engines built for one model in `directory`: a TensorRT plan and/or TensorRT-RTX engines (the one for this
+    GPU when there are several), each with its manifest (None when it has none or it cannot be read)."""
+    found: list[tuple[Variant, Manifest | None, Path]] = []
+    plan = directory / PLAN_FILE
+    if plan.exists():
+        found.append(("tensorrt_plan", _read_manifest(plan), plan))
+    rtx = sorted(directory.glob(RTX_ENGINE_GLOB))
+    if rtx:
+        manifests = [(_read_manifest(path), path) for path in rtx]
+        matching = [(m, p) for m, p in manifests if m is not None and m.compute_capability == here.capability]
+        manifest, path = (matching or manifests)[0]
+        found.append(("python_trt_rtx", manifest, path))
+    return found
+
+
+def _read_manifest(engine: Path) -> Manifest | None:
+    try:
+        return Manifest.from_json(manifest_file(engine).read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def detect_host() -> Host:
+    """This machine: the first GPU's compute capability (torch, when it sees CUDA) and the TensorRT / TensorRT-RTX
+    Python packages installed here (in the NGC Triton image, the server's own TensorRT)."""
+    capability = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            capability = tuple(torch.cuda.get_device_capability(0))
+    except ImportError:
+        pass
+    versions: dict[Runtime, str] = {}
+    for runtime, module in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx")):
+        try:
+            versions[runtime] = str(__import__(module).__version__)  # type: ignore[index]
+        except ImportError:
+            continue
+    return Host(capability, versions)  # type: ignore[arg-type]

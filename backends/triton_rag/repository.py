@@ -27,6 +27,7 @@ from triton_rag import contract
 from triton_rag.contract import MIN_EMBED_DIM, ModelContract
 from triton_rag.footprint import estimate_bytes, estimate_vlm_bytes
 from triton_rag.model_config import build_config, render
+from triton_rag.plans import VARIANT_ORDER, Host, Manifest, Variant, built_engines, choose_variant, detect_host
 from triton_rag.settings import (
     DoclingSettings,
     EmbedSettings,
@@ -75,6 +76,8 @@ def model_py_source(model_name: str) -> str:
 
 
 PREPARED_FILE = ".prepared.json"
+#: Built engines, one folder per compute model (tools/export_onnx.py writes here; docs/ENGINES.md).
+ENGINES_DIR = "engines"
 
 
 class RepositoryError(RuntimeError):
@@ -141,6 +144,35 @@ def _write(directory: Path, model_contract: ModelContract, text: str, with_model
         (directory / "1" / "model.py").write_text(model_py_source(model_contract.name))
 
 
+#: rag.toml's `engine` -> the first engine variant to try (plans.VARIANT_ORDER continues from there down to torch).
+REQUESTED_VARIANT: dict[str, Variant] = {
+    "tensorrt_plan": "tensorrt_plan",
+    "tensorrt_rtx": "python_trt_rtx",
+    "torch": "torch",
+}
+
+
+def choose_encoder_variant(
+    requested: str, engines_dir: Path, host: Host, log: Log
+) -> tuple[Variant, Path | None, list[str]]:
+    """The engine variant an encoder gets: the requested one if its engine is built here and loads on this host
+    (manifest), else the next one down to torch, each step logged with its reason."""
+    order = VARIANT_ORDER[VARIANT_ORDER.index(REQUESTED_VARIANT[requested]) :]
+    built = {variant: (manifest, path) for variant, manifest, path in built_engines(engines_dir, host)}
+    candidates: list[tuple[Variant, Manifest | None]] = []
+    reasons: list[str] = []
+    for variant in order:
+        if variant == "torch" or variant in built:
+            candidates.append((variant, built[variant][0] if variant in built else None))
+        else:
+            reasons.append(f"{variant}: no engine built in {engines_dir} (make engines, docs/ENGINES.md); falling back")
+    variant, more = choose_variant(candidates, host)
+    reasons += more
+    for reason in reasons:
+        log(f"{engines_dir.name}: {reason}")
+    return variant, (built[variant][1] if variant in built else None), reasons
+
+
 def _write_endpoint_pair(
     repository: Path,
     model: ResolvedModel,
@@ -149,20 +181,33 @@ def _write_endpoint_pair(
     endpoint_params: dict[str, str],
     encoder: ModelContract,
     encoder_params: dict[str, str],
-) -> None:
-    """An endpoint (python, with the tokenizer) and its encoder (python+torch with linked weights, or a plan)."""
+    engines_dir: Path,
+    host: Host,
+    log: Log,
+) -> Variant:
+    """An endpoint (python, with the tokenizer) and its encoder: a TensorRT plan, a TensorRT-RTX engine run by a
+    python model, or python+torch with linked weights, whichever `choose_encoder_variant` picks."""
     endpoint_dir, encoder_dir = repository / endpoint.name, repository / encoder.name
     # Two instances: one tokenizes and answers while the other waits on the encoder. One instance gave larger
     # batches but lost more to that serialisation (8B FP8 end to end: 35.4k tokens/s against 44.7k; BENCHMARKS.md).
     endpoint_config = build_config(endpoint, backend="python", instance_count=2, parameters=endpoint_params)
     _write(endpoint_dir, endpoint, render(endpoint_config, GENERATED_HEADER), with_model_py=True)
     _copy_tokenizer(model, endpoint_dir / "1" / "tokenizer")
-    if settings.engine == "tensorrt_plan":
+    variant, engine_file, _ = choose_encoder_variant(settings.engine, engines_dir / encoder.name, host, log)
+    for stale in ("model.plan", "model.engine", "model.py"):
+        (encoder_dir / "1" / stale).unlink(missing_ok=True)
+    if variant == "tensorrt_plan":
         encoder_config = build_config(encoder, platform="tensorrt_plan", instance_kind="KIND_GPU")
+    elif variant == "python_trt_rtx":
+        rtx_params = {"task": encoder_params["task"], "engine_file": "model.engine"}
+        encoder_config = build_config(encoder, backend="python", parameters=rtx_params)
     else:
         encoder_config = build_config(encoder, backend="python", parameters=encoder_params)
-    _write(encoder_dir, encoder, render(encoder_config, GENERATED_HEADER), with_model_py=settings.engine == "torch")
+    _write(encoder_dir, encoder, render(encoder_config, GENERATED_HEADER), with_model_py=variant != "tensorrt_plan")
     _link(model.path, encoder_dir / "1" / "hf")
+    if engine_file is not None:
+        _link(engine_file, encoder_dir / "1" / ("model.plan" if variant == "tensorrt_plan" else "model.engine"))
+    return variant
 
 
 def _common_parameters(settings: EncoderSettings, encoder: str, router: str) -> dict[str, str]:
@@ -182,7 +227,14 @@ def _compute_summary(model: ResolvedModel, settings: EncoderSettings, endpoint: 
 
 
 def prepare_embed(
-    settings: EmbedSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log, router: str = ""
+    settings: EmbedSettings,
+    repository: Path,
+    cache_dir: Path,
+    fallback: bool,
+    log: Log,
+    router: str = "",
+    host: Host | None = None,
+    engines_dir: Path | None = None,
 ) -> dict:
     model = resolve_model(settings.model, "embed", cache_dir, fallback, log)
     hidden = int(model.config["hidden_size"])
@@ -194,7 +246,7 @@ def prepare_embed(
         "pool_token": QWEN3_POOL_TOKEN if pooling == "last_token" else "",
     }
     encoder_params = {"task": "embed", "pooling": pooling} | _engine_parameters(settings)
-    _write_endpoint_pair(
+    variant = _write_endpoint_pair(
         repository,
         model,
         settings,
@@ -202,8 +254,12 @@ def prepare_embed(
         endpoint_params,
         contract.embed_encoder(hidden),
         encoder_params,
+        engines_dir or cache_dir / ENGINES_DIR,
+        host or detect_host(),
+        log,
     )
     chosen = {"model": settings.model, "path": str(model.path), "origin": model.origin, "dim": dim, "pooling": pooling}
+    chosen["engine"] = variant
     return chosen | _compute_summary(model, settings, contract.EMBED_ENDPOINT, contract.EMBED_ENCODER)
 
 
@@ -218,7 +274,14 @@ def _engine_parameters(settings: EncoderSettings) -> dict[str, str]:
 
 
 def prepare_rerank(
-    settings: RerankSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log, router: str = ""
+    settings: RerankSettings,
+    repository: Path,
+    cache_dir: Path,
+    fallback: bool,
+    log: Log,
+    router: str = "",
+    host: Host | None = None,
+    engines_dir: Path | None = None,
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -235,7 +298,7 @@ def prepare_rerank(
         **_engine_parameters(settings),
         "yes_no_ids": ",".join(map(str, yes_no)),
     }
-    _write_endpoint_pair(
+    variant = _write_endpoint_pair(
         repository,
         model,
         settings,
@@ -243,8 +306,12 @@ def prepare_rerank(
         endpoint_params,
         contract.rerank_encoder(),
         encoder_params,
+        engines_dir or cache_dir / ENGINES_DIR,
+        host or detect_host(),
+        log,
     )
     chosen = {"model": settings.model, "path": str(model.path), "origin": model.origin, "yes_no_ids": yes_no}
+    chosen["engine"] = variant
     return chosen | _compute_summary(model, settings, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
 
 
@@ -360,17 +427,24 @@ def prepare_repository(
     cache_dir: Path,
     log: Log = print,
     endpoints: tuple[str, ...] = ("embed", "rerank", "docling"),
+    host: Host | None = None,
+    engines_dir: Path | None = None,
 ) -> dict[str, dict]:
     """Make `repository` servable for `settings`; returns what was chosen per endpoint (also written as JSON, with
-    the models to load at start-up)."""
+    the models to load at start-up). Built engines are looked for in `engines_dir` (default `<cache>/engines`) and
+    checked against `host` (default: this machine)."""
     repository.mkdir(parents=True, exist_ok=True)
     router = contract.ROUTER if settings.router.enabled else ""
     summary: dict[str, dict] = {}
     fallback = settings.offline_fallback
     if "embed" in endpoints:
-        summary["embed"] = prepare_embed(settings.embed, repository, cache_dir, fallback, log, router)
+        summary["embed"] = prepare_embed(
+            settings.embed, repository, cache_dir, fallback, log, router, host, engines_dir
+        )
     if "rerank" in endpoints:
-        summary["rerank"] = prepare_rerank(settings.rerank, repository, cache_dir, fallback, log, router)
+        summary["rerank"] = prepare_rerank(
+            settings.rerank, repository, cache_dir, fallback, log, router, host, engines_dir
+        )
     if "docling" in endpoints:
         summary["docling"] = prepare_docling(settings.docling, repository, cache_dir, fallback, log, router)
     startup = [

@@ -18,7 +18,7 @@ from triton_rag.residency import PolicyError, parse_bytes
 
 Overflow = Literal["reject", "truncate"]
 Pooling = Literal["auto", "last_token", "mean"]
-Engine = Literal["torch", "tensorrt_plan"]
+Engine = Literal["torch", "tensorrt_plan", "tensorrt_rtx"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -149,7 +149,7 @@ class Settings:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "overflow": ("reject", "truncate"),
     "pooling": ("auto", "last_token", "mean"),
-    "engine": ("torch", "tensorrt_plan"),
+    "engine": ("torch", "tensorrt_plan", "tensorrt_rtx"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "precision": ("auto", "nvfp4", "fp8", "bfloat16", "float32"),
 }

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from triton_rag.plans import Manifest, Profile
+from triton_rag.plans import Manifest, Profile, manifest_file
 
 #: Targets TensorRT-RTX 1.7 can compile for, by compute capability (it has no SM90: H100/H200 engines need TensorRT).
 RTX_TARGETS = {(12, 0): "SM120", (12, 1): "SM121", (8, 9): "SM89", (8, 6): "SM86", (8, 0): "SM80", (7, 5): "SM75"}
@@ -73,9 +73,5 @@ def build_rtx_engine(
         compute_capability=capability,
         profiles=profiles,
     )
-    manifest_path(engine_path).write_text(manifest.to_json())
+    manifest_file(engine_path).write_text(manifest.to_json())
     return manifest
-
-
-def manifest_path(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.name + ".manifest.json")

@@ -97,6 +97,27 @@ GRAPH_MAX_TOKENS = 512
 GRAPH_MAX_ROWS = 32
 
 
+def validate_encoder_inputs(
+    input_ids: np.ndarray, attention_mask: np.ndarray, vocab_size: int, max_positions: int | None = None
+) -> None:
+    """Reject what would otherwise fail deep inside an engine (or trip a device assert on CUDA)."""
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"INPUT_IDS {list(input_ids.shape)} and ATTENTION_MASK {list(attention_mask.shape)} "
+            "must both be [rows, tokens] of the same shape"
+        )
+    if input_ids.size == 0:
+        raise ValueError("empty batch")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+    if not np.isin(attention_mask, (0, 1)).all():
+        raise ValueError("ATTENTION_MASK must hold only 0 and 1")
+    if (attention_mask.sum(axis=1) == 0).any():
+        raise ValueError("every row needs at least one real token")
+    if max_positions is not None and input_ids.shape[1] > max_positions:
+        raise ValueError(f"rows longer than the model's {max_positions} positions")
+
+
 def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) of each row's real tokens; ValueError unless they are one contiguous run (left or right
     padding, as every tokenizer pads)."""
@@ -201,22 +222,9 @@ class TorchEncoder:
         log(f"warmed up in {time.perf_counter() - started:.1f} s ({len(self._graphs)} CUDA graphs)")
 
     def validate(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Reject what would otherwise fail deep inside torch (or trip a device assert on CUDA)."""
-        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-            raise ValueError(
-                f"INPUT_IDS {list(input_ids.shape)} and ATTENTION_MASK {list(attention_mask.shape)} "
-                "must both be [rows, tokens] of the same shape"
-            )
-        if input_ids.size == 0:
-            raise ValueError("empty batch")
-        if input_ids.min() < 0 or input_ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
-        if not np.isin(attention_mask, (0, 1)).all():
-            raise ValueError("ATTENTION_MASK must hold only 0 and 1")
-        if (attention_mask.sum(axis=1) == 0).any():
-            raise ValueError("every row needs at least one real token")
-        if self.causal and input_ids.shape[1] > self._positions.shape[1]:
-            raise ValueError(f"rows longer than the model's {self._positions.shape[1]} positions")
+        validate_encoder_inputs(
+            input_ids, attention_mask, self.vocab_size, self._positions.shape[1] if self.causal else None
+        )
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -11,17 +11,24 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from triton_rag.engines.torch_encoder import TorchEncoder
+from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
 from triton_rag.triton.common import answer_each, model_parameters
 
 
 class EncoderModel:
     def initialize(self, args: dict[str, str]) -> None:
+        self.engine: TorchEncoder | TrtRtxEncoder
         params = model_parameters(args)
         task = params["task"]
         yes_no = tuple(int(x) for x in params["yes_no_ids"].split(",")) if task == "rerank" else None
         self.output_name = "POOLED" if task == "embed" else "LOGITS"
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        if params.get("engine_file"):  # the python_trt_rtx variant: a TensorRT-RTX engine built for this GPU
+            self.engine = TrtRtxEncoder(version_dir / params["engine_file"], version_dir / "hf", self.output_name)
+            print(f"{args['model_name']}: {task} engine: TensorRT-RTX {params['engine_file']}", flush=True)
+            return
         self.engine = TorchEncoder(
-            Path(args["model_repository"]) / args["model_version"] / "hf",
+            version_dir / "hf",
             task=task,  # type: ignore[arg-type]
             pooling=params.get("pooling", "last_token"),  # type: ignore[arg-type]
             dtype=params.get("dtype", "auto"),
