@@ -57,7 +57,8 @@ bench: install test-tools
 	$(PY) tools/bench_encoders.py --e2e --out bench_results/encoders --append BENCHMARKS.md $(BENCH_ARGS)
 
 # Engine builds (issue 6, in progress): each encoder to ONNX with the PyTorch engine's contract, checked with
-# onnxruntime, then a TensorRT-RTX engine for RTX 50 (SM120) with its manifest (built on any machine, no GPU needed)
+# onnxruntime; FP8 Q/DQ (ModelOpt, MatMuls only) with its accuracy; a TensorRT-RTX engine for RTX 50 (SM120) with
+# its manifest (built on any machine, no GPU needed). docs/ENGINES.md
 engines: install
 	$(PY) tools/export_onnx.py $(SET)
 

@@ -5,10 +5,12 @@ for RTX 50 from them (`make engines`, issue 6; quantization and full-TensorRT pl
 
 For each encoder: resolve the model as `triton-rag prepare` does, load the PyTorch engine in float32 on the CPU,
 export `<out>/<encoder>/model.onnx` with the encoder's tensor contract, and run onnxruntime on batches of other
-shapes with left and right padding; it fails unless the cosine to the engine is at least 0.9999. Then, where
-TensorRT-RTX is installed (the `rtx` extra), build `<out>/<encoder>/model.sm120.engine` and its manifest, with
-optimization profiles from the configuration (rows up to the encoder's max batch, tokens up to max_length). No GPU is
-needed to build; running the engine needs an RTX 50 card.
+shapes with left and right padding; it fails unless the cosine to the engine is at least 0.9999. Then quantize it
+to FP8 Q/DQ (`model.fp8.onnx`, MatMuls only, ModelOpt calibrated on the CPU; the `quantize` extra) and report its
+agreement with float32. Then, where TensorRT-RTX is installed (the `rtx` extra), build
+`<out>/<encoder>/model.sm120.engine` from the best precision available here (NVFP4 needs CUDA to calibrate, so FP8)
+and its manifest, with optimization profiles from the configuration (rows up to the encoder's max batch, tokens up
+to max_length). No GPU is needed to build; running the engine needs an RTX 50 card.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from transformers import AutoTokenizer
 from triton_rag import contract
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.onnx_export import export_encoder, parity, sample_batches
-from triton_rag.plans import encoder_profiles
+from triton_rag.plans import encoder_profiles, plan_precision
+from triton_rag.quantize import agreement, quantize_fp8, run_onnx
 from triton_rag.settings import load_settings
 from triton_rag.sources import resolve_model
 
 PARITY_COSINE = 0.9999
+RTX_50 = (12, 0)
 
 
 def log(message: str) -> None:
@@ -42,6 +46,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--out", type=Path, default=Path(".cache/engines"))
     parser.add_argument("--no-rtx", action="store_true", help="skip the TensorRT-RTX SM120 engines")
+    parser.add_argument("--no-quantize", action="store_true", help="skip the FP8 Q/DQ ONNX (ModelOpt)")
     args = parser.parse_args()
     rtx = not args.no_rtx and importlib.util.find_spec("tensorrt_rtx") is not None
     if not args.no_rtx and not rtx:
@@ -68,15 +73,30 @@ def main() -> int:
             f"max |diff| {difference:.2e}: {verdict}"
         )
         failures += cosine < PARITY_COSINE
-        if rtx and cosine >= PARITY_COSINE:
+        if cosine < PARITY_COSINE:
+            continue
+        built = {"float32": path}
+        if not args.no_quantize:
+            fp8 = quantize_fp8(path, path.with_name("model.fp8.onnx"), log=log)
+            batches = sample_batches()
+            log(f"{name}: {fp8} against float32: {agreement(run_onnx(path, batches), run_onnx(fp8, batches))}")
+            built["fp8"] = fp8
+        if rtx:
             from triton_rag.trt_rtx import build_rtx_engine
 
+            # NVFP4 first for RTX 50, but its calibration needs CUDA (ModelOpt's emulation): FP8 here, else float32
+            precision, reasons = plan_precision("nvfp4", RTX_50)
+            for reason in reasons:
+                log(f"{name}: {reason}")
+            if precision == "nvfp4":
+                log(f"{name}: NVFP4 calibration needs a CUDA GPU (ModelOpt's emulation): building the next precision")
+            precision = "fp8" if "fp8" in built else "float32"
             profiles = encoder_profiles(max_rows, encoder_settings.max_length, encoder_settings.max_batch_tokens)
             plan = path.with_name("model.sm120.engine")
             started = time.perf_counter()
-            build_rtx_engine(path, plan, profiles, encoder_settings.model, name, "float32", log=log)
+            build_rtx_engine(built[precision], plan, profiles, encoder_settings.model, name, precision, log=log)
             log(
-                f"{name}: {plan} ({plan.stat().st_size / 2**20:.1f} MiB, built in "
+                f"{name}: {plan} ({precision}, {plan.stat().st_size / 2**20:.1f} MiB, built in "
                 f"{time.perf_counter() - started:.0f} s, not run: needs an RTX 50 GPU) and its manifest"
             )
     return 1 if failures else 0
