@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import CACHE_DIR, RunningServer, start_server
+from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.offline import build_tiny_qwen3
 from triton_rag.offline_docling import build_random_granite_docling
 from triton_rag.repository import prepare_repository
@@ -22,6 +23,18 @@ def tiny_embed_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_rerank_dir() -> Path:
     return build_tiny_qwen3("rerank", CACHE_DIR / "offline" / "tiny-qwen3-rerank", CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def float32_encoder(tiny_embed_dir: Path, tiny_rerank_dir: Path) -> Callable[[str], TorchEncoder]:
+    """The tiny embedder ("embed") or reranker ("rerank") on the float32 CPU engine: what ONNX export starts from."""
+
+    def make(task: str) -> TorchEncoder:
+        if task == "embed":
+            return TorchEncoder(tiny_embed_dir, "embed", dtype="float32", device="cpu")
+        return TorchEncoder(tiny_rerank_dir, "rerank", dtype="float32", device="cpu", yes_no_ids=(2152, 9693))
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ PyTorch engine under onnxruntime on the CPU (cosine >= 0.9999 in float32), embed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -14,11 +15,9 @@ from triton_rag.onnx_export import export_encoder, parity, sample_batches
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])
 def test_exported_encoder_keeps_the_contract_and_matches_the_engine(
-    task: str, tiny_embed_dir: Path, tiny_rerank_dir: Path, tmp_path: Path
+    task: str, float32_encoder: Callable[[str], TorchEncoder], tmp_path: Path
 ) -> None:
-    model_dir = tiny_embed_dir if task == "embed" else tiny_rerank_dir
-    yes_no = (2152, 9693) if task == "rerank" else None
-    engine = TorchEncoder(model_dir, task, dtype="float32", device="cpu", yes_no_ids=yes_no)  # type: ignore[arg-type]
+    engine = float32_encoder(task)
     path = export_encoder(engine, tmp_path / f"{task}.onnx", log=lambda _: None)
     graph = onnx.load(str(path)).graph
     int64 = onnx.TensorProto.INT64

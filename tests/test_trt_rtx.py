@@ -3,6 +3,7 @@ run: running them needs an RTX 50 card, which neither this machine nor CI has.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,14 @@ from triton_rag.trt_rtx import build_rtx_engine, load_tensorrt_rtx
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])
 def test_sm120_engine_is_built_on_a_cpu_with_its_manifest(
-    task: str, tiny_embed_dir: Path, tiny_rerank_dir: Path, tmp_path: Path
+    task: str, float32_encoder: Callable[[str], TorchEncoder], tmp_path: Path
 ) -> None:
-    model_dir = tiny_embed_dir if task == "embed" else tiny_rerank_dir
-    yes_no = (2152, 9693) if task == "rerank" else None
-    engine = TorchEncoder(model_dir, task, dtype="float32", device="cpu", yes_no_ids=yes_no)  # type: ignore[arg-type]
+    engine = float32_encoder(task)
     onnx_path = export_encoder(engine, tmp_path / "model.onnx", log=lambda _: None)
     name = contract.EMBED_ENCODER if task == "embed" else contract.RERANK_ENCODER
     profiles = encoder_profiles(max_rows=16, max_length=512, max_batch_tokens=4096)
     plan = tmp_path / "model.sm120.engine"
-    manifest = build_rtx_engine(onnx_path, plan, profiles, str(model_dir), name, "float32", log=lambda _: None)
+    manifest = build_rtx_engine(onnx_path, plan, profiles, f"tiny {task}", name, "float32", log=lambda _: None)
     assert plan.stat().st_size > 1_000_000  # the tiny model's weights (~37 MiB in float32) are in it
     assert Manifest.from_json(manifest_file(plan).read_text()) == manifest
     assert manifest.runtime == "tensorrt-rtx" and manifest.runtime_version == load_tensorrt_rtx().__version__
