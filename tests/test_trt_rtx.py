@@ -40,3 +40,13 @@ def test_sm120_engine_is_built_on_a_cpu_with_its_manifest(
 def test_targets_tensorrt_rtx_cannot_build_are_refused(tiny_embed_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot target compute capability"):
         build_rtx_engine(tmp_path / "x.onnx", tmp_path / "x.engine", [], "m", "c", "float32", capability=(9, 0))
+
+
+def test_the_engine_runner_says_it_needs_the_gpu(tiny_embed_dir: Path, tmp_path: Path) -> None:
+    """The python_trt_rtx variant's runner on a machine without the GPU: a clear error at load, not a crash."""
+    from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
+
+    engine_file = tmp_path / "model.engine"
+    engine_file.write_bytes(b"not needed: the check comes first")
+    with pytest.raises(RuntimeError, match="needs its GPU"):
+        TrtRtxEncoder(engine_file, tiny_embed_dir, "POOLED")
