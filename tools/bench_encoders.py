@@ -12,7 +12,8 @@ tokens to rerank (CPU smoke: 16-64 tokens), and one short request for latency (a
   batching, router) driven by perf_analyzer over gRPC: one text (pair) per request, `--concurrency` in flight, for
   throughput; then the short request alone (concurrency 1) for p50/p99 latency.
 Reported: tokens/s over real tokens (pairs/s for rerank), the short request's p50/p99, peak GPU memory (bare: torch's
-peak; end to end: the device's peak by nvidia-smi, the bench process's own context included), and accuracy: each
+peak; end to end: the device's peak by nvidia-smi, the bench process's own context included, and in the JSON what
+the router measured the encoder's stub to hold), and accuracy: each
 variant against the baseline and FP8 against our bfloat16 (embeddings: cosine per row; rerank: Spearman rank
 correlation of the scores and the largest score difference).
 
@@ -251,6 +252,11 @@ def end_to_end(
             binary, server.grpc_url, endpoint, data, args.concurrency, args.out / f"perf-{tag}-load.txt", args.window_ms
         )
         server_time = time_per_model(client)
+        from triton_rag.client import RouterControl
+
+        ledger = RouterControl(server.grpc_url).status()["models"]
+        encoder = contract.EMBED_ENCODER if task == "embed" else contract.RERANK_ENCODER
+        held = ledger.get(encoder, {}).get("measured_bytes")  # the encoder's stub processes (NVML), after the load
         alone = perf_analyzer(binary, server.grpc_url, endpoint, short_data, 1, args.out / f"perf-{tag}-short.txt")
     rate = load["infer_per_s"] * tokens_per_request
     row = {
@@ -259,6 +265,7 @@ def end_to_end(
         "short_p50_ms": alone["p50_ms"],
         "short_p99_ms": alone["p99_ms"],
         "peak_gib": round(peak.peak_mib / 1024, 2) if peak.peak_mib else None,
+        "encoder_held_gib": round(held / 2**30, 2) if held else None,
         "accuracy": "-",
         "server_ms_per_execution": server_time,
     }
