@@ -90,8 +90,9 @@ def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | N
 #: forward with the mask.
 CAUSAL_DECODERS = frozenset({"qwen3"})
 #: Batches up to this many (padded) tokens run as CUDA graphs: launch-bound sizes, where a graph pays. Larger ones
-#: keep the GPU busy without (an 8B layer at 1000 tokens outlasts its launch), and the power-of-two padding of a
-#: graph shape would cost more than it saves (BENCHMARKS.md).
+#: keep the GPU busy without one (an 8B layer at 1000 tokens outlasts its launch), while the power-of-two padding of
+#: a graph shape grows with the batch (up to ~2x the tokens). A reasoned choice: 512 and 2048 were not compared
+#: in isolation on the GPU.
 GRAPH_MAX_TOKENS = 512
 #: Graphs are captured at load for up to this many rows (more rows in a small batch: captured when first seen).
 GRAPH_MAX_ROWS = 32
