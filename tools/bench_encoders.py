@@ -47,6 +47,7 @@ from benchlib import find_perf_analyzer, markdown_table, perf_analyzer, timed
 from triton_rag.batching import pad_rows
 from triton_rag.engines.torch_encoder import TorchEncoder, pool
 from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
+from triton_rag.postprocess import row_cosine
 
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
 PAD_ID = 151643
@@ -129,12 +130,6 @@ def measure(
     return row, values
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
@@ -143,7 +138,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def agreement(task: str, values: np.ndarray, reference: np.ndarray) -> str:
     """Embeddings: min/mean cosine per row. Rerank scores (yes - no logit): Spearman and the largest difference."""
     if task == "embed":
-        cos = cosine(values, reference)
+        cos = row_cosine(values, reference)
         return f"cos min {cos.min():.4f} mean {cos.mean():.4f}"
     scores, expected = values[:, 1] - values[:, 0], reference[:, 1] - reference[:, 0]
     return f"spearman {spearman(scores, expected):.4f}, max diff {np.abs(scores - expected).max():.3f}"
@@ -214,6 +209,7 @@ def end_to_end(
     from transformers import AutoTokenizer
 
     from triton_rag import contract
+    from triton_rag.client import RouterControl
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     endpoint = contract.EMBED_ENDPOINT if task == "embed" else contract.RERANK_ENDPOINT
@@ -252,8 +248,6 @@ def end_to_end(
             binary, server.grpc_url, endpoint, data, args.concurrency, args.out / f"perf-{tag}-load.txt", args.window_ms
         )
         server_time = time_per_model(client)
-        from triton_rag.client import RouterControl
-
         ledger = RouterControl(server.grpc_url).status()["models"]
         encoder = contract.EMBED_ENCODER if task == "embed" else contract.RERANK_ENCODER
         held = ledger.get(encoder, {}).get("measured_bytes")  # the encoder's stub processes (NVML), after the load

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 from triton_rag import contract
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.onnx_export import export_encoder, parity, sample_batches
-from triton_rag.plans import encoder_profiles, plan_precision
+from triton_rag.plans import PLAN_CHAIN, configured_profiles, plan_precision
 from triton_rag.quantize import agreement, quantize_fp8, run_onnx
 from triton_rag.settings import load_settings
 from triton_rag.sources import resolve_model
@@ -53,9 +53,10 @@ def main() -> int:
         log("TensorRT-RTX is not installed (pip install -e '.[rtx]'): ONNX only")
     settings = load_settings(args.config if args.config.exists() else None, args.overrides)
     failures = 0
-    for kind, name, encoder_settings, max_rows in (
-        ("embed", contract.EMBED_ENCODER, settings.embed, contract.embed_encoder(1).max_batch_size),
-        ("rerank", contract.RERANK_ENCODER, settings.rerank, contract.rerank_encoder().max_batch_size),
+    profiles = configured_profiles(settings)
+    for kind, name, encoder_settings in (
+        ("embed", contract.EMBED_ENCODER, settings.embed),
+        ("rerank", contract.RERANK_ENCODER, settings.rerank),
     ):
         model = resolve_model(encoder_settings.model, kind, args.cache, settings.offline_fallback, log)  # type: ignore[arg-type]
         yes_no = None
@@ -84,17 +85,16 @@ def main() -> int:
         if rtx:
             from triton_rag.trt_rtx import build_rtx_engine
 
-            # NVFP4 first for RTX 50, but its calibration needs CUDA (ModelOpt's emulation): FP8 here, else float32
-            precision, reasons = plan_precision("nvfp4", RTX_50)
-            for reason in reasons:
-                log(f"{name}: {reason}")
-            if precision == "nvfp4":
-                log(f"{name}: NVFP4 calibration needs a CUDA GPU (ModelOpt's emulation): building the next precision")
-            precision = "fp8" if "fp8" in built else "float32"
-            profiles = encoder_profiles(max_rows, encoder_settings.max_length, encoder_settings.max_batch_tokens)
+            # the best precision RTX 50 runs, down the chain to one whose ONNX was built here (NVFP4 calibration
+            # needs CUDA, ModelOpt's emulation; the float32 export is always there)
+            wanted, _ = plan_precision("nvfp4", RTX_50)
+            chain = [*PLAN_CHAIN[PLAN_CHAIN.index(wanted) :], "float32"]
+            precision = next(p for p in chain if p in built)
+            if precision != wanted:
+                log(f"{name}: no {wanted} ONNX here (its calibration needs a CUDA GPU): building {precision}")
             plan = path.with_name("model.sm120.engine")
             started = time.perf_counter()
-            build_rtx_engine(built[precision], plan, profiles, encoder_settings.model, name, precision, log=log)
+            build_rtx_engine(built[precision], plan, profiles[name], encoder_settings.model, name, precision, log=log)
             log(
                 f"{name}: {plan} ({precision}, {plan.stat().st_size / 2**20:.1f} MiB, built in "
                 f"{time.perf_counter() - started:.0f} s, not run: needs an RTX 50 GPU) and its manifest"

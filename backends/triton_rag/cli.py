@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from triton_rag import contract
-from triton_rag.plans import Manifest, Profile, detect_host, encoder_profiles, manifest_file
+from triton_rag.plans import Manifest, Profile, configured_profiles, detect_host, manifest_file
 from triton_rag.repository import RepositoryError, prepare_repository, startup_models
 from triton_rag.server import Ports, TritonServer
 from triton_rag.settings import SettingsError, load_settings
@@ -46,15 +46,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _encoder_profiles(args: argparse.Namespace) -> dict[str, list[Profile]]:
-    settings = load_settings(args.config if args.config.exists() else None, args.overrides)
-    return {
-        contract.EMBED_ENCODER: encoder_profiles(
-            contract.embed_encoder(1).max_batch_size, settings.embed.max_length, settings.embed.max_batch_tokens
-        ),
-        contract.RERANK_ENCODER: encoder_profiles(
-            contract.rerank_encoder().max_batch_size, settings.rerank.max_length, settings.rerank.max_batch_tokens
-        ),
-    }
+    return configured_profiles(load_settings(args.config if args.config.exists() else None, args.overrides))
 
 
 def _plan_shapes(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from triton_rag import contract
 from triton_rag.engines.torch_encoder import TorchEncoder, pool
+from triton_rag.postprocess import row_cosine
 
 #: The legacy TorchScript exporter: no extra dependency (onnxscript), dynamic axes by name, opset 18.
 OPSET = 18
@@ -74,8 +75,7 @@ def parity(engine: TorchEncoder, path: Path, batches: Sequence[tuple[np.ndarray,
     for ids, mask in batches:
         expected = engine.forward(ids, mask)
         (got,) = session.run(None, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
-        cosine = (expected * got).sum(axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
-        worst_cosine = min(worst_cosine, float(cosine.min()))
+        worst_cosine = min(worst_cosine, float(row_cosine(expected, got).min()))
         worst_difference = max(worst_difference, float(np.abs(expected - got).max()))
     return worst_cosine, worst_difference
 

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from triton_rag import contract
 from triton_rag.precision import Device, hardware_supports
+from triton_rag.settings import Settings
 
 PlanPrecision = Literal["nvfp4", "fp8", "float16"]
 #: TensorRT plans fall from NVFP4 to FP8 to FP16 (the notes' FP16 fallback; plans carry no bfloat16 path here).
@@ -51,6 +53,18 @@ class Profile:
     def trtexec(self) -> tuple[str, str, str]:
         """The `--minShapes/--optShapes/--maxShapes` fragments for this input."""
         return tuple(f"{self.input}:{shape[0]}x{shape[1]}" for shape in (self.min, self.opt, self.max))  # type: ignore[return-value]
+
+
+def configured_profiles(settings: Settings) -> dict[str, list[Profile]]:
+    """Each encoder's profiles from rag.toml: its contract's max batch, its max_length and padded-token budget."""
+    return {
+        contract.EMBED_ENCODER: encoder_profiles(
+            contract.embed_encoder(1).max_batch_size, settings.embed.max_length, settings.embed.max_batch_tokens
+        ),
+        contract.RERANK_ENCODER: encoder_profiles(
+            contract.rerank_encoder().max_batch_size, settings.rerank.max_length, settings.rerank.max_batch_tokens
+        ),
+    }
 
 
 def encoder_profiles(max_rows: int, max_length: int, max_batch_tokens: int) -> list[Profile]:
@@ -125,13 +139,17 @@ def _release(version: str, runtime: Runtime) -> tuple[str, ...]:
     return parts[:2] if runtime == "tensorrt-rtx" else parts[:3]
 
 
-def choose_variant(available: Sequence[tuple[Variant, Manifest | None]], here: Host) -> tuple[Variant, list[str]]:
-    """The most preferred variant that loads here (a plan variant needs a compatible manifest; `torch` always
-    loads), with the reason each better one was passed over."""
+def choose_variant(
+    available: Sequence[tuple[Variant, Manifest | None]], here: Host, first: Variant = VARIANT_ORDER[0]
+) -> tuple[Variant, list[str]]:
+    """The most preferred variant, from `first` down VARIANT_ORDER, that loads here (a plan variant needs to be built,
+    with a compatible manifest; `torch` always loads), with the reason each better one was passed over."""
     reasons: list[str] = []
     by_variant = dict(available)
-    for variant in VARIANT_ORDER:
+    for variant in VARIANT_ORDER[VARIANT_ORDER.index(first) :]:
         if variant not in by_variant:
+            if variant != "torch":
+                reasons.append(f"{variant}: no engine built (make engines, docs/ENGINES.md); falling back")
             continue
         if variant == "torch":
             return variant, reasons

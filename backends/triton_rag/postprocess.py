@@ -12,6 +12,11 @@ def matryoshka_normalize(pooled: np.ndarray, dim: int) -> np.ndarray:
     return (head / np.maximum(norms, 1e-12)).astype(np.float16)
 
 
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of `a` with the same row of `b` (how close two encoders' outputs are)."""
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def yes_probability(logits_no_yes: np.ndarray) -> np.ndarray:
     """softmax([no, yes])[yes], computed as sigmoid(yes - no) in float64 for stability; shape [rows, 1]."""
     diff = logits_no_yes[:, 1].astype(np.float64) - logits_no_yes[:, 0].astype(np.float64)

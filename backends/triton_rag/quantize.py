@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from triton_rag.postprocess import row_cosine
+
 #: The recipe: FP8 (e4m3) Q/DQ on MatMul inputs only, everything else in the export's float32.
 FP8_OPS = ("MatMul",)
 
@@ -68,7 +70,5 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> str:
         shift = np.abs((candidate[:, 1] - candidate[:, 0]) - (reference[:, 1] - reference[:, 0]))
         spread = float(np.ptp(reference[:, 1] - reference[:, 0]))
         return f"score (yes - no) max shift {shift.max():.4f} (scores span {spread:.4f})"
-    cosine = (reference * candidate).sum(axis=1) / (
-        np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
-    )
+    cosine = row_cosine(reference, candidate)
     return f"cosine min {cosine.min():.4f}, mean {cosine.mean():.4f}"

@@ -27,7 +27,7 @@ from triton_rag import contract
 from triton_rag.contract import MIN_EMBED_DIM, ModelContract
 from triton_rag.footprint import estimate_bytes, estimate_vlm_bytes
 from triton_rag.model_config import build_config, render
-from triton_rag.plans import VARIANT_ORDER, Host, Manifest, Variant, built_engines, choose_variant, detect_host
+from triton_rag.plans import Host, Variant, built_engines, choose_variant, detect_host
 from triton_rag.settings import (
     DoclingSettings,
     EmbedSettings,
@@ -157,19 +157,11 @@ def choose_encoder_variant(
 ) -> tuple[Variant, Path | None, list[str]]:
     """The engine variant an encoder gets: the requested one if its engine is built here and loads on this host
     (manifest), else the next one down to torch, each step logged with its reason."""
-    order = VARIANT_ORDER[VARIANT_ORDER.index(REQUESTED_VARIANT[requested]) :]
     built = {variant: (manifest, path) for variant, manifest, path in built_engines(engines_dir, host)}
-    candidates: list[tuple[Variant, Manifest | None]] = []
-    reasons: list[str] = []
-    for variant in order:
-        if variant == "torch" or variant in built:
-            candidates.append((variant, built[variant][0] if variant in built else None))
-        else:
-            reasons.append(f"{variant}: no engine built in {engines_dir} (make engines, docs/ENGINES.md); falling back")
-    variant, more = choose_variant(candidates, host)
-    reasons += more
+    available = [(variant, manifest) for variant, (manifest, _) in built.items()] + [("torch", None)]
+    variant, reasons = choose_variant(available, host, REQUESTED_VARIANT[requested])
     for reason in reasons:
-        log(f"{engines_dir.name}: {reason}")
+        log(f"{engines_dir}: {reason}")
     return variant, (built[variant][1] if variant in built else None), reasons
 
 
@@ -232,9 +224,9 @@ def prepare_embed(
     cache_dir: Path,
     fallback: bool,
     log: Log,
-    router: str = "",
-    host: Host | None = None,
-    engines_dir: Path | None = None,
+    router: str,
+    host: Host,
+    engines_dir: Path,
 ) -> dict:
     model = resolve_model(settings.model, "embed", cache_dir, fallback, log)
     hidden = int(model.config["hidden_size"])
@@ -254,12 +246,18 @@ def prepare_embed(
         endpoint_params,
         contract.embed_encoder(hidden),
         encoder_params,
-        engines_dir or cache_dir / ENGINES_DIR,
-        host or detect_host(),
+        engines_dir,
+        host,
         log,
     )
-    chosen = {"model": settings.model, "path": str(model.path), "origin": model.origin, "dim": dim, "pooling": pooling}
-    chosen["engine"] = variant
+    chosen = {
+        "model": settings.model,
+        "path": str(model.path),
+        "origin": model.origin,
+        "dim": dim,
+        "pooling": pooling,
+        "engine": variant,
+    }
     return chosen | _compute_summary(model, settings, contract.EMBED_ENDPOINT, contract.EMBED_ENCODER)
 
 
@@ -279,9 +277,9 @@ def prepare_rerank(
     cache_dir: Path,
     fallback: bool,
     log: Log,
-    router: str = "",
-    host: Host | None = None,
-    engines_dir: Path | None = None,
+    router: str,
+    host: Host,
+    engines_dir: Path,
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -306,12 +304,17 @@ def prepare_rerank(
         endpoint_params,
         contract.rerank_encoder(),
         encoder_params,
-        engines_dir or cache_dir / ENGINES_DIR,
-        host or detect_host(),
+        engines_dir,
+        host,
         log,
     )
-    chosen = {"model": settings.model, "path": str(model.path), "origin": model.origin, "yes_no_ids": yes_no}
-    chosen["engine"] = variant
+    chosen = {
+        "model": settings.model,
+        "path": str(model.path),
+        "origin": model.origin,
+        "yes_no_ids": yes_no,
+        "engine": variant,
+    }
     return chosen | _compute_summary(model, settings, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
 
 
@@ -435,6 +438,8 @@ def prepare_repository(
     checked against `host` (default: this machine)."""
     repository.mkdir(parents=True, exist_ok=True)
     router = contract.ROUTER if settings.router.enabled else ""
+    host = host or detect_host()  # which built engines can load here: decided once for both encoders
+    engines_dir = engines_dir or cache_dir / ENGINES_DIR
     summary: dict[str, dict] = {}
     fallback = settings.offline_fallback
     if "embed" in endpoints:

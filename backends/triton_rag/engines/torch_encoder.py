@@ -243,16 +243,12 @@ class TorchEncoder:
                 block[row, : lengths[index]] = input_ids[index, starts[index] : starts[index] + lengths[index]]
                 lens[row] = lengths[index]
         flat = torch.from_numpy(np.concatenate([b.ravel() for b in blocks] + block_lengths)).to(self.device)
-        outputs = []
-        offset = 0
-        for group, (rows, width) in zip(groups, shapes, strict=True):
-            ids = flat[offset : offset + rows * width].view(rows, width)
-            offset += rows * width
-            outputs.append((group, ids, rows))
+        ids_at, lengths_at = 0, sum(rows * width for rows, width in shapes)  # the ids blocks, then the lengths
         results = []
-        for group, ids, rows in outputs:
-            row_lengths = flat[offset : offset + rows]
-            offset += rows
+        for group, (rows, width) in zip(groups, shapes, strict=True):
+            ids = flat[ids_at : ids_at + rows * width].view(rows, width)
+            row_lengths = flat[lengths_at : lengths_at + rows]
+            ids_at, lengths_at = ids_at + rows * width, lengths_at + rows
             results.append(self._run(ids, row_lengths)[: len(group)])
         values = torch.cat(results).float().cpu().numpy()
         out = np.empty_like(values)

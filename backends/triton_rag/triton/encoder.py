@@ -1,6 +1,6 @@
-"""The compute models `qwen_embed_encoder` and `qwen_rerank_encoder` on the PyTorch engine (CUDA when present).
-
-A tensorrt_plan variant of the same contract replaces this model where TensorRT engines are built.
+"""The compute models `qwen_embed_encoder` and `qwen_rerank_encoder` as python models: the PyTorch engine (CUDA
+when present), or a TensorRT-RTX engine when the repository chose that variant (`engine_file` parameter). The
+tensorrt_plan variant of the same contract is Triton's TensorRT backend instead (docs/ENGINES.md).
 """
 
 from __future__ import annotations
