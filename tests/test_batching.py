@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triton_rag.batching import graph_shape, graph_shapes, pad_rows, padded_tokens, plan_micro_batches
+from triton_rag.batching import (
+    graph_shape,
+    graph_shapes,
+    pad_rows,
+    padded_tokens,
+    plan_micro_batches,
+    plan_packed_passes,
+)
 
 
 @given(
@@ -95,6 +102,25 @@ def test_the_graph_shapes_captured_at_load_are_all_that_small_batches_can_need()
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         plan_micro_batches([1], 0, 10)
+    with pytest.raises(ValueError):
+        plan_packed_passes([1], 0)
+
+
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=5000), max_size=80),
+    budget=st.integers(min_value=1, max_value=40000),
+)
+def test_packed_passes_keep_order_and_fill_up_to_the_budget(lengths: list[int], budget: int) -> None:
+    passes = plan_packed_passes(lengths, budget)
+    assert [i for rows in passes for i in rows] == list(range(len(lengths)))
+    for rows, following in zip(passes, passes[1:], strict=False):  # a pass is cut only where the next row would not fit
+        assert sum(lengths[i] for i in rows) + lengths[following[0]] > budget
+    for rows in passes:  # only a row longer than the budget overflows, alone
+        assert len(rows) == 1 or sum(lengths[i] for i in rows) <= budget
+
+
+def test_a_row_longer_than_the_pass_budget_goes_alone() -> None:
+    assert plan_packed_passes([10, 100, 10, 10], 30) == [[0], [1], [2, 3]]
 
 
 def test_pad_rows_right_pads_ids_and_mask() -> None:

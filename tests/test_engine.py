@@ -96,6 +96,16 @@ def test_causal_loop_equals_each_row_alone_for_either_padding(
         assert encoder._graphs
 
 
+@pytest.mark.parametrize("pooling", ["last_token", "mean"])
+def test_packed_passes_equal_each_row_alone(tiny_embed_dir: Path, pooling: str) -> None:
+    """A pass budget smaller than the batch: several packed passes, the 64-token row alone in one; every row still
+    equals transformers on that row alone (a segment that saw its neighbours would not)."""
+    encoder = TorchEncoder(tiny_embed_dir, "embed", pooling=pooling, use_graphs=False, max_batch_tokens=60)  # type: ignore[arg-type]
+    np.testing.assert_allclose(
+        encoder.forward(*_left_pad(ROWS, 151643)), _alone(tiny_embed_dir, ROWS, pooling), atol=2e-5, rtol=1e-4
+    )
+
+
 def test_reranker_loop_reads_the_head_at_each_rows_last_token(tiny_rerank_dir: Path) -> None:
     full = AutoModelForCausalLM.from_pretrained(str(tiny_rerank_dir), dtype=torch.float32).eval()
     encoder = TorchEncoder(tiny_rerank_dir, "rerank", yes_no_ids=(2152, 9693), use_graphs=True)

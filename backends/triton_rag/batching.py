@@ -53,6 +53,23 @@ def plan_micro_batches(
     return groups[::-1]
 
 
+def plan_packed_passes(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in passes of at most `max_tokens` real tokens each, in order (a row longer than that goes alone).
+    Packed rows cost only their own tokens, so the fewest passes is the whole plan: no sorting, no padding."""
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be positive")
+    passes: list[list[int]] = []
+    total = 0
+    for index, length in enumerate(lengths):
+        if passes and total + length <= max_tokens:
+            passes[-1].append(index)
+            total += length
+        else:
+            passes.append([index])
+            total = length
+    return passes
+
+
 def padded_tokens(lengths: Sequence[int], groups: Sequence[Sequence[int]]) -> int:
     """Tokens a plan computes, padding included (the real ones are `sum(lengths)`)."""
     return sum(len(group) * max(lengths[i] for i in group) for group in groups)

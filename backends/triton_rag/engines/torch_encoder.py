@@ -3,12 +3,13 @@
 Runs on CUDA when present, else on the CPU. The layers are transformers' own modules and weights of the checkpoint,
 so the numbers are the reference's; what is ours is how they are driven, for speed:
 
-- Qwen3 (a causal decoder): every row is re-aligned to the left (right padding) and attention is purely causal, so
-  a real token never sees padding and no mask is built (SDPA's flash kernel; no host sync). Rows are sorted by
-  length and cut into micro-batches that minimise padded tokens plus a per-pass overhead (`plan_micro_batches`),
-  all groups are queued before one copy back. Small batches run as replayed CUDA graphs, one per power-of-two
-  (rows, width) shape. With `compile_model`, each decoder layer is compiled once (regional compilation: identical
-  layers share the code), which fuses the norms, RoPE and FP8 activation quantization into their neighbours.
+- Qwen3 (a causal decoder): the rows' real tokens are packed end to end into one sequence per pass and each text
+  attends causally to itself only (FlashAttention's variable-length kernel, `packed_attention`), so no compute is
+  spent on padding; all passes are uploaded in one copy and queued before one copy back. A small batch (up to
+  `GRAPH_MAX_TOKENS` once padded to a power-of-two shape) instead runs right-aligned in a captured CUDA graph: a
+  replay costs no launches, which is what small batches are bound by. With `compile_model`, each decoder layer is
+  compiled once (regional compilation: identical layers share the code), which fuses the norms, RoPE and FP8
+  activation quantization into their neighbours.
 - Other architectures (a bidirectional encoder such as MiniLM in the tests) run transformers' forward with the mask.
 
 Only pooling and the reranker head are fully ours, and they keep the output small: the reranker reads just the two
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from triton_rag.batching import graph_shape, graph_shapes, plan_micro_batches
+from triton_rag.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.engines.fp8 import convert_linears
+from triton_rag.engines.packed_attention import PACKED_ATTENTION
 from triton_rag.precision import Device, choose_precision
 
 #: What this engine has kernels for (NVFP4 GEMMs come with TensorRT plans, issue 6).
@@ -156,7 +158,7 @@ class TorchEncoder:
         max_batch_tokens: int = 32768,
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests)."""
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         self.task = task
         self.pooling = pooling
@@ -176,12 +178,13 @@ class TorchEncoder:
             self.dtype = choose_dtype(dtype, self.device)
         else:
             self.dtype = _DTYPES[self.precision]
-        model = AutoModel.from_pretrained(str(model_dir), dtype=self.dtype, attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(str(model_dir))
+        self.causal = config.model_type in CAUSAL_DECODERS and not getattr(config, "use_sliding_window", False)
+        attention = PACKED_ATTENTION if self.causal else "sdpa"
+        model = AutoModel.from_pretrained(str(model_dir), dtype=self.dtype, attn_implementation=attention)
         self.model = model.to(self.device).eval()
         if self.precision == "fp8":
             log(f"precision: fp8, {convert_linears(self.model)} linear layers quantized rowwise")
-        config = model.config
-        self.causal = config.model_type in CAUSAL_DECODERS and not getattr(config, "use_sliding_window", False)
         self.layers: list[Callable[..., torch.Tensor]] = list(model.layers) if self.causal else []
         cuda = self.device.type == "cuda"
         if cuda:  # cuDNN's SDPA plans each new shape on the host (~0.9 ms a layer, BENCHMARKS.md); flash does not
@@ -233,35 +236,73 @@ class TorchEncoder:
         starts, lengths = real_spans(attention_mask)
         if not self.causal:
             return self._forward_masked(input_ids, attention_mask)
-        groups = plan_micro_batches(lengths.tolist(), len(lengths), self.max_batch_tokens)
-        shapes = [self._shape(len(group), int(lengths[group].max())) for group in groups]
-        # every group's right-aligned block in one host buffer, one copy to the device, then all groups queued
-        blocks = [np.zeros(shape, dtype=np.int64) for shape in shapes]
-        block_lengths = [np.ones(shape[0], dtype=np.int64) for shape in shapes]  # padding rows: one token
-        for group, block, lens in zip(groups, blocks, block_lengths, strict=True):
-            for row, index in enumerate(group):
-                block[row, : lengths[index]] = input_ids[index, starts[index] : starts[index] + lengths[index]]
-                lens[row] = lengths[index]
-        flat = torch.from_numpy(np.concatenate([b.ravel() for b in blocks] + block_lengths)).to(self.device)
-        ids_at, lengths_at = 0, sum(rows * width for rows, width in shapes)  # the ids blocks, then the lengths
-        results = []
-        for group, (rows, width) in zip(groups, shapes, strict=True):
-            ids = flat[ids_at : ids_at + rows * width].view(rows, width)
-            row_lengths = flat[lengths_at : lengths_at + rows]
-            ids_at, lengths_at = ids_at + rows * width, lengths_at + rows
-            results.append(self._run(ids, row_lengths)[: len(group)])
+        shape = graph_shape(len(lengths), int(lengths.max()), GRAPH_MAX_TOKENS) if self.use_graphs else None
+        if shape is not None:
+            return self._forward_graph(input_ids, starts, lengths, shape)
+        return self._forward_packed(input_ids, starts, lengths)
+
+    def _forward_graph(
+        self, input_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int]
+    ) -> np.ndarray:
+        """A small batch: its rows right-aligned in a captured power-of-two shape, one graph replay."""
+        block = np.zeros(shape, dtype=np.int64)
+        block_lengths = np.ones(shape[0], dtype=np.int64)  # padding rows: one token
+        for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+            block[row, :length] = input_ids[row, start : start + length]
+            block_lengths[row] = length
+        flat = torch.from_numpy(np.concatenate([block.ravel(), block_lengths])).to(self.device)
+        ids, row_lengths = flat[: block.size].view(shape), flat[block.size :]
+        return self._run(ids, row_lengths)[: len(lengths)].float().cpu().numpy()
+
+    def _forward_packed(self, input_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Every row's real tokens end to end, in passes of up to `max_batch_tokens`: no padding computed. All
+        passes go to the device in one copy and are queued before one copy back."""
+        passes = plan_packed_passes(lengths.tolist(), self.max_batch_tokens)
+        pieces: list[np.ndarray] = []
+        for rows in passes:  # per pass: ids, positions, segment bounds
+            pieces += [input_ids[row, starts[row] : starts[row] + lengths[row]] for row in rows]
+            pieces += [np.arange(lengths[row]) for row in rows]
+            pieces.append(np.concatenate([[0], np.cumsum(lengths[rows])]))
+        flat = torch.from_numpy(np.concatenate(pieces).astype(np.int64)).to(self.device)
+        results, at = [], 0
+        for rows in passes:
+            total = int(lengths[rows].sum())
+            ids, positions = flat[at : at + total], flat[at + total : at + 2 * total]
+            bounds = flat[at + 2 * total : at + 2 * total + len(rows) + 1].to(torch.int32)
+            at += 2 * total + len(rows) + 1
+            results.append(self._packed(ids, positions, bounds, int(lengths[rows].max())))
         values = torch.cat(results).float().cpu().numpy()
         out = np.empty_like(values)
-        out[np.concatenate(groups)] = values
+        out[np.concatenate(passes)] = values
         return out
 
-    def _shape(self, rows: int, width: int) -> tuple[int, int]:
-        return (graph_shape(rows, width, GRAPH_MAX_TOKENS) if self.use_graphs else None) or (rows, width)
+    def _packed(self, ids: torch.Tensor, positions: torch.Tensor, bounds: torch.Tensor, longest: int) -> torch.Tensor:
+        """One packed sequence through the decoder (each segment attends causally to itself), pooled per segment."""
+        hidden = self.model.embed_tokens(ids[None])
+        rope = self.model.rotary_emb(hidden, positions[None])
+        for layer in self.layers:
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_embeddings=rope,
+                cu_seq_lens_q=bounds,
+                max_length_q=longest,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = self.model.norm(hidden)[0]
+        if self.task == "embed" and self.pooling == "mean":
+            counts = bounds[1:] - bounds[:-1]
+            segment = torch.repeat_interleave(
+                torch.arange(len(counts), device=ids.device), counts, output_size=ids.shape[0]
+            )
+            sums = torch.zeros(len(counts), hidden.shape[1], dtype=torch.float32, device=ids.device)
+            sums.index_add_(0, segment, hidden.float())
+            return (sums / counts[:, None]).to(hidden.dtype)
+        last = hidden[bounds[1:].long() - 1]
+        return last if self.task == "embed" else last @ self.head.T  # type: ignore[union-attr]
 
     def _run(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         shape = (ids.shape[0], ids.shape[1])
-        if not self.use_graphs or graph_shape(*shape, GRAPH_MAX_TOKENS) != shape:
-            return self._pooled(ids, lengths)
         captured = self._graphs.get(shape) or self._capture(shape)
         captured.ids.copy_(ids)
         captured.lengths.copy_(lengths)

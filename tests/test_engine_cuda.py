@@ -1,0 +1,86 @@
+"""The engine's CUDA-only paths against the float32 reference: FlashAttention over packed rows, compiled layers, CUDA
+graphs, FP8 GEMMs (cuBLAS and the skinny Triton kernel). Deselected by default (no GPU on CI); on the GPU machine:
+
+    pytest -m gpu tests/test_engine_cuda.py
+
+The model has the 0.6B encoder's layer shapes (hidden 1024, 16 heads of 128, 8 KV heads, FFN 3072) and 4 layers of
+random weights, so bfloat16 and FP8 rounding show at the sizes the kernels really run, in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3Model
+
+from triton_rag.batching import pad_rows
+from triton_rag.engines.torch_encoder import TorchEncoder
+from triton_rag.offline import TINY_QWEN3
+
+pytestmark = pytest.mark.gpu
+
+ROWS = [list(np.random.default_rng(n).integers(10, 150000, size=n)) for n in (5, 16, 300, 77, 512, 1, 129, 40)]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA")
+    config = Qwen3Config(
+        **(TINY_QWEN3 | dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=16,
+                             num_key_value_heads=8, head_dim=128, initializer_range=0.02))
+    )  # fmt: skip
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("qwen3-4-layers")
+    Qwen3Model(config).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> np.ndarray:
+    """Each row alone through the float32 CPU engine (itself equal to transformers, test_engine.py)."""
+    encoder = TorchEncoder(model_dir, "embed", dtype="float32", device="cpu")
+    return np.concatenate([encoder.forward(np.array([row]), np.ones((1, len(row)), dtype=np.int64)) for row in ROWS])
+
+
+@pytest.mark.parametrize("precision, floor", [("bfloat16", 0.999), ("fp8", 0.98)])
+def test_cuda_engine_alone_and_batched_match_the_reference(
+    model_dir: Path, reference: np.ndarray, precision: str, floor: float
+) -> None:
+    """Packed passes (flash varlen), graph replays and the skinny FP8 kernel, compiled: every row close to float32,
+    and the same row alone (a graph, skinny GEMMs) and inside the batch (packed, cuBLAS) closer still."""
+    encoder = TorchEncoder(model_dir, "embed", precision=precision, compile_model=True, max_batch_tokens=600)
+    batched = encoder.forward(*pad_rows(ROWS, 0))
+    alone = np.concatenate([encoder.forward(np.array([row]), np.ones((1, len(row)), dtype=np.int64)) for row in ROWS])
+    assert _cosines(batched, reference).min() >= floor
+    assert _cosines(alone, reference).min() >= floor
+    assert _cosines(alone, batched).min() >= 1 - (1 - floor) / 4
+    assert encoder._graphs  # the short rows ran as graph replays
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("columns, inner", [(1024, 1024), (3072, 1024), (1024, 3072), (1040, 272)])
+def test_skinny_fp8_kernel_equals_scaled_mm(rows: int, columns: int, inner: int) -> None:
+    from triton_rag.engines.fp8 import ALIGN, quantize_rowwise
+    from triton_rag.engines.fp8_skinny import fp8_skinny_mm
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, inner, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(columns, inner, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quantize_rowwise(x)
+    wq, ws = quantize_rowwise(w)
+    got = fp8_skinny_mm(xq, xs, wq, ws.reshape(1, -1), torch.bfloat16)
+    pad = (-rows) % ALIGN
+    padded = torch.nn.functional.pad(xq.float(), (0, 0, 0, pad)).to(torch.float8_e4m3fn)
+    padded_scale = torch.nn.functional.pad(xs, (0, 0, 0, pad), value=1.0)
+    expected = torch._scaled_mm(
+        padded, wq.t(), scale_a=padded_scale, scale_b=ws.reshape(1, -1), out_dtype=torch.bfloat16
+    )[:rows]
+    torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2 * expected.abs().max().item())
