@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triton_rag.engines import fp8_skinny
-
 #: Largest finite float8_e4m3fn.
 FP8_MAX = 448.0
 #: `_scaled_mm` wants every dimension a multiple of 16; token counts are padded up to it.
@@ -40,18 +38,11 @@ class Fp8Linear(nn.Module):
         self.weight_scale: torch.Tensor
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # [1, out]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(self.out_dtype), False)
-        self.skinny = weight.is_cuda and fp8_skinny.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         count = rows.shape[0]
-        if self.skinny and count <= fp8_skinny.SKINNY_MAX_ROWS:  # weight streaming for a few rows (fp8_skinny.py)
-            quantized, scale = quantize_rowwise(rows)
-            out = fp8_skinny.fp8_skinny_mm(quantized, scale, self.weight, self.weight_scale, self.out_dtype)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*shape[:-1], self.out_features)
         if x.is_cuda and count % ALIGN:
             rows = torch.nn.functional.pad(rows, (0, 0, 0, ALIGN - count % ALIGN))
         quantized, scale = quantize_rowwise(rows)
