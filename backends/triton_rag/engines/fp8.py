@@ -43,8 +43,8 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         count = rows.shape[0]
-        if x.is_cuda and count % ALIGN:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, ALIGN - count % ALIGN))
+        if x.is_cuda:  # always padded (by 0 rows when aligned): a branch on the count would recompile the layer
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, (-count) % ALIGN))
         quantized, scale = quantize_rowwise(rows)
         if x.is_cuda:
             out = torch._scaled_mm(

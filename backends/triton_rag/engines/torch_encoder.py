@@ -216,7 +216,7 @@ class TorchEncoder:
         """Do at load what would otherwise stall the first requests for seconds each: compile the layers for one
         row and for any shape, and capture every CUDA-graph shape."""
         started = time.perf_counter()
-        for rows, width in ((1, 16), (3, 40), (5, 300)):
+        for rows, width in ((1, 16), (3, 40), (5, 300), (4, 400)):  # two graphs, two packed passes
             self.forward(np.full((rows, width), 100, dtype=np.int64), np.ones((rows, width), dtype=np.int64))
         if self.use_graphs:
             with torch.inference_mode():
