@@ -251,7 +251,17 @@ def end_to_end(
         ledger = RouterControl(server.grpc_url).status()["models"]
         encoder = contract.EMBED_ENCODER if task == "embed" else contract.RERANK_ENCODER
         held = ledger.get(encoder, {}).get("measured_bytes")  # the encoder's stub processes (NVML), after the load
+        before = client.get_inference_statistics(as_json=True)
         alone = perf_analyzer(binary, server.grpc_url, endpoint, short_data, 1, args.out / f"perf-{tag}-short.txt")
+        short_server = time_per_model(client, before)
+        # the same request's token ids straight to the encoder model: Triton's path without endpoint and router
+        short_ids = tokenized_short(tokenizer, task, short)
+        encoder_data = args.out / f"perf-{task}-short-encoder.json"
+        encoder_data.write_text(json.dumps({"data": [{
+            "INPUT_IDS": {"content": short_ids, "shape": [len(short_ids)]},
+            "ATTENTION_MASK": {"content": [1] * len(short_ids), "shape": [len(short_ids)]},
+        }]}))  # fmt: skip
+        direct = perf_analyzer(binary, server.grpc_url, encoder, encoder_data, 1, args.out / f"perf-{tag}-direct.txt")
     rate = load["infer_per_s"] * tokens_per_request
     row = {
         "variant": f"ours {precision}, tritonserver + perf_analyzer (concurrency {args.concurrency})",
@@ -262,28 +272,64 @@ def end_to_end(
         "encoder_held_gib": round(held / 2**30, 2) if held else None,
         "accuracy": "-",
         "server_ms_per_execution": server_time,
+        "short_encoder_direct_p50_ms": direct["p50_ms"],
+        "short_server_ms_per_execution": short_server,
     }
     log(json.dumps(row))
     return row
 
 
-def time_per_model(client: Any) -> dict[str, Any]:
-    """Triton's own statistics since start: per model, executions, mean rows per execution and mean ms of compute
-    per execution (queue time apart) - where the time of an end-to-end request goes."""
-    stats = client.get_inference_statistics(as_json=True)["model_stats"]
+def time_per_model(client: Any, since: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Triton's own statistics since start (or since the `since` snapshot of get_inference_statistics): per model,
+    executions, mean rows per execution and mean ms of compute per execution (queue time apart) - where the time of
+    an end-to-end request goes."""
+
+    def counters(stats: dict[str, Any]) -> dict[str, tuple[int, int, int, int, int]]:
+        return {
+            m["name"]: (
+                int(m.get("execution_count", 0)), int(m.get("inference_count", 0)),
+                int(m["inference_stats"]["compute_infer"]["ns"]),
+                int(m["inference_stats"]["queue"]["ns"]), int(m["inference_stats"]["queue"]["count"]),
+            )  # fmt: skip
+            for m in stats["model_stats"]
+        }
+
+    now = counters(client.get_inference_statistics(as_json=True))
+    then = counters(since) if since else {}
     times = {}
-    for model in stats:
-        executions = int(model.get("execution_count", 0))
+    for name, values in now.items():
+        executions, inferences, compute_ns, queue_ns, queued = (
+            a - b for a, b in zip(values, then.get(name, (0,) * 5), strict=True)
+        )
         if executions:
-            compute = model["inference_stats"]["compute_infer"]
-            queue = model["inference_stats"]["queue"]
-            times[model["name"]] = {
+            times[name] = {
                 "executions": executions,
-                "rows_per_execution": round(int(model.get("inference_count", 0)) / executions, 1),
-                "compute_ms": round(int(compute["ns"]) / executions / 1e6, 2),
-                "queue_ms_per_request": round(int(queue["ns"]) / max(int(queue["count"]), 1) / 1e6, 2),
+                "rows_per_execution": round(inferences / executions, 1),
+                "compute_ms": round(compute_ns / executions / 1e6, 2),
+                "queue_ms_per_request": round(queue_ns / max(queued, 1) / 1e6, 2),
             }
     return times
+
+
+def tokenized_short(tokenizer: Any, task: str, short: dict[str, list[str]]) -> list[int]:
+    """The token ids the endpoint sends the encoder for the short request (its own tokenization code)."""
+    from triton_rag.settings import DEFAULT_RERANK_INSTRUCTION
+    from triton_rag.text import (
+        QWEN3_POOL_TOKEN,
+        EmbedTokenization,
+        RerankTokenization,
+        format_embed_text,
+        format_rerank_pair,
+    )
+
+    if task == "embed":
+        pool = tokenizer.convert_tokens_to_ids(QWEN3_POOL_TOKEN)
+        embedding = EmbedTokenization(tokenizer, 1024, "truncate", pool)
+        encoded = embedding.encode([format_embed_text(short["TEXT"][0], "")])
+    else:
+        pair = format_rerank_pair(short["QUERY"][0], short["DOCUMENT"][0], DEFAULT_RERANK_INSTRUCTION)
+        encoded = RerankTokenization(tokenizer, 1024, "truncate").encode([pair])
+    return [int(i) for i in encoded[0].ids]
 
 
 def release(device: torch.device) -> None:
@@ -350,6 +396,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--append", type=Path, help="append the table to this file (make bench: BENCHMARKS.md)")
     args = parser.parse_args()
+    # one process compiles the layers of several models (shapes, precisions); a server process holds one, so only
+    # here can dynamo's per-code recompile limit be reached, and past it a layer would silently run eagerly
+    torch._dynamo.config.recompile_limit = 64
     if args.e2e and not args.perf_analyzer:
         parser.error("--e2e needs perf_analyzer: run `make test-tools`, or pass --perf-analyzer PATH")
     args.out.mkdir(parents=True, exist_ok=True)

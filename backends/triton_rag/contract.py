@@ -50,7 +50,7 @@ def embed_endpoint(dim: int) -> ModelContract:
         name=EMBED_ENDPOINT,
         doc="Text embeddings (Qwen3-Embedding recipe, or mean pooling for BERT-family embedders).",
         max_batch_size=64,
-        dynamic_batching=((4, 8, 16, 32, 64), 500),
+        dynamic_batching=((4, 8, 16, 32, 64), 100),
         inputs=(
             TensorSpec("TEXT", "TYPE_STRING", (1,), "UTF-8 text to embed. Empty text is an error."),
             TensorSpec(
@@ -84,7 +84,7 @@ def rerank_endpoint() -> ModelContract:
         name=RERANK_ENDPOINT,
         doc='Relevance of a document to a query: P("yes") by the Qwen3-Reranker recipe, one pair per row.',
         max_batch_size=16,
-        dynamic_batching=((2, 4, 8, 16), 500),
+        dynamic_batching=((2, 4, 8, 16), 100),
         inputs=(
             TensorSpec("QUERY", "TYPE_STRING", (1,), "UTF-8 query. Empty is an error."),
             TensorSpec("DOCUMENT", "TYPE_STRING", (1,), "UTF-8 document. Empty is an error."),
