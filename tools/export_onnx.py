@@ -1,5 +1,5 @@
-"""Export the configured encoders to ONNX, check them against the PyTorch engine, and build TensorRT-RTX engines
-for RTX 50 from them (`make engines`, issue 6; quantization and full-TensorRT plans come next).
+"""Export the configured encoders to ONNX, check them against the PyTorch engine, quantize them, and build
+TensorRT-RTX engines for RTX 50 from them (`make engines`, issue 6; full-TensorRT plans: docs/ENGINES.md).
 
     python tools/export_onnx.py [--config rag.toml] [--set section.key=value ...] [--out .cache/engines] [--no-rtx]
 
@@ -7,10 +7,10 @@ For each encoder: resolve the model as `triton-rag prepare` does, load the PyTor
 export `<out>/<encoder>/model.onnx` with the encoder's tensor contract, and run onnxruntime on batches of other
 shapes with left and right padding; it fails unless the cosine to the engine is at least 0.9999. Then quantize it
 to FP8 Q/DQ (`model.fp8.onnx`, MatMuls only, ModelOpt calibrated on the CPU; the `quantize` extra) and report its
-agreement with float32. Then, where TensorRT-RTX is installed (the `rtx` extra), build
-`<out>/<encoder>/model.sm120.engine` from the best precision available here (NVFP4 needs CUDA to calibrate, so FP8)
-and its manifest, with optimization profiles from the configuration (rows up to the encoder's max batch, tokens up
-to max_length). No GPU is needed to build; running the engine needs an RTX 50 card.
+agreement with float32; on a machine with CUDA also to NVFP4 (`model.nvfp4.onnx`, ModelOpt's emulation). Then,
+where TensorRT-RTX is installed (the `rtx` extra), build `<out>/<encoder>/model.sm120.engine` from the best
+precision built here (NVFP4 with CUDA, else FP8) and its manifest, with optimization profiles from the
+configuration (rows up to the encoder's max batch, tokens up to max_length). No GPU is needed to build; running the engine needs an RTX 50 card.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from triton_rag import contract
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.onnx_export import export_encoder, parity, sample_batches
 from triton_rag.plans import PLAN_CHAIN, configured_profiles, plan_precision
-from triton_rag.quantize import agreement, quantize_fp8, run_onnx
+from triton_rag.quantize import agreement, quantize_fp8, quantize_nvfp4, run_onnx
 from triton_rag.settings import load_settings
 from triton_rag.sources import resolve_model
 
@@ -82,6 +83,13 @@ def main() -> int:
             batches = sample_batches()
             log(f"{name}: {fp8} against float32: {agreement(run_onnx(path, batches), run_onnx(fp8, batches))}")
             built["fp8"] = fp8
+            if torch.cuda.is_available():  # NVFP4's calibration is ModelOpt's CUDA emulation
+                target = path.with_name("model.nvfp4.onnx")
+                nvfp4, reference, emulated = quantize_nvfp4(engine, target, batches, log=log)
+                log(f"{name}: {nvfp4} (emulated) against float32: {agreement(reference, emulated)}")
+                built["nvfp4"] = nvfp4
+            else:
+                log(f"{name}: no NVFP4 ONNX: its calibration runs through ModelOpt's CUDA emulation (no GPU here)")
         if rtx:
             from triton_rag.trt_rtx import build_rtx_engine
 

@@ -24,7 +24,8 @@ OPSET = 18
 
 
 class _Contract(nn.Module):
-    """INPUT_IDS, ATTENTION_MASK -> POOLED (embed) or LOGITS (rerank), as the engine computes them."""
+    """INPUT_IDS, ATTENTION_MASK -> POOLED (embed) or LOGITS (rerank), as the engine computes them. The argument
+    names are the contract's: exporters that name inputs after the signature (ModelOpt's) keep them."""
 
     def __init__(self, engine: TorchEncoder) -> None:
         super().__init__()
@@ -32,10 +33,15 @@ class _Contract(nn.Module):
         self.pooling = engine.pooling if engine.task == "embed" else "last_token"
         self.head = None if engine.head is None else nn.Parameter(engine.head.detach().float(), requires_grad=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling)  # type: ignore[arg-type]
+    def forward(self, INPUT_IDS: torch.Tensor, ATTENTION_MASK: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        hidden = self.model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).last_hidden_state
+        pooled = pool(hidden, ATTENTION_MASK, self.pooling)  # type: ignore[arg-type]
         return pooled if self.head is None else pooled @ self.head.T
+
+
+def contract_module(engine: TorchEncoder) -> nn.Module:
+    """The engine's model with its pooling (and reranker head) as one module in the contract's tensor names."""
+    return _Contract(engine).eval()
 
 
 def output_name(engine: TorchEncoder) -> str:
@@ -53,7 +59,7 @@ def export_encoder(engine: TorchEncoder, path: Path, log: Callable[[str], None] 
     log(f"exporting the {engine.task} encoder to {path} (opset {OPSET})")
     with torch.inference_mode():
         torch.onnx.export(
-            _Contract(engine).eval(),
+            contract_module(engine),
             sample,
             str(path),
             input_names=names,

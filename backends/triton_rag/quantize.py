@@ -1,10 +1,17 @@
-"""FP8 Q/DQ ONNX of the encoders with NVIDIA ModelOpt, calibrated and checked on the CPU (onnxruntime).
+"""FP8 and NVFP4 Q/DQ ONNX of the encoders with NVIDIA ModelOpt.
 
 Q/DQ nodes are how FP8 reaches a TensorRT or TensorRT-RTX engine: a strongly typed build runs each quantized MatMul
 on FP8 tensor cores with the calibrated scales (trtexec's precision flags cannot do this; docs/ENGINES.md). The recipe
 quantizes MatMuls only: ModelOpt's default also quantizes the inputs of residual adds and norms, which on a Qwen3
-stack costs far more accuracy (FACTS.md: cosine 0.63 against 0.995 on a toy model). NVFP4 is calibrated through
-ModelOpt's CUDA emulation, so it needs a GPU machine and is not done here.
+stack costs far more accuracy (FACTS.md: cosine 0.63 against 0.995 on a toy model). FP8 is quantized on the ONNX
+graph and checked with onnxruntime, all on the CPU.
+
+NVFP4 (4-bit e2m1 values with an e4m3 scale per 16 and a float32 scale per tensor) has no ONNX-level recipe in
+ModelOpt and no onnxruntime kernel: the engine's own module is quantized in PyTorch (`mtq.quantize`, the default
+NVFP4 recipe: weights and inputs of every linear layer; the reranker's two head rows stay float32), its accuracy is
+measured through ModelOpt's emulation, which runs on CUDA only, and ModelOpt's exporter writes the Q/DQ ONNX
+(TensorRT's FP4 quantize op on activations, two-level dequantized FP4 weights, opset 23) for a strongly typed
+TensorRT build. So NVFP4 needs a CUDA GPU to produce; the engine it becomes needs a Blackwell GPU to run.
 """
 
 from __future__ import annotations
@@ -12,10 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from triton_rag.postprocess import row_cosine
+
+if TYPE_CHECKING:
+    from triton_rag.engines.torch_encoder import TorchEncoder
 
 #: The recipe: FP8 (e4m3) Q/DQ on MatMul inputs only, everything else in the export's float32.
 FP8_OPS = ("MatMul",)
@@ -72,3 +83,62 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> str:
         return f"score (yes - no) max shift {shift.max():.4f} (scores span {spread:.4f})"
     cosine = row_cosine(reference, candidate)
     return f"cosine min {cosine.min():.4f}, mean {cosine.mean():.4f}"
+
+
+def quantize_nvfp4(
+    engine: TorchEncoder,
+    out_path: Path,
+    batches: Sequence[tuple[np.ndarray, np.ndarray]],
+    calibration: dict[str, np.ndarray] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Write `out_path`, the NVFP4 Q/DQ ONNX of `engine` (a float32 CPU engine, left as it is); return it with the
+    rows of `batches` by `engine` and by the emulated NVFP4 model (for `agreement`). Needs CUDA (ModelOpt's NVFP4
+    emulation)."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import onnx
+    import torch
+    from modelopt.torch._deploy.utils.torch_onnx import OnnxBytes, get_onnx_bytes_and_metadata
+
+    from triton_rag.onnx_export import contract_module, output_name
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("NVFP4 calibration runs through ModelOpt's CUDA emulation: it needs a CUDA GPU")
+    log(f"quantizing the {engine.task} encoder to NVFP4 (ModelOpt, linear layers; emulated on CUDA)")
+    reference = np.concatenate([engine.forward(ids, mask) for ids, mask in batches])
+    module = copy.deepcopy(contract_module(engine)).cuda().eval()
+    feed = calibration or calibration_inputs()
+
+    def calibrate(model: torch.nn.Module) -> None:
+        model(*(torch.from_numpy(feed[name]).cuda() for name in ("INPUT_IDS", "ATTENTION_MASK")))
+
+    with torch.no_grad():
+        mtq.quantize(module, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), forward_loop=calibrate)
+        emulated = np.concatenate(
+            [module(torch.from_numpy(i).cuda(), torch.from_numpy(m).cuda()).float().cpu().numpy() for i, m in batches]
+        )
+    sample = tuple(torch.from_numpy(feed[name][:2]).cuda() for name in ("INPUT_IDS", "ATTENTION_MASK"))
+    axes = {name: {0: "rows", 1: "tokens"} for name in ("INPUT_IDS", "ATTENTION_MASK")}
+    exported, _ = get_onnx_bytes_and_metadata(module, sample, dynamic_axes=axes)
+    staging = out_path.parent / f"{out_path.stem}.staging"
+    written = OnnxBytes.from_bytes(exported)
+    written.write_to_disk(str(staging))
+    graph = onnx.load(str(staging / f"{written.model_name}.onnx"))
+    _rename_output(graph, output_name(engine))
+    onnx.save(graph, str(out_path))
+    for file in staging.iterdir():
+        file.unlink()
+    staging.rmdir()
+    return out_path, reference, emulated
+
+
+def _rename_output(graph: object, name: str) -> None:
+    """ModelOpt's exporter names the output after its own tree spec; the contract names it POOLED / LOGITS."""
+    (output,) = graph.graph.output  # type: ignore[attr-defined]
+    old = output.name
+    for node in graph.graph.node:  # type: ignore[attr-defined]
+        node.output[:] = [name if value == old else value for value in node.output]
+        node.input[:] = [name if value == old else value for value in node.input]
+    output.name = name

@@ -4,7 +4,8 @@ Packing is how the engine spends no compute on padding: a batch of texts of 40 a
 sequence, not two 500-token rows. transformers' Qwen3 layers call attention through its `AttentionInterface`, passing
 through keyword arguments from the layer call, so the engine registers `packed_attention` under `PACKED_ATTENTION`
 and hands each layer the segment boundaries (`cu_seq_lens_q`, transformers' own name for them) and the longest
-segment (`max_length_q`). Without those arguments it is plain SDPA (the padded CUDA-graph path).
+segment (`max_length_q`). Without those arguments it is plain SDPA, with SDPA's masks (the padded CUDA-graph path,
+transformers' masked forward, the ONNX export).
 
 On CUDA the kernel is FlashAttention's variable-length forward (`aten::_flash_attention_forward` with cumulative
 lengths: grouped-query heads natively, bf16/fp16). On a CPU each segment runs through SDPA on its own, the reference
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 #: The name the engine loads causal decoders with (`attn_implementation=`).
 PACKED_ATTENTION = "triton_rag_packed"
@@ -68,3 +70,5 @@ def _segment_by_segment(
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+# a masked forward (transformers' own, the ONNX export) builds the mask SDPA takes, as with "sdpa"
+AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
