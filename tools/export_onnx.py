@@ -10,7 +10,8 @@ to FP8 Q/DQ (`model.fp8.onnx`, MatMuls only, ModelOpt calibrated on the CPU; the
 agreement with float32; on a machine with CUDA also to NVFP4 (`model.nvfp4.onnx`, ModelOpt's emulation). Then,
 where TensorRT-RTX is installed (the `rtx` extra), build `<out>/<encoder>/model.sm120.engine` from the best
 precision built here (NVFP4 with CUDA, else FP8) and its manifest, with optimization profiles from the
-configuration (rows up to the encoder's max batch, tokens up to max_length). No GPU is needed to build; running the engine needs an RTX 50 card.
+configuration (rows up to the encoder's max batch, tokens up to max_length). No GPU is needed to build; running
+the engine needs an RTX 50 card.
 """
 
 from __future__ import annotations
