@@ -67,6 +67,24 @@ def test_rerank_ids_are_prefix_pair_suffix_and_truncate_the_pair(qwen_tokenizer)
         RerankTokenization(qwen_tokenizer, 200, "reject").encode([pair])
 
 
+@pytest.mark.parametrize("task", ["embed", "rerank"])
+def test_grouped_tokenization_equals_each_group_alone_and_keeps_errors_in_their_group(
+    qwen_tokenizer, task: str  # type: ignore[no-untyped-def]
+) -> None:
+    """One tokenizer call for a dynamic batch of requests: each request gets what it would get alone, and a row
+    over max_length fails only its own request, named by its row within that request."""
+    if task == "embed":
+        tokenization = EmbedTokenization(qwen_tokenizer, 40, "reject", ENDOFTEXT)
+        short, long = "a short text", "word " * 60
+    else:
+        tokenization = RerankTokenization(qwen_tokenizer, 120, "reject")  # type: ignore[assignment]
+        short, long = format_rerank_pair("q", "d", "i"), format_rerank_pair("q", "word " * 150, "i")
+    groups = [[short, short + " two"], [short, long, long], ["three " + short]]
+    results = tokenization.encode_groups(groups)
+    assert results[0] == tokenization.encode(groups[0]) and results[2] == tokenization.encode(groups[2])
+    assert isinstance(results[1], InputError) and str(results[1]).startswith("row 1:")
+
+
 def test_utf8_and_empty_checks_name_the_row() -> None:
     assert decode_utf8([b"ok", "caf\u00e9".encode()], "TEXT") == ["ok", "café"]
     with pytest.raises(InputError, match="TEXT row 1 is not valid UTF-8"):

@@ -79,21 +79,28 @@ class EmbedTokenization:
         return ids
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        rows = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        encoded: list[Encoded] = []
-        for index, ids in enumerate(rows):
-            ids = self._with_pool_token(list(ids))
-            if len(ids) <= self.max_length:
-                encoded.append(Encoded(ids, truncated=False))
-                continue
-            if self.overflow == "reject":
-                raise _overflow_error(index, len(ids), self.max_length)
-            # Let the tokenizer truncate (it keeps its own special tokens), leaving room for the pool token.
-            room = self.max_length - (1 if self.append_token_id is not None else 0)
-            cut = self.tokenizer([texts[index]], add_special_tokens=True, truncation=True, max_length=room)
-            ids = self._with_pool_token(list(cut["input_ids"][0]))
-            encoded.append(Encoded(ids, truncated=True))
-        return encoded
+        return _raise_or_return(self.encode_groups([texts])[0])
+
+    def encode_groups(self, groups: Sequence[Sequence[str]]) -> list[list[Encoded] | InputError]:
+        """Each group's rows, or the error of its first row over max_length (rejected); one tokenizer call for all."""
+        texts = [text for group in groups for text in group]
+        rows = iter(self.tokenizer(texts, add_special_tokens=True)["input_ids"])
+        results: list[list[Encoded] | InputError] = []
+        for group in groups:
+            encoded: list[Encoded] = []
+            error: InputError | None = None
+            for index, text in enumerate(group):
+                ids = self._with_pool_token(list(next(rows)))
+                if error is not None or len(ids) <= self.max_length:
+                    encoded.append(Encoded(ids, truncated=False))
+                elif self.overflow == "reject":
+                    error = _overflow_error(index, len(ids), self.max_length)
+                else:  # the tokenizer truncates (keeping its own special tokens), leaving room for the pool token
+                    room = self.max_length - (1 if self.append_token_id is not None else 0)
+                    cut = self.tokenizer([text], add_special_tokens=True, truncation=True, max_length=room)
+                    encoded.append(Encoded(self._with_pool_token(list(cut["input_ids"][0])), truncated=True))
+            results.append(error or encoded)
+        return results
 
 
 class RerankTokenization:
@@ -110,18 +117,30 @@ class RerankTokenization:
             raise ValueError(f"max_length {max_length} leaves no room for the reranker prompt")
 
     def encode(self, pairs: Sequence[str]) -> list[Encoded]:
-        rows = self.tokenizer(list(pairs), add_special_tokens=False)["input_ids"]
-        encoded: list[Encoded] = []
-        for index, ids in enumerate(rows):
-            ids = list(ids)
-            truncated = len(ids) > self.pair_budget
-            if truncated:
-                if self.overflow == "reject":
+        return _raise_or_return(self.encode_groups([pairs])[0])
+
+    def encode_groups(self, groups: Sequence[Sequence[str]]) -> list[list[Encoded] | InputError]:
+        """Each group's rows, or the error of its first row over max_length (rejected); one tokenizer call for all."""
+        rows = iter(self.tokenizer([pair for group in groups for pair in group], add_special_tokens=False)["input_ids"])
+        results: list[list[Encoded] | InputError] = []
+        for group in groups:
+            encoded: list[Encoded] = []
+            error: InputError | None = None
+            for index in range(len(group)):
+                ids = list(next(rows))
+                truncated = len(ids) > self.pair_budget
+                if truncated and self.overflow == "reject" and error is None:
                     total = len(ids) + len(self.prefix_ids) + len(self.suffix_ids)
-                    raise _overflow_error(index, total, self.max_length)
-                ids = ids[: self.pair_budget]
-            encoded.append(Encoded(self.prefix_ids + ids + self.suffix_ids, truncated))
-        return encoded
+                    error = _overflow_error(index, total, self.max_length)
+                encoded.append(Encoded(self.prefix_ids + ids[: self.pair_budget] + self.suffix_ids, truncated))
+            results.append(error or encoded)
+        return results
+
+
+def _raise_or_return(result: list[Encoded] | InputError) -> list[Encoded]:
+    if isinstance(result, InputError):
+        raise result
+    return result
 
 
 def decode_utf8(values: Sequence[object], tensor: str) -> list[str]:

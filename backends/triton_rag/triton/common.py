@@ -43,16 +43,18 @@ def error_response(message: str, invalid_input: bool = True) -> Any:
 
 def execute_jointly(
     requests: list[Any],
-    parse: Callable[[Any], Sequence[Row]],
+    parse: Callable[[Any], Sequence[Any]],
     compute: Callable[[list[Row]], Any],
     respond: Callable[[Sequence[Row], Any], Any],
+    prepare: Callable[[list[Sequence[Any]]], list[Sequence[Row] | InputError]] | None = None,
 ) -> list[Any]:
-    """The endpoints' execute(): parse every request into rows (a bad request gets its own INVALID_ARG error), one
-    `compute` over the good rows of all requests together (a sequence or array, one result per row), then one
-    response per request from its share of the results. A compute failure fails the requests that needed it;
-    nothing takes the model down."""
+    """The endpoints' execute(): parse every request into rows (a bad request gets its own INVALID_ARG error),
+    optionally `prepare` the parsed rows of all good requests in one go (tokenization: one call for the batch; it
+    returns each request's rows or its own error), one `compute` over the good rows of all requests together (a
+    sequence or array, one result per row), then one response per request from its share of the results. A compute
+    failure fails the requests that needed it; nothing takes the model down."""
     responses: list[Any] = [None] * len(requests)
-    jobs: list[tuple[int, Sequence[Row]]] = []
+    jobs: list[tuple[int, Sequence[Any]]] = []
     for index, request in enumerate(requests):
         try:
             rows = parse(request)
@@ -64,6 +66,21 @@ def execute_jointly(
         except Exception as exc:
             traceback.print_exc()
             responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+    if jobs and prepare is not None:
+        try:
+            prepared = prepare([rows for _, rows in jobs])
+        except Exception as exc:
+            traceback.print_exc()
+            for index, _ in jobs:
+                responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+            return responses
+        kept = []
+        for (index, _), result in zip(jobs, prepared, strict=True):
+            if isinstance(result, InputError):
+                responses[index] = error_response(str(result))
+            else:
+                kept.append((index, result))
+        jobs = kept
     if not jobs:
         return responses
     try:
