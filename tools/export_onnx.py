@@ -94,20 +94,30 @@ def main() -> int:
         if rtx:
             from triton_rag.trt_rtx import build_rtx_engine
 
-            # the best precision RTX 50 runs, down the chain to one whose ONNX was built here (NVFP4 calibration
-            # needs CUDA, ModelOpt's emulation; the float32 export is always there)
+            # the best precision RTX 50 runs, down the chain to one whose ONNX was built here and that the builder
+            # takes (NVFP4 exists only where CUDA calibrated it; its SM120 build is not verified here)
             wanted, _ = plan_precision("nvfp4", RTX_50)
-            chain = [*PLAN_CHAIN[PLAN_CHAIN.index(wanted) :], "float32"]
-            precision = next(p for p in chain if p in built)
-            if precision != wanted:
-                log(f"{name}: no {wanted} ONNX here (its calibration needs a CUDA GPU): building {precision}")
+            chain = [p for p in (*PLAN_CHAIN[PLAN_CHAIN.index(wanted) :], "float32") if p in built]
+            if chain[0] != wanted:
+                log(f"{name}: no {wanted} ONNX here (its calibration needs a CUDA GPU): building {chain[0]}")
             plan = path.with_name("model.sm120.engine")
-            started = time.perf_counter()
-            build_rtx_engine(built[precision], plan, profiles[name], encoder_settings.model, name, precision, log=log)
-            log(
-                f"{name}: {plan} ({precision}, {plan.stat().st_size / 2**20:.1f} MiB, built in "
-                f"{time.perf_counter() - started:.0f} s, not run: needs an RTX 50 GPU) and its manifest"
-            )
+            for precision in chain:
+                started = time.perf_counter()
+                try:
+                    build_rtx_engine(
+                        built[precision], plan, profiles[name], encoder_settings.model, name, precision, log=log
+                    )
+                except Exception as exc:  # the builder refused this precision: the next one down the chain
+                    log(f"{name}: TensorRT-RTX could not build the {precision} ONNX ({exc}); trying the next precision")
+                    continue
+                log(
+                    f"{name}: {plan} ({precision}, {plan.stat().st_size / 2**20:.1f} MiB, built in "
+                    f"{time.perf_counter() - started:.0f} s, not run: needs an RTX 50 GPU) and its manifest"
+                )
+                break
+            else:
+                log(f"{name}: no SM120 engine: TensorRT-RTX built none of {', '.join(chain)}")
+                failures += 1
     return 1 if failures else 0
 
 
