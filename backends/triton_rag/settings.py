@@ -39,7 +39,8 @@ class EncoderSettings:
     #: nvfp4 | fp8 | bfloat16 | float32 | auto (= `dtype`); a precision the GPU or engine cannot run falls back
     #: down that chain, with the reason in the log (triton_rag.precision).
     precision: str = "auto"
-    #: Largest padded batch (rows x longest row) sent to the encoder at once.
+    #: Largest padded batch (rows x longest row) sent to the encoder at once; the engine packs the real tokens into
+    #: passes of at most this many (its activation memory scales with it).
     max_batch_tokens: int = 32768
     #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
     #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
