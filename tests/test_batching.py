@@ -12,6 +12,7 @@ from triton_rag.batching import (
     graph_shapes,
     pad_rows,
     padded_tokens,
+    plan_encoder_calls,
     plan_micro_batches,
     plan_packed_passes,
 )
@@ -23,7 +24,7 @@ from triton_rag.batching import (
     budget=st.integers(min_value=1, max_value=40000),
 )
 def test_micro_batches_cover_every_row_once_within_limits(lengths: list[int], max_rows: int, budget: int) -> None:
-    groups = plan_micro_batches(lengths, max_rows, budget)
+    groups = plan_micro_batches(lengths, max_rows, budget, 512)
     assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
     for group in groups:
         assert 1 <= len(group) <= max_rows
@@ -33,7 +34,7 @@ def test_micro_batches_cover_every_row_once_within_limits(lengths: list[int], ma
 
 def test_rows_of_similar_length_go_together() -> None:
     lengths = [10, 4000, 12, 3900, 11]
-    assert plan_micro_batches(lengths, max_rows=32, max_padded_tokens=8000) == [[1, 3], [2, 4, 0]]
+    assert plan_micro_batches(lengths, 32, 8000, pass_overhead_tokens=512) == [[1, 3], [2, 4, 0]]
 
 
 def _cost(lengths: list[int], groups: list[list[int]], overhead: int) -> int:
@@ -101,7 +102,7 @@ def test_the_graph_shapes_captured_at_load_are_all_that_small_batches_can_need()
 
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError):
-        plan_micro_batches([1], 0, 10)
+        plan_micro_batches([1], 0, 10, 0)
     with pytest.raises(ValueError):
         plan_packed_passes([1], 0)
 
@@ -128,3 +129,10 @@ def test_pad_rows_right_pads_ids_and_mask() -> None:
     np.testing.assert_array_equal(ids, [[5, 6, 7], [8, 0, 0]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
     assert ids.dtype == np.int64 and mask.dtype == np.int64
+
+
+def test_an_endpoint_makes_as_few_encoder_calls_as_the_limits_allow() -> None:
+    lengths = np.random.default_rng(1).integers(32, 513, size=100).tolist()
+    assert len(plan_encoder_calls(lengths[:20], max_rows=64, max_padded_tokens=32768)) == 1  # padding is cheap here
+    calls = plan_encoder_calls(lengths, max_rows=64, max_padded_tokens=32768)
+    assert len(calls) == 2 and all(len(c) * max(lengths[i] for i in c) <= 32768 for c in calls)

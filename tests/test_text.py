@@ -69,7 +69,8 @@ def test_rerank_ids_are_prefix_pair_suffix_and_truncate_the_pair(qwen_tokenizer)
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])
 def test_grouped_tokenization_equals_each_group_alone_and_keeps_errors_in_their_group(
-    qwen_tokenizer, task: str  # type: ignore[no-untyped-def]
+    qwen_tokenizer,
+    task: str,  # type: ignore[no-untyped-def]
 ) -> None:
     """One tokenizer call for a dynamic batch of requests: each request gets what it would get alone, and a row
     over max_length fails only its own request, named by its row within that request."""

@@ -1,7 +1,7 @@
 """Where an encoder call's time goes (issue 5's "profile of what dominates"): the engine driven the way the endpoint
-drives it inside Triton - a dynamic batch of `--rows` random texts of 32-512 tokens, cut by `plan_micro_batches`,
-one `forward` per micro-batch - timed per call (host wall time, GPU time by CUDA events), then one batch under
-torch.profiler with the top operators by host and device time.
+drives it inside Triton - a dynamic batch of `--rows` random texts of 32-512 tokens, cut into encoder calls as the
+endpoint cuts them (`plan_encoder_calls`), one `forward` per call - timed per call (host wall time, GPU time by CUDA
+events), then one batch under torch.profiler with the top operators by host and device time.
 
     python tools/profile_encoder.py --shape 0.6b --precision bfloat16 --out $OUT
     python tools/profile_encoder.py --shape 8b --precision fp8 --rows 1 --lengths 16 16 --out $OUT   # one query
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from triton_rag.batching import pad_rows, plan_micro_batches
+from triton_rag import contract
+from triton_rag.batching import pad_rows, plan_encoder_calls
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.offline import QWEN3_SHAPES, build_random_qwen3
 
@@ -26,7 +27,7 @@ PAD_ID = 151643
 
 def batch_calls(rng: np.random.Generator, rows: int, low: int, high: int) -> list[tuple[np.ndarray, np.ndarray]]:
     texts = [rng.integers(1000, 100000, size=int(n)).tolist() for n in rng.integers(low, high + 1, size=rows)]
-    groups = plan_micro_batches([len(t) for t in texts], 32, 32768)
+    groups = plan_encoder_calls([len(t) for t in texts], contract.embed_encoder(1).max_batch_size, 32768)
     return [pad_rows([texts[i] for i in group], PAD_ID) for group in groups]
 
 

@@ -1,10 +1,10 @@
-"""Batching choices as pure functions over plain data: which rows go to the encoder together, how they are padded,
-and which captured CUDA-graph shape a small batch runs in.
+"""Batching choices as pure functions over plain data: how an endpoint splits its batch into encoder calls, how the
+engine packs rows into passes, and which captured CUDA-graph shape a small batch runs in.
 
-Rows are sorted by length and cut into micro-batches that minimise the compute spent: every padded token costs as
-much as a real one, and every extra forward pass costs a fixed overhead (kernel launches, a host round trip). So a
-batch that mixes a 20-token query with a 4000-token document does not pad the query to 4000 tokens, and 32 texts of
-random lengths between 32 and 512 are not padded to 512 each (47% waste) but cut where the lengths jump.
+The engine computes no padding: it packs the rows' real tokens end to end (`plan_packed_passes`). Padding exists
+only in the tensors an endpoint sends the encoder (one [rows, longest] tensor per call), so the endpoint makes as
+few calls as the encoder's limits allow and, among those, pads least (`plan_encoder_calls`, by the exact
+`plan_micro_batches`). Small batches run in power-of-two CUDA-graph shapes (`graph_shape`).
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: What one extra forward pass costs, in padded tokens: its host time (a compiled layer's call ~0.2 ms, so ~6 ms for
-#: 28-36 layers) at the GPU's rate (0.6B bf16 ~150k tokens/s, 8B FP8 ~60k). Measured end to end on an 8B FP8
-#: encoder, 512 did better than 1024 (BENCHMARKS.md).
-PASS_OVERHEAD_TOKENS = 512
-
 
 def plan_micro_batches(
     lengths: Sequence[int],
     max_rows: int,
     max_padded_tokens: int,
-    pass_overhead_tokens: int = PASS_OVERHEAD_TOKENS,
+    pass_overhead_tokens: int,
 ) -> list[list[int]]:
     """Group row indices, longest first, so each group has at most `max_rows` rows and `rows * longest` at most
     `max_padded_tokens` (a single row longer than the budget goes alone), minimising the padded tokens plus
@@ -51,6 +46,12 @@ def plan_micro_batches(
         groups.append(order[cut[end] : end])
         end = cut[end]
     return groups[::-1]
+
+
+def plan_encoder_calls(lengths: Sequence[int], max_rows: int, max_padded_tokens: int) -> list[list[int]]:
+    """How an endpoint splits its batch into encoder calls (one padded tensor each): as few as the encoder's row
+    limit and padded-token budget allow (a call costs a BLS round trip; the engine plans its own passes inside)."""
+    return plan_micro_batches(lengths, max_rows, max_padded_tokens, pass_overhead_tokens=max_padded_tokens)
 
 
 def plan_packed_passes(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
-from triton_rag.batching import pad_rows, plan_micro_batches
+from triton_rag.batching import pad_rows, plan_encoder_calls
 from triton_rag.postprocess import matryoshka_normalize, yes_probability
 from triton_rag.text import (
     EmbedTokenization,
@@ -72,10 +72,7 @@ class _TextEndpoint:
         return self.router.run(self.encoder, lambda: self._encode(rows))
 
     def _encode(self, rows: list[Encoded]) -> np.ndarray:
-        # As few encoder calls as its limits allow: the engine cuts its own micro-batches and queues them all on
-        # the GPU before one copy back, where separate calls would each pay a BLS round trip and a host sync.
-        lengths = [len(row.ids) for row in rows]
-        groups = plan_micro_batches(lengths, self.max_rows, self.max_batch_tokens, self.max_batch_tokens)
+        groups = plan_encoder_calls([len(row.ids) for row in rows], self.max_rows, self.max_batch_tokens)
         result: np.ndarray | None = None
         for group in groups:
             ids, mask = pad_rows([rows[i].ids for i in group], self.pad_id)
