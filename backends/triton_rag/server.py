@@ -86,7 +86,9 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")  # the endpoints tokenize in several processes already
+    # an endpoint tokenizes a whole dynamic batch in one call, which the fast tokenizer spreads over its threads
+    # (BENCHMARKS.md: 33 -> 25 ms for 25 texts on 2 cores); "true" also keeps its fork warning quiet
+    env.setdefault("TOKENIZERS_PARALLELISM", "true")
     return env
 
 
