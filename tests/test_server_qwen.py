@@ -129,13 +129,20 @@ def test_bad_input_gets_a_clear_error_and_the_server_carries_on(qwen_server: Run
 
 
 def test_a_bad_request_does_not_fail_its_batch_mates(qwen_server: RunningServer) -> None:
+    """Requests that fail when read (bad UTF-8) or when the batch is tokenized together (too long) get their own
+    errors; their batch mates are answered."""
     client = qwen_server.client()
-    good, bad = [strings("TEXT", ["good text"])], [strings("TEXT", [b"\xc3\x28"])]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        futures = [pool.submit(client.infer, "qwen_embed", bad if i % 2 else good) for i in range(16)]
-    for index, future in enumerate(futures):
-        if index % 2:
+    good = [strings("TEXT", ["good text"])]
+    bad_utf8, too_long = [strings("TEXT", [b"\xc3\x28"])], [strings("TEXT", ["fine", "word " * 600])]
+    requests = [good, bad_utf8, good, too_long] * 6
+    with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+        futures = [pool.submit(client.infer, "qwen_embed", request) for request in requests]
+    for request, future in zip(requests, futures, strict=True):
+        if request is bad_utf8:
             with pytest.raises(InferenceServerException, match="UTF-8"):
+                future.result()
+        elif request is too_long:
+            with pytest.raises(InferenceServerException, match="row 1: input is .* more than max_length 512"):
                 future.result()
         else:
             assert future.result().as_numpy("EMBEDDING").shape == (1, DIM)
