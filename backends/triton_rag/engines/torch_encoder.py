@@ -278,18 +278,7 @@ class TorchEncoder:
 
     def _packed(self, ids: torch.Tensor, positions: torch.Tensor, bounds: torch.Tensor, longest: int) -> torch.Tensor:
         """One packed sequence through the decoder (each segment attends causally to itself), pooled per segment."""
-        hidden = self.model.embed_tokens(ids[None])
-        rope = self.model.rotary_emb(hidden, positions[None])
-        for layer in self.layers:
-            out = layer(
-                hidden,
-                attention_mask=None,
-                position_embeddings=rope,
-                cu_seq_lens_q=bounds,
-                max_length_q=longest,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
-        hidden = self.model.norm(hidden)[0]
+        hidden = self._decoder(ids[None], positions[None], cu_seq_lens_q=bounds, max_length_q=longest)[0]
         if self.task == "embed" and self.pooling == "mean":
             counts = bounds[1:] - bounds[:-1]
             segment = torch.repeat_interleave(
@@ -298,8 +287,7 @@ class TorchEncoder:
             sums = torch.zeros(len(counts), hidden.shape[1], dtype=torch.float32, device=ids.device)
             sums.index_add_(0, segment, hidden.float())
             return (sums / counts[:, None]).to(hidden.dtype)
-        last = hidden[bounds[1:].long() - 1]
-        return last if self.task == "embed" else last @ self.head.T  # type: ignore[union-attr]
+        return self._output(hidden[bounds[1:].long() - 1])
 
     def _run(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         shape = (ids.shape[0], ids.shape[1])
@@ -335,16 +323,24 @@ class TorchEncoder:
 
     def _pooled(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-aligned rows through the decoder, causal attention only, then pooling (and the reranker head)."""
-        hidden = self.model.embed_tokens(ids)
-        rope = self.model.rotary_emb(hidden, self._positions[:, : ids.shape[1]])
-        for layer in self.layers:
-            out = layer(hidden, attention_mask=None, position_embeddings=rope)
-            hidden = out[0] if isinstance(out, tuple) else out
-        hidden = self.model.norm(hidden)
+        hidden = self._decoder(ids, self._positions[:, : ids.shape[1]])
         if self.task == "embed" and self.pooling == "mean":
             mask = (self._positions[:, : ids.shape[1]] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
             return (hidden * mask).sum(dim=1) / lengths[:, None].to(hidden.dtype)
-        last = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        return self._output(hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1])
+
+    def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, **packing: object) -> torch.Tensor:
+        """Embeddings, the decoder layers with causal attention (within the segments `packing` bounds, if given:
+        `cu_seq_lens_q`, `max_length_q`) and the final norm."""
+        hidden = self.model.embed_tokens(ids)
+        rope = self.model.rotary_emb(hidden, positions)
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=None, position_embeddings=rope, **packing)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.model.norm(hidden)
+
+    def _output(self, last: torch.Tensor) -> torch.Tensor:
+        """Each text's last hidden state: the embedding, or the reranker's [no, yes] logits."""
         return last if self.task == "embed" else last @ self.head.T  # type: ignore[union-attr]
 
     def _forward_masked(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
