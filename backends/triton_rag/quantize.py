@@ -131,7 +131,8 @@ def quantize_nvfp4(
     written.write_to_disk(str(staging))
     graph = onnx.load(str(staging / f"{written.model_name}.onnx"))
     _rename_output(graph, output_name(engine))
-    onnx.save(graph, str(out_path))
+    large = len(list(staging.iterdir())) > 1  # ModelOpt stored the weights outside the graph (over protobuf's 2 GB)
+    onnx.save(graph, str(out_path), save_as_external_data=large, location=f"{out_path.name}.data")
     for file in staging.iterdir():
         file.unlink()
     staging.rmdir()
