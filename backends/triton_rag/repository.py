@@ -212,10 +212,27 @@ def _common_parameters(settings: EncoderSettings, encoder: str, router: str) -> 
     }
 
 
-def _compute_summary(model: ResolvedModel, settings: EncoderSettings, endpoint: str, encoder: str) -> dict:
-    """What the router needs to know about a compute model before its first load."""
+def _summary(
+    model: ResolvedModel,
+    settings: EncoderSettings,
+    variant: str,
+    endpoint: str,
+    encoder: str,
+    **chosen: object,
+) -> dict:
+    """What was prepared for an endpoint pair (`chosen`: its own choices), and what the router needs to know about
+    its compute model before the first load."""
     estimate = estimate_bytes(model.path, model.config, settings.dtype, settings.max_batch_tokens)
-    return {"compute_model": encoder, "endpoint": endpoint, "estimate_bytes": estimate}
+    return {
+        "model": settings.model,
+        "path": str(model.path),
+        "origin": model.origin,
+        **chosen,
+        "engine": variant,
+        "compute_model": encoder,
+        "endpoint": endpoint,
+        "estimate_bytes": estimate,
+    }
 
 
 def prepare_embed(
@@ -250,15 +267,7 @@ def prepare_embed(
         host,
         log,
     )
-    chosen = {
-        "model": settings.model,
-        "path": str(model.path),
-        "origin": model.origin,
-        "dim": dim,
-        "pooling": pooling,
-        "engine": variant,
-    }
-    return chosen | _compute_summary(model, settings, contract.EMBED_ENDPOINT, contract.EMBED_ENCODER)
+    return _summary(model, settings, variant, contract.EMBED_ENDPOINT, contract.EMBED_ENCODER, dim=dim, pooling=pooling)
 
 
 def _engine_parameters(settings: EncoderSettings) -> dict[str, str]:
@@ -308,14 +317,7 @@ def prepare_rerank(
         host,
         log,
     )
-    chosen = {
-        "model": settings.model,
-        "path": str(model.path),
-        "origin": model.origin,
-        "yes_no_ids": yes_no,
-        "engine": variant,
-    }
-    return chosen | _compute_summary(model, settings, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER)
+    return _summary(model, settings, variant, contract.RERANK_ENDPOINT, contract.RERANK_ENCODER, yes_no_ids=yes_no)
 
 
 #: A random stand-in writes noise until the limit; more than this only costs time.
