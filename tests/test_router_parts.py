@@ -114,17 +114,21 @@ def test_stub_discovery_matches_model_and_parent(tmp_path: Path) -> None:
     that model.py under the stub's name) is found for its model only, and only under its own parent."""
     model_py = tmp_path / "repo" / "my_model" / "1" / "model.py"
     model_py.parent.mkdir(parents=True)
-    model_py.write_text("import time\ntime.sleep(30)\n")
+    model_py.write_text("import time\nprint('running', flush=True)\ntime.sleep(30)\n")
     stub_name = str(tmp_path / "triton_python_backend_stub")
-    process = subprocess.Popen([stub_name, str(model_py), "shm-region"], executable=sys.executable)
+    command = [stub_name, str(model_py), "shm-region"]
+    process = subprocess.Popen(command, executable=sys.executable, stdout=subprocess.PIPE, text=True)
     try:
+        # Popen returns when exec has begun, before the kernel has set the new command line; the child's first line
+        # says it is running (CI once read an empty command line here).
+        assert process.stdout is not None and process.stdout.readline() == "running\n"
         assert stub_pids("my_model", os.getpid()) == [process.pid]
         assert stub_pids("other_model", os.getpid()) == []
         assert stub_pids("my_model", os.getpid() + 100000) == []
         assert alive([process.pid]) == [process.pid] and rss_bytes([process.pid]) > 0
     finally:
         process.kill()
-        process.wait()
+        process.communicate()  # waits and closes the pipe
     assert alive([process.pid]) == []
 
 
