@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import find_perf_analyzer, markdown_table, perf_analyzer, timed
+from benchlib import find_perf_analyzer, markdown_table, perf_analyzer, time_per_model, timed
 
 from triton_rag.batching import pad_rows
 from triton_rag.engines.torch_encoder import TorchEncoder, pool
@@ -277,42 +277,6 @@ def end_to_end(
     }
     log(json.dumps(row))
     return row
-
-
-def time_per_model(client: Any, since: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Triton's own statistics since start (or since the `since` snapshot of get_inference_statistics): per model,
-    executions, mean rows per execution, mean ms of compute per execution (queue time apart) - where the time of an
-    end-to-end request goes. Triton adds an execution's whole duration to each request in it, so the duration of
-    one execution is the compute total over the request count."""
-
-    def counters(stats: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        return {
-            m["name"]: (
-                int(m.get("execution_count", 0)),
-                int(m.get("inference_count", 0)),
-                int(m["inference_stats"]["compute_infer"]["ns"]),
-                int(m["inference_stats"]["compute_infer"]["count"]),
-                int(m["inference_stats"]["queue"]["ns"]),
-                int(m["inference_stats"]["queue"]["count"]),
-            )  # fmt: skip
-            for m in stats["model_stats"]
-        }
-
-    now = counters(client.get_inference_statistics(as_json=True))
-    then = counters(since) if since else {}
-    times = {}
-    for name, values in now.items():
-        executions, inferences, compute_ns, computed, queue_ns, queued = (
-            a - b for a, b in zip(values, then.get(name, (0,) * 6), strict=True)
-        )
-        if executions:
-            times[name] = {
-                "executions": executions,
-                "rows_per_execution": round(inferences / executions, 1),
-                "compute_ms": round(compute_ns / max(computed, 1) / 1e6, 2),
-                "queue_ms_per_request": round(queue_ns / max(queued, 1) / 1e6, 2),
-            }
-    return times
 
 
 def tokenized_short(tokenizer: Any, task: str, short: dict[str, list[str]]) -> list[int]:

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: timing that waits for the GPU, perf_analyzer runs, and the markdown tables for
-BENCHMARKS.md."""
+"""What the benchmark scripts share: timing that waits for the GPU, perf_analyzer runs, Triton's per-model times,
+and the markdown tables for BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -64,3 +64,42 @@ def find_perf_analyzer() -> str | None:
     """perf_analyzer on PATH, else the one `make test-tools` installs."""
     local = Path(__file__).resolve().parent.parent / ".cache" / "bin" / "perf_analyzer"
     return shutil.which("perf_analyzer") or (str(local) if local.exists() else None)
+
+
+def time_per_model(client: Any, since: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Triton's own statistics since start (or since the `since` snapshot of get_inference_statistics): per model,
+    executions, mean rows per execution, mean ms of compute per execution (queue time apart) - where the time of an
+    end-to-end request goes. Triton adds an execution's whole duration to each request in it, so the duration of
+    one execution is the compute total over the request count."""
+
+    def counters(stats: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        def stat(model: dict[str, Any], name: str, field: str) -> int:  # JSON leaves zero counters out
+            return int(model.get("inference_stats", {}).get(name, {}).get(field, 0))
+
+        return {
+            m["name"]: (
+                int(m.get("execution_count", 0)),
+                int(m.get("inference_count", 0)),
+                stat(m, "compute_infer", "ns"),
+                stat(m, "compute_infer", "count"),
+                stat(m, "queue", "ns"),
+                stat(m, "queue", "count"),
+            )  # fmt: skip
+            for m in stats["model_stats"]
+        }
+
+    now = counters(client.get_inference_statistics(as_json=True))
+    then = counters(since) if since else {}
+    times = {}
+    for name, values in now.items():
+        executions, inferences, compute_ns, computed, queue_ns, queued = (
+            a - b for a, b in zip(values, then.get(name, (0,) * 6), strict=True)
+        )
+        if executions:
+            times[name] = {
+                "executions": executions,
+                "rows_per_execution": round(inferences / executions, 1),
+                "compute_ms": round(compute_ns / max(computed, 1) / 1e6, 2),
+                "queue_ms_per_request": round(queue_ns / max(queued, 1) / 1e6, 2),
+            }
+    return times
