@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from tests.harness import CACHE_DIR, RunningServer, start_server
@@ -13,6 +14,12 @@ from triton_rag.offline import build_tiny_qwen3
 from triton_rag.offline_docling import build_random_granite_docling
 from triton_rag.repository import prepare_repository
 from triton_rag.settings import EmbedSettings, RerankSettings, Settings
+
+# The properties do not depend on time: a scheduling stall of a loaded CI machine is not a failure.
+hypothesis.settings.register_profile(
+    "no-deadline", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("no-deadline")
 
 
 @pytest.fixture(scope="session")

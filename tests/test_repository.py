@@ -214,7 +214,10 @@ def test_model_sources(tmp_path: Path, tiny_embed_dir: Path) -> None:
         resolve_model(str(tmp_path / "empty"), "embed", tmp_path, offline_fallback=False)
 
 
-def test_unreachable_hub_falls_back_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_hub_falls_back_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_embed_dir: Path, tiny_docling_dir: Path
+) -> None:
+    """(The two fixtures put the Qwen3 and cl100k tokenizers this test copies into the cache.)"""
     # Points the hub client at a closed loopback port: the same failure as a machine with no network.
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     shutil.copytree(CACHE_DIR / "qwen3-tokenizer", tmp_path / "qwen3-tokenizer")

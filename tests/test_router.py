@@ -36,7 +36,7 @@ PAIRS = [("which model is resident?", "the router decides"), ("budget", "bytes o
 
 #: A compute model whose finalize outlives the router's unload timeout, so its memory is reported as unreleased.
 STUBBORN = "stubborn"
-STUBBORN_SECONDS = 15
+STUBBORN_SECONDS = 30  # leaves ~20 s between the router's unload timeout and the stub's exit to observe
 STUBBORN_MODEL_PY = f"""
 import time
 import numpy as np
@@ -227,10 +227,11 @@ def test_concurrent_requests_for_both_models_all_complete(
     def work(index: int) -> None:
         order = [embed, rerank] if index % 2 else [rerank, embed]
         for call in order:
+            # concurrent requests may share a dynamic batch, so float rounding may differ from the 2-row reference
             if call is embed:
-                np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
+                np.testing.assert_allclose(embed(router_server, TEXTS), reference_outputs["embed"], atol=2e-3)
             else:
-                np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
+                np.testing.assert_allclose(rerank(router_server, PAIRS), reference_outputs["rerank"], atol=1e-4)
 
     with IndexWatcher(router_server) as watcher, concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(work, i) for i in range(8)]

@@ -117,7 +117,9 @@ def test_bad_input_gets_a_clear_error_and_the_server_carries_on(qwen_server: Run
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"]), strings("DOCUMENT", [""])], "DOCUMENT")
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"])], "DOCUMENT")  # missing input
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"]), strings("DOCUMENT", ["d " * 600])], "512")
-    # Straight to the encoder: token ids outside the vocabulary are refused, not crashed on.
+    # Straight to the encoder (loaded by the router for this request): token ids outside the vocabulary are refused,
+    # not crashed on.
+    embed(qwen_server, ["load the encoder"])
     ids = grpcclient.InferInput("INPUT_IDS", [1, 2], "INT64")
     ids.set_data_from_numpy(np.array([[1, 10**9]], dtype=np.int64))
     mask = grpcclient.InferInput("ATTENTION_MASK", [1, 2], "INT64")
@@ -151,6 +153,7 @@ def test_a_bad_request_does_not_fail_its_batch_mates(qwen_server: RunningServer)
 def test_perf_analyzer_runs_against_qwen_embed_without_errors(qwen_server: RunningServer, tmp_path: Path) -> None:
     perf_analyzer = PROJECT_ROOT / ".cache" / "bin" / "perf_analyzer"
     assert perf_analyzer.exists(), "run `make test-tools` (make test does) to install perf_analyzer"
+    embed(qwen_server, ["load the encoder"])  # not inside perf_analyzer's measurement window
     data = tmp_path / "input.json"
     data.write_text('{"data": [{"TEXT": ["what is retrieval augmented generation?"]}]}')
     result = subprocess.run(
