@@ -15,16 +15,19 @@ from triton_rag.plans import Host, Manifest, choose_variant, encoder_profiles, i
 from triton_rag.trt_rtx import build_rtx_engine, load_tensorrt_rtx
 
 
-@pytest.mark.parametrize("task", ["embed", "rerank"])
+@pytest.mark.parametrize(("task", "precision"), [("embed", "float32"), ("rerank", "float32"), ("embed", "float16")])
 def test_sm120_engine_is_built_on_a_cpu_with_its_manifest(
-    task: str, float32_encoder: Callable[[str], TorchEncoder], tmp_path: Path
+    task: str, precision: str, float32_encoder: Callable[[str], TorchEncoder], tiny_embed_dir: Path, tmp_path: Path
 ) -> None:
+    """float16: the plan chain's last step, exported from the engine's float16 forward."""
     engine = float32_encoder(task)
+    if precision == "float16":
+        engine = TorchEncoder(tiny_embed_dir, "embed", dtype="float16", device="cpu")
     onnx_path = export_encoder(engine, tmp_path / "model.onnx", log=lambda _: None)
     name = contract.EMBED_ENCODER if task == "embed" else contract.RERANK_ENCODER
     profiles = encoder_profiles(max_rows=16, max_length=512, max_batch_tokens=4096)
     plan = tmp_path / "model.sm120.engine"
-    manifest = build_rtx_engine(onnx_path, plan, profiles, f"tiny {task}", name, "float32", log=lambda _: None)
+    manifest = build_rtx_engine(onnx_path, plan, profiles, f"tiny {task}", name, precision, log=lambda _: None)
     assert plan.stat().st_size > 1_000_000  # the tiny model's weights (~37 MiB in float32) are in it
     assert Manifest.from_json(manifest_file(plan).read_text()) == manifest
     assert manifest.runtime == "tensorrt-rtx" and manifest.runtime_version == load_tensorrt_rtx().__version__

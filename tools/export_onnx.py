@@ -1,15 +1,18 @@
 """Export the configured encoders to ONNX, check them against the PyTorch engine, quantize them, and build
 TensorRT-RTX engines for RTX 50 from them (`make engines`, issue 6; full-TensorRT plans: docs/ENGINES.md).
 
-    python tools/export_onnx.py [--config rag.toml] [--set section.key=value ...] [--out .cache/engines] [--no-rtx]
+    python tools/export_onnx.py [--config rag.toml] [--set section.key=value ...] [--out .cache/engines]
+                                [--cache .cache] [--no-quantize] [--no-rtx]
 
 For each encoder: resolve the model as `triton-rag prepare` does, load the PyTorch engine in float32 on the CPU,
 export `<out>/<encoder>/model.onnx` with the encoder's tensor contract, and run onnxruntime on batches of other
 shapes with left and right padding; it fails unless the cosine to the engine is at least 0.9999. Then quantize it
 to FP8 Q/DQ (`model.fp8.onnx`, MatMuls only, ModelOpt calibrated on the CPU; the `quantize` extra) and report its
-agreement with float32; on a machine with CUDA also to NVFP4 (`model.nvfp4.onnx`, ModelOpt's emulation). Then,
-where TensorRT-RTX is installed (the `rtx` extra), build `<out>/<encoder>/model.sm120.engine` from the best
-precision built here (NVFP4 with CUDA, else FP8) and its manifest, with optimization profiles from the
+agreement with float32; on a machine with CUDA also to NVFP4 (`model.nvfp4.onnx`, ModelOpt's emulation). Then
+export the engine's float16 forward as `model.fp16.onnx` (the plan chain's last step, for GPUs without FP8) and
+report its agreement. Then, where TensorRT-RTX is installed (the `rtx` extra), build
+`<out>/<encoder>/model.sm120.engine` from the best precision built here that the builder takes (NVFP4 with CUDA,
+else FP8, then FP16) and its manifest, with optimization profiles from the
 configuration (rows up to the encoder's max batch, tokens up to max_length). No GPU is needed to build; running
 the engine needs an RTX 50 card.
 """
@@ -91,6 +94,14 @@ def main() -> int:
                 built["nvfp4"] = nvfp4
             else:
                 log(f"{name}: no NVFP4 ONNX: its calibration runs through ModelOpt's CUDA emulation (no GPU here)")
+        # FP16, the plan chain's last step (GPUs without FP8), from the model's own float16 forward
+        del engine
+        half = TorchEncoder(model.path, kind, dtype="float16", device="cpu", yes_no_ids=yes_no, log=log)  # type: ignore[arg-type]
+        fp16 = export_encoder(half, path.with_name("model.fp16.onnx"), log)
+        del half
+        batches = sample_batches()
+        log(f"{name}: {fp16} against float32: {agreement(run_onnx(path, batches), run_onnx(fp16, batches))}")
+        built["float16"] = fp16
         if rtx:
             from triton_rag.trt_rtx import build_rtx_engine
 

@@ -23,6 +23,16 @@ from triton_rag.postprocess import row_cosine
 OPSET = 18
 
 
+def additive_causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, 1, tokens, tokens] in the model's dtype: 0 where a token may attend (itself and earlier real tokens), a
+    large negative elsewhere. Built here, not by transformers, so that a float16 graph stays float16: the exporter's
+    attention turns a boolean mask into a float32 one, which promotes the scores, softmax and o_proj to float32. Half
+    the dtype's minimum, so that adding a score cannot overflow to -inf (a row of -inf would be NaN)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    allowed = (positions[None, :] <= positions[:, None])[None, None] & mask.bool()[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min / 2)
+
+
 class _Contract(nn.Module):
     """INPUT_IDS, ATTENTION_MASK -> POOLED (embed) or LOGITS (rerank), as the engine computes them. The argument
     names are the contract's: exporters that name inputs after the signature (ModelOpt's) keep them."""
@@ -30,13 +40,17 @@ class _Contract(nn.Module):
     def __init__(self, engine: TorchEncoder) -> None:
         super().__init__()
         self.model = engine.model
+        self.causal = engine.causal
+        self.dtype = engine.dtype
         self.pooling = engine.pooling if engine.task == "embed" else "last_token"
-        self.head = None if engine.head is None else nn.Parameter(engine.head.detach().float(), requires_grad=False)
+        self.head = None if engine.head is None else nn.Parameter(engine.head.detach(), requires_grad=False)
 
     def forward(self, INPUT_IDS: torch.Tensor, ATTENTION_MASK: torch.Tensor) -> torch.Tensor:  # noqa: N803
-        hidden = self.model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).last_hidden_state
+        mask = additive_causal_mask(ATTENTION_MASK, self.dtype) if self.causal else ATTENTION_MASK
+        hidden = self.model(input_ids=INPUT_IDS, attention_mask=mask).last_hidden_state
         pooled = pool(hidden, ATTENTION_MASK, self.pooling)  # type: ignore[arg-type]
-        return pooled if self.head is None else pooled @ self.head.T
+        out = pooled if self.head is None else pooled @ self.head.T
+        return out.float()  # the contract's output is float32 whatever the graph computes in
 
 
 def contract_module(engine: TorchEncoder) -> nn.Module:
@@ -49,9 +63,11 @@ def output_name(engine: TorchEncoder) -> str:
 
 
 def export_encoder(engine: TorchEncoder, path: Path, log: Callable[[str], None] = print) -> Path:
-    """Write `engine` (float32, CPU) as ONNX at `path`; the input and output names are the encoder contract's."""
-    if engine.dtype != torch.float32 or engine.device.type != "cpu":
-        raise ValueError("export from a float32 CPU engine (TorchEncoder(dtype='float32', device='cpu'))")
+    """Write `engine` (float32 or float16, CPU) as ONNX at `path`; the input and output names and types are the
+    encoder contract's. A float16 engine gives the FP16 graph of the plan chain's last step: the model's own code
+    keeps its float32 islands (RMSNorm's variance), which a blanket float32 -> float16 graph conversion would not."""
+    if engine.dtype not in (torch.float32, torch.float16) or engine.device.type != "cpu":
+        raise ValueError("export from a float32 or float16 CPU engine (TorchEncoder(dtype=..., device='cpu'))")
     names = [spec.name for spec in contract.embed_encoder(1).inputs]
     sample = (torch.tensor([[100, 200, 300, 400], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
     axes = {name: {0: "rows", 1: "tokens"} for name in names} | {output_name(engine): {0: "rows"}}
