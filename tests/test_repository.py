@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,15 @@ from triton_rag import contract, contract_doc
 from triton_rag.model_config import parse
 from triton_rag.plans import Host, Manifest, encoder_profiles, manifest_file
 from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
-from triton_rag.settings import DoclingSettings, EmbedSettings, RerankSettings, Settings, SettingsError, load_settings
+from triton_rag.settings import (
+    DoclingSettings,
+    EmbedSettings,
+    RerankSettings,
+    Settings,
+    SettingsError,
+    load_settings,
+    settings_file,
+)
 from triton_rag.sources import ModelSourceError, resolve_model
 
 MODELS = (
@@ -108,8 +117,25 @@ def test_generated_configs_parse_with_tritons_schema(tmp_path: Path, model_dirs:
     assert '"docling_vlm"' in router_models and '"docling_document"' in router_models
 
 
+def test_docling_vision_plan_falls_back_to_torch_until_one_is_built(
+    tmp_path: Path, model_dirs: tuple[Path, Path, Path]
+) -> None:
+    messages: list[str] = []
+    repository = generate(tmp_path, model_dirs, "tensorrt_plan", log=messages.append)
+    assert not (repository / contract.DOCLING_VISION / "config.pbtxt").exists()
+    vlm = parse((repository / contract.DOCLING_VLM / "config.pbtxt").read_text())
+    assert "vision_model" not in vlm.parameters and contract.DOCLING_VISION not in startup_models(repository)
+    assert any("docling_vision/model.plan" in m and "falling back" in m for m in messages)
+    with pytest.raises(SettingsError, match=r"\[docling\] engine must be one of \('torch', 'tensorrt_plan'\)"):
+        load_settings(None, ["docling.engine=tensorrt_rtx"])
+
+
 def test_tensorrt_plan_variant_of_the_docling_vision_tower(tmp_path: Path, model_dirs: tuple[Path, Path, Path]):
+    plan = tmp_path / "engines" / contract.DOCLING_VISION / "model.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"stand-in plan bytes")  # nothing here loads it
     repository = generate(tmp_path, model_dirs, "tensorrt_plan")
+    assert (repository / contract.DOCLING_VISION / "1" / "model.plan").read_bytes() == b"stand-in plan bytes"
     vision = parse((repository / contract.DOCLING_VISION / "config.pbtxt").read_text())
     assert vision.platform == "tensorrt_plan" and vision.instance_group[0].kind == vision.instance_group[0].KIND_GPU
     assert [(t.name, list(t.dims)) for t in vision.output] == [("IMAGE_EMBEDS", [-1, 64, 64])]  # tiny hidden size 64
@@ -159,7 +185,7 @@ def test_an_engine_that_cannot_load_here_falls_back_to_the_next_variant(
     repository = generate(tmp_path, model_dirs, "tensorrt_plan", NO_GPU, messages.append)
     config = parse((repository / contract.EMBED_ENCODER / "config.pbtxt").read_text())
     assert config.backend == "python" and config.parameters["precision"].string_value == "auto"  # torch
-    assert sum("falling back" in m for m in messages) == 4  # two variants passed over, for each encoder
+    assert sum("falling back" in m and "_encoder" in m for m in messages) == 4  # two variants, for each encoder
     assert json.loads((repository / ".prepared.json").read_text())["endpoints"]["embed"]["engine"] == "torch"
 
 
@@ -202,6 +228,12 @@ def test_settings_file_and_overrides(tmp_path: Path) -> None:
         load_settings(None, ["embed.modle=x"])
     with pytest.raises(SettingsError, match="must be an integer"):
         load_settings(None, ["embed.dim=big"])
+    # a settings file asked for must exist (a typo is not the defaults in silence); none asked for: the default's
+    assert settings_file(None, PROJECT_ROOT / "rag.toml") == PROJECT_ROOT / "rag.toml"
+    assert settings_file(None, tmp_path / "absent.toml") is None
+    command = [sys.executable, "-m", "triton_rag", "prepare", "--config", str(tmp_path / "typo.toml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"configuration file {tmp_path / 'typo.toml'} does not exist" in result.stderr
 
 
 def test_model_sources(tmp_path: Path, tiny_embed_dir: Path) -> None:

@@ -33,7 +33,7 @@ from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.onnx_export import export_encoder, parity, sample_batches
 from triton_rag.plans import PLAN_CHAIN, configured_profiles, plan_precision
 from triton_rag.quantize import agreement, quantize_fp8, quantize_nvfp4, run_onnx
-from triton_rag.settings import load_settings
+from triton_rag.settings import load_settings, settings_file
 from triton_rag.sources import resolve_model
 
 PARITY_COSINE = 0.9999
@@ -46,7 +46,7 @@ def log(message: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("rag.toml"))
+    parser.add_argument("--config", type=Path, help="settings file (default: rag.toml where it exists)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--out", type=Path, default=Path(".cache/engines"))
@@ -56,7 +56,7 @@ def main() -> int:
     rtx = not args.no_rtx and importlib.util.find_spec("tensorrt_rtx") is not None
     if not args.no_rtx and not rtx:
         log("TensorRT-RTX is not installed (pip install -e '.[rtx]'): ONNX only")
-    settings = load_settings(args.config if args.config.exists() else None, args.overrides)
+    settings = load_settings(settings_file(args.config, Path("rag.toml")), args.overrides)
     failures = 0
     profiles = configured_profiles(settings)
     for kind, name, encoder_settings in (

@@ -11,7 +11,7 @@ from triton_rag import contract
 from triton_rag.plans import Manifest, Profile, configured_profiles, detect_host, manifest_file
 from triton_rag.repository import RepositoryError, prepare_repository, startup_models
 from triton_rag.server import Ports, TritonServer
-from triton_rag.settings import SettingsError, load_settings
+from triton_rag.settings import SettingsError, load_settings, settings_file
 from triton_rag.sources import ModelSourceError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ def _log(message: str) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=PROJECT_ROOT / "rag.toml", help="settings file (rag.toml)")
+    parser.add_argument("--config", type=Path, help="settings file (default: the project's rag.toml)")
     parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository")
     parser.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache")
     parser.add_argument(
@@ -36,7 +36,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    settings = load_settings(args.config if args.config.exists() else None, args.overrides)
+    settings = load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides)
     summary = prepare_repository(settings, args.repository, args.cache_dir, _log)
     for endpoint, chosen in summary.items():
         _log(f"{endpoint}: {chosen['model']} -> {chosen['path']} ({chosen['origin']})")
@@ -46,7 +46,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _encoder_profiles(args: argparse.Namespace) -> dict[str, list[Profile]]:
-    return configured_profiles(load_settings(args.config if args.config.exists() else None, args.overrides))
+    return configured_profiles(load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides))
 
 
 def _plan_shapes(args: argparse.Namespace) -> None:

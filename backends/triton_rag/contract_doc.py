@@ -14,7 +14,8 @@ on the wire.
 
 `H` is the encoder's hidden size and `D` the configured embedding size (`embed.dim`, default 2000, clamped to
 32..H). Client-facing endpoints are python models with a dynamic batcher; encoders are compute engines with the
-same contract whatever runs them (python + PyTorch now, `tensorrt_plan` where TensorRT engines are built).
+same contract whatever runs them (python + PyTorch, python + TensorRT-RTX for RTX 50, or `tensorrt_plan` where
+TensorRT plans are built; docs/ENGINES.md).
 """
 
 

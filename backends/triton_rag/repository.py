@@ -325,9 +325,16 @@ OFFLINE_MAX_NEW_TOKENS = 256
 
 
 def prepare_docling(
-    settings: DoclingSettings, repository: Path, cache_dir: Path, fallback: bool, log: Log, router: str = ""
+    settings: DoclingSettings,
+    repository: Path,
+    cache_dir: Path,
+    fallback: bool,
+    log: Log,
+    router: str = "",
+    engines_dir: Path | None = None,
 ) -> dict:
-    """`docling` and `docling_document` (python) and their compute model `docling_vlm` (python+torch)."""
+    """`docling` and `docling_document` (python) and their compute model `docling_vlm` (python+torch); with engine
+    `tensorrt_plan`, the vision tower as a plan (`<engines_dir>/docling_vision/model.plan`) where one is built."""
     from transformers import AutoTokenizer
 
     from triton_rag.docling_prompt import PagePrompts
@@ -385,14 +392,25 @@ def prepare_docling(
     vlm_params = {"dtype": settings.dtype, "stop_ids": ",".join(map(str, prompts.stop_ids))}
     also_load: list[str] = []
     vision_dir = repository / contract.DOCLING_VISION
-    if settings.engine == "tensorrt_plan":  # the tower as a plan (1/model.plan, built separately); decoding stays ours
+    plan_link = vision_dir / "1" / "model.plan"
+    built_plan = (engines_dir or cache_dir / ENGINES_DIR) / contract.DOCLING_VISION / "model.plan"
+    placed_by_hand = plan_link.is_file() and not plan_link.is_symlink()
+    use_plan = settings.engine == "tensorrt_plan" and (placed_by_hand or built_plan.is_file())
+    if settings.engine == "tensorrt_plan" and not use_plan:
+        log(f"docling: engine tensorrt_plan, but no {built_plan} (built separately, docs/DOCLING.md): falling back")
+        log("docling: the vision tower runs in PyTorch inside docling_vlm")
+    if use_plan:  # the tower as a plan; decoding stays ours
         vision = contract.docling_vision(int(model.config["text_config"]["hidden_size"]), image_config.image_seq_len)
         vision_config = build_config(vision, platform="tensorrt_plan", instance_kind="KIND_GPU")
         _write(vision_dir, vision, render(vision_config, GENERATED_HEADER), with_model_py=False)
+        if not placed_by_hand:
+            _link(built_plan, plan_link)
         vlm_params["vision_model"] = vision.name
         also_load.append(vision.name)  # loaded at start-up with the endpoints, not under the router
     else:
         (vision_dir / "config.pbtxt").unlink(missing_ok=True)
+        if plan_link.is_symlink():  # our link; a plan put there by hand stays
+            plan_link.unlink()
     vlm_dir = repository / vlm.name
     _write(vlm_dir, vlm, render(build_config(vlm, backend="python", parameters=vlm_params), GENERATED_HEADER), True)
     _link(model.path, vlm_dir / "1" / "hf")
@@ -453,7 +471,9 @@ def prepare_repository(
             settings.rerank, repository, cache_dir, fallback, log, router, host, engines_dir
         )
     if "docling" in endpoints:
-        summary["docling"] = prepare_docling(settings.docling, repository, cache_dir, fallback, log, router)
+        summary["docling"] = prepare_docling(
+            settings.docling, repository, cache_dir, fallback, log, router, engines_dir
+        )
     startup = [
         name
         for chosen in summary.values()

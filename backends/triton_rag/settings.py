@@ -155,6 +155,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "nvfp4", "fp8", "bfloat16", "float32"),
 }
 
+#: Narrower choices of one section: the VLM has no TensorRT-RTX variant (only its vision tower can be a plan).
+_SECTION_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("docling", "engine"): ("torch", "tensorrt_plan")}
+
 
 def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -181,8 +184,9 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
                 raise SettingsError(f"[{section}] {key} must be an integer, got {value!r}") from None
             if value <= 0:
                 raise SettingsError(f"[{section}] {key} must be positive, got {value}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise SettingsError(f"[{section}] {key} must be one of {_CHOICES[key]}, got {value!r}")
+        choices = _SECTION_CHOICES.get((section, key), _CHOICES.get(key))
+        if choices is not None and value not in choices:
+            raise SettingsError(f"[{section}] {key} must be one of {choices}, got {value!r}")
         converted[key] = value
     return cls(**converted)
 
@@ -197,6 +201,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
             raise SettingsError(f"override {item!r} is not of the form section.key=value")
         result.setdefault(section.strip(), {})[name.strip()] = value.strip()
     return result
+
+
+def settings_file(given: Path | None, default: Path) -> Path | None:
+    """The settings file to read: the one asked for (a missing one is an error, not the defaults in silence), else
+    the default file where there is one, else None (the built-in defaults)."""
+    return given if given is not None else (default if default.is_file() else None)
 
 
 def load_settings(path: Path | None, overrides: list[str] | None = None) -> Settings:
