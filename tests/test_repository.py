@@ -216,6 +216,35 @@ def test_embedding_size_is_clamped_loudly() -> None:
     assert len(messages) == 2 and "1024" in messages[0] and "32" in messages[1]
 
 
+def test_prepare_takes_the_tensorrt_version_where_the_python_package_is_missing(
+    tmp_path: Path, tiny_embed_dir: Path, tiny_rerank_dir: Path, tiny_docling_dir: Path
+) -> None:
+    """An image with TensorRT's libraries but no `tensorrt` package: the version given stands for it, so a plan is
+    judged on the GPU it was built for (none here) instead of on a missing TensorRT."""
+    engines = tmp_path / "cache" / "engines" / contract.EMBED_ENCODER
+    engines.mkdir(parents=True)
+    (engines / "model.plan").write_bytes(b"stand-in plan bytes")
+    manifest = Manifest(
+        "m", contract.EMBED_ENCODER, "fp8", "tensorrt", "10.13.2.6", (12, 0), encoder_profiles(64, 512, 4096)
+    )
+    manifest_file(engines / "model.plan").write_text(manifest.to_json())
+    shutil.copytree(CACHE_DIR / "offline", tmp_path / "cache" / "offline")
+    for tokenizer in ("qwen3-tokenizer", "cl100k-tokenizer"):
+        shutil.copytree(CACHE_DIR / tokenizer, tmp_path / "cache" / tokenizer)
+    command = [sys.executable, "-m", "triton_rag", "prepare", "--repository", str(tmp_path / "repository")]
+    command += ["--cache-dir", str(tmp_path / "cache"), "--set", "embed.engine=tensorrt_plan"]
+    without = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert without.returncode == 0, without.stderr
+    given = subprocess.run([*command, "--tensorrt-version", "10.13.2.6"], capture_output=True, text=True, timeout=300)
+    assert given.returncode == 0, given.stderr
+    assert "TensorRT version 10.13.2.6 as given" in given.stderr
+    plan_lines = [m for m in given.stderr.splitlines() if "tensorrt_plan:" in m and contract.EMBED_ENCODER in m]
+    assert plan_lines and all("TensorRT" not in m.split("tensorrt_plan:")[1] for m in plan_lines), plan_lines
+    assert any(
+        "tensorrt_plan:" in m and "TensorRT" in m.split("tensorrt_plan:")[1] for m in without.stderr.splitlines()
+    )
+
+
 def test_settings_file_and_overrides(tmp_path: Path) -> None:
     settings = load_settings(PROJECT_ROOT / "rag.toml", ["embed.model=/models/x", "rerank.max_length=1024"])
     assert settings.embed.model == "/models/x" and settings.embed.dim == 2000

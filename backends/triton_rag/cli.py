@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from triton_rag import contract
-from triton_rag.plans import Manifest, Profile, configured_profiles, detect_host, manifest_file
+from triton_rag.plans import Host, Manifest, Profile, configured_profiles, detect_host, manifest_file
 from triton_rag.repository import RepositoryError, prepare_repository, startup_models
 from triton_rag.server import Ports, TritonServer
 from triton_rag.settings import SettingsError, load_settings, settings_file
@@ -37,7 +37,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace) -> None:
     settings = load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides)
-    summary = prepare_repository(settings, args.repository, args.cache_dir, _log)
+    host = detect_host()
+    if args.tensorrt_version:  # an image with TensorRT's libraries but not its Python package
+        host = Host(host.capability, {**host.versions, "tensorrt": args.tensorrt_version})
+        _log(f"TensorRT version {args.tensorrt_version} as given (--tensorrt-version)")
+    summary = prepare_repository(settings, args.repository, args.cache_dir, _log, host=host)
     for endpoint, chosen in summary.items():
         _log(f"{endpoint}: {chosen['model']} -> {chosen['path']} ({chosen['origin']})")
     router = settings.router
@@ -86,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="triton-rag", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="resolve models and generate the model repository")
-    _add_common(prepare)
     serve = commands.add_parser("serve", help="prepare, then run tritonserver in the foreground")
-    _add_common(serve)
+    for command in (prepare, serve):
+        _add_common(command)
+        command.add_argument(
+            "--tensorrt-version",
+            help="the serving TensorRT's version, where its Python package is not installed (as trtexec prints it)",
+        )
     serve.add_argument("--no-prepare", action="store_true", help="serve the repository as it is")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
