@@ -81,6 +81,16 @@ def test_a_plan_loads_only_on_its_gpu_and_runtime_version() -> None:
     assert incompatibility(rtx, Host(RTX_5070_TI, {"tensorrt-rtx": "1.8.0"})) is not None
 
 
+def test_a_plan_of_another_model_is_passed_over() -> None:
+    """After `embed.model` changes, a plan exported from the old model must not serve the new one."""
+    here = Host(capability=H100, versions={"tensorrt": "10.13.2.6"})
+    assert incompatibility(manifest(), here, "Qwen/Qwen3-Embedding-8B") is None
+    why = str(incompatibility(manifest(), here, "Qwen/Qwen3-Embedding-0.6B"))
+    assert "built from Qwen/Qwen3-Embedding-8B, the configured model is Qwen/Qwen3-Embedding-0.6B" in why
+    chosen, reasons = choose_variant([("tensorrt_plan", manifest()), ("torch", None)], here, "tensorrt_plan", "other")
+    assert chosen == "torch" and "the configured model is other" in reasons[0]
+
+
 def test_the_repository_falls_back_to_the_next_variant_with_reasons() -> None:
     plan = manifest()
     rtx = manifest(runtime="tensorrt-rtx", runtime_version="1.7.1", compute_capability=RTX_5070_TI)
@@ -126,3 +136,6 @@ def test_record_plan_needs_the_gpu_and_version_it_was_built_with(
     manifest = Manifest.from_json((tmp_path / "model.plan.manifest.json").read_text())
     assert manifest.compute_capability == (12, 0) and manifest.runtime_version == "10.13.3.9"
     assert manifest.runtime == "tensorrt" and manifest.profiles[0].max == (64, 8192)
+    assert manifest.source_model == "Qwen/Qwen3-Embedding-8B"
+    assert main([*args, *told, "--set", "embed.model=/models/my-embedder"]) == 0  # by default the configured model
+    assert Manifest.from_json((tmp_path / "model.plan.manifest.json").read_text()).source_model == "/models/my-embedder"

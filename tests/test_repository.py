@@ -72,14 +72,17 @@ def generate(
     return repository
 
 
-def fake_engine(tmp_path: Path, variant: str, capability: tuple[int, int], version: str) -> None:
-    """Stand-in engine files with real manifests (the bytes are not an engine: nothing here loads them)."""
+def fake_engine(
+    tmp_path: Path, model_dirs: tuple[Path, Path, Path], variant: str, capability: tuple[int, int], version: str
+) -> None:
+    """Stand-in engine files with real manifests, as if exported from `model_dirs` (the bytes are not an engine:
+    nothing here loads them)."""
     runtime = "tensorrt" if variant == "tensorrt_plan" else "tensorrt-rtx"
-    for name in (contract.EMBED_ENCODER, contract.RERANK_ENCODER):
+    for name, source in ((contract.EMBED_ENCODER, model_dirs[0]), (contract.RERANK_ENCODER, model_dirs[1])):
         file = tmp_path / "engines" / name / ("model.plan" if runtime == "tensorrt" else "model.sm120.engine")
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(b"stand-in engine bytes")
-        manifest = Manifest("m", name, "fp8", runtime, version, capability, encoder_profiles(16, 512, 4096))
+        manifest = Manifest(str(source), name, "fp8", runtime, version, capability, encoder_profiles(16, 512, 4096))
         manifest_file(file).write_text(manifest.to_json())
 
 
@@ -146,8 +149,8 @@ def test_tensorrt_plan_variant_of_the_docling_vision_tower(tmp_path: Path, model
 
 def test_each_engine_variant_keeps_the_encoder_contract(tmp_path: Path, model_dirs: tuple[Path, Path, Path]):
     """A config per variant (tensorrt_plan, python + TensorRT-RTX, python + torch), parsed with Triton's proto."""
-    fake_engine(tmp_path, "tensorrt_plan", RTX_5070_TI, "10.13.2.6")
-    fake_engine(tmp_path, "python_trt_rtx", RTX_5070_TI, "1.7.1.116")
+    fake_engine(tmp_path, model_dirs, "tensorrt_plan", RTX_5070_TI, "10.13.2.6")
+    fake_engine(tmp_path, model_dirs, "python_trt_rtx", RTX_5070_TI, "1.7.1.116")
     host = Host(RTX_5070_TI, {"tensorrt": "10.13.2.6", "tensorrt-rtx": "1.7.1.116"})
     torch_repo = generate(tmp_path, model_dirs, "torch", host)
     plan_repo = generate(tmp_path, model_dirs, "tensorrt_plan", host)
@@ -173,8 +176,8 @@ def test_each_engine_variant_keeps_the_encoder_contract(tmp_path: Path, model_di
 def test_an_engine_that_cannot_load_here_falls_back_to_the_next_variant(
     tmp_path: Path, model_dirs: tuple[Path, Path, Path]
 ) -> None:
-    fake_engine(tmp_path, "tensorrt_plan", (9, 0), "10.13.2.6")  # a plan built on an H100
-    fake_engine(tmp_path, "python_trt_rtx", RTX_5070_TI, "1.7.1.116")
+    fake_engine(tmp_path, model_dirs, "tensorrt_plan", (9, 0), "10.13.2.6")  # a plan built on an H100
+    fake_engine(tmp_path, model_dirs, "python_trt_rtx", RTX_5070_TI, "1.7.1.116")
     messages: list[str] = []
     on_5070 = Host(RTX_5070_TI, {"tensorrt": "10.13.2.6", "tensorrt-rtx": "1.7.1.116"})
     repository = generate(tmp_path, model_dirs, "tensorrt_plan", on_5070, messages.append)
@@ -187,6 +190,16 @@ def test_an_engine_that_cannot_load_here_falls_back_to_the_next_variant(
     assert config.backend == "python" and config.parameters["precision"].string_value == "auto"  # torch
     assert sum("falling back" in m and "_encoder" in m for m in messages) == 4  # two variants, for each encoder
     assert json.loads((repository / ".prepared.json").read_text())["endpoints"]["embed"]["engine"] == "torch"
+
+
+def test_an_engine_of_another_model_is_not_served(tmp_path: Path, model_dirs: tuple[Path, Path, Path]) -> None:
+    embed_dir, rerank_dir, docling_dir = model_dirs
+    fake_engine(tmp_path, (rerank_dir, embed_dir, docling_dir), "tensorrt_plan", RTX_5070_TI, "10.13.2.6")  # swapped
+    messages: list[str] = []
+    host = Host(RTX_5070_TI, {"tensorrt": "10.13.2.6"})
+    repository = generate(tmp_path, model_dirs, "tensorrt_plan", host, messages.append)
+    assert parse((repository / contract.EMBED_ENCODER / "config.pbtxt").read_text()).backend == "python"  # torch
+    assert any(f"built from {rerank_dir}, the configured model is {embed_dir}" in m for m in messages)
 
 
 def test_without_built_engines_the_plan_variant_says_how_to_build_them(
@@ -224,9 +237,9 @@ def test_prepare_takes_the_tensorrt_version_where_the_python_package_is_missing(
     engines = tmp_path / "cache" / "engines" / contract.EMBED_ENCODER
     engines.mkdir(parents=True)
     (engines / "model.plan").write_bytes(b"stand-in plan bytes")
-    manifest = Manifest(
-        "m", contract.EMBED_ENCODER, "fp8", "tensorrt", "10.13.2.6", (12, 0), encoder_profiles(64, 512, 4096)
-    )
+    source = load_settings(PROJECT_ROOT / "rag.toml").embed.model  # what prepare is configured with
+    profiles = encoder_profiles(64, 512, 4096)
+    manifest = Manifest(source, contract.EMBED_ENCODER, "fp8", "tensorrt", "10.13.2.6", (12, 0), profiles)
     manifest_file(engines / "model.plan").write_text(manifest.to_json())
     shutil.copytree(CACHE_DIR / "offline", tmp_path / "cache" / "offline")
     for tokenizer in ("qwen3-tokenizer", "cl100k-tokenizer"):
@@ -238,11 +251,8 @@ def test_prepare_takes_the_tensorrt_version_where_the_python_package_is_missing(
     given = subprocess.run([*command, "--tensorrt-version", "10.13.2.6"], capture_output=True, text=True, timeout=300)
     assert given.returncode == 0, given.stderr
     assert "TensorRT version 10.13.2.6 as given" in given.stderr
-    plan_lines = [m for m in given.stderr.splitlines() if "tensorrt_plan:" in m and contract.EMBED_ENCODER in m]
-    assert plan_lines and all("TensorRT" not in m.split("tensorrt_plan:")[1] for m in plan_lines), plan_lines
-    assert any(
-        "tensorrt_plan:" in m and "TensorRT" in m.split("tensorrt_plan:")[1] for m in without.stderr.splitlines()
-    )
+    assert "tensorrt_plan: built for TensorRT 10.13.2.6, which this server does not have" in without.stderr
+    assert "tensorrt_plan: needs a GPU, this server has none" in given.stderr
 
 
 def test_settings_file_and_overrides(tmp_path: Path) -> None:

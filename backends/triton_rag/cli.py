@@ -73,8 +73,10 @@ def _record_plan(args: argparse.Namespace) -> None:
         )
     if not args.engine.exists():
         raise RepositoryError(f"{args.engine} does not exist")
+    settings = load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides)
+    configured = settings.embed.model if args.encoder == contract.EMBED_ENCODER else settings.rerank.model
     manifest = Manifest(
-        source_model=args.source_model,
+        source_model=args.source_model or configured,  # prepare serves the plan only for this model
         contract=args.encoder,
         precision=args.precision,
         runtime="tensorrt",
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     record.add_argument("--engine", type=Path, required=True, help="the plan, e.g. .cache/engines/<encoder>/model.plan")
     record.add_argument("--encoder", required=True, choices=[contract.EMBED_ENCODER, contract.RERANK_ENCODER])
     record.add_argument("--precision", required=True, choices=["nvfp4", "fp8", "float16", "float32"])
-    record.add_argument("--source-model", required=True, help="what the ONNX was exported from")
+    record.add_argument(
+        "--source-model", help="what the ONNX was exported from (default: the configured model, as make engines used)"
+    )
     record.add_argument("--capability", help="the GPU's compute capability, e.g. 12.0 (default: detected)")
     record.add_argument("--tensorrt-version", help="e.g. 10.13.3.9 (default: the tensorrt package's)")
     args = parser.parse_args(argv)

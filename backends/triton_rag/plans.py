@@ -116,9 +116,12 @@ class Host:
     versions: dict[Runtime, str]
 
 
-def incompatibility(manifest: Manifest, here: Host) -> str | None:
-    """Why this plan cannot load here, or None. TensorRT plans load only under the exact TensorRT version that built
-    them and on the compute capability they target; TensorRT-RTX engines need the same major.minor runtime."""
+def incompatibility(manifest: Manifest, here: Host, source_model: str | None = None) -> str | None:
+    """Why this plan cannot load here, or None. A plan computes the model it was exported from (`source_model`, the
+    configured model, when given); TensorRT plans load only under the exact TensorRT version that built them and on
+    the compute capability they target; TensorRT-RTX engines need the same major.minor runtime."""
+    if source_model is not None and manifest.source_model != source_model:
+        return f"built from {manifest.source_model}, the configured model is {source_model}: rebuild it (make engines)"
     name = "TensorRT-RTX" if manifest.runtime == "tensorrt-rtx" else "TensorRT"
     version = here.versions.get(manifest.runtime)
     if version is None:
@@ -140,10 +143,14 @@ def _release(version: str, runtime: Runtime) -> tuple[str, ...]:
 
 
 def choose_variant(
-    available: Sequence[tuple[Variant, Manifest | None]], here: Host, first: Variant = VARIANT_ORDER[0]
+    available: Sequence[tuple[Variant, Manifest | None]],
+    here: Host,
+    first: Variant = VARIANT_ORDER[0],
+    source_model: str | None = None,
 ) -> tuple[Variant, list[str]]:
-    """The most preferred variant, from `first` down VARIANT_ORDER, that loads here (a plan variant needs to be built,
-    with a compatible manifest; `torch` always loads), with the reason each better one was passed over."""
+    """The most preferred variant, from `first` down VARIANT_ORDER, that loads here (a plan variant needs to be built
+    from `source_model`, with a compatible manifest; `torch` always loads), with the reason each better one was
+    passed over."""
     reasons: list[str] = []
     by_variant = dict(available)
     for variant in VARIANT_ORDER[VARIANT_ORDER.index(first) :]:
@@ -154,7 +161,7 @@ def choose_variant(
         if variant == "torch":
             return variant, reasons
         manifest = by_variant[variant]
-        why = "no manifest beside the plan" if manifest is None else incompatibility(manifest, here)
+        why = "no manifest beside the plan" if manifest is None else incompatibility(manifest, here, source_model)
         if manifest is not None and VARIANT_RUNTIME[variant] != manifest.runtime:
             why = f"the manifest says {manifest.runtime}, not {VARIANT_RUNTIME[variant]}"
         if why is None:

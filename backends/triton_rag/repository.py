@@ -153,13 +153,13 @@ REQUESTED_VARIANT: dict[str, Variant] = {
 
 
 def choose_encoder_variant(
-    requested: str, engines_dir: Path, host: Host, log: Log
+    requested: str, engines_dir: Path, host: Host, log: Log, source_model: str | None = None
 ) -> tuple[Variant, Path | None, list[str]]:
-    """The engine variant an encoder gets: the requested one if its engine is built here and loads on this host
-    (manifest), else the next one down to torch, each step logged with its reason."""
+    """The engine variant an encoder gets: the requested one if its engine is built here from the configured model
+    and loads on this host (manifest), else the next one down to torch, each step logged with its reason."""
     built = {variant: (manifest, path) for variant, manifest, path in built_engines(engines_dir, host)}
     available = [(variant, manifest) for variant, (manifest, _) in built.items()] + [("torch", None)]
-    variant, reasons = choose_variant(available, host, REQUESTED_VARIANT[requested])
+    variant, reasons = choose_variant(available, host, REQUESTED_VARIANT[requested], source_model)
     for reason in reasons:
         log(f"{engines_dir}: {reason}")
     return variant, (built[variant][1] if variant in built else None), reasons
@@ -185,7 +185,9 @@ def _write_endpoint_pair(
     endpoint_config = build_config(endpoint, backend="python", instance_count=2, parameters=endpoint_params)
     _write(endpoint_dir, endpoint, render(endpoint_config, GENERATED_HEADER), with_model_py=True)
     _copy_tokenizer(model, endpoint_dir / "1" / "tokenizer")
-    variant, engine_file, _ = choose_encoder_variant(settings.engine, engines_dir / encoder.name, host, log)
+    variant, engine_file, _ = choose_encoder_variant(
+        settings.engine, engines_dir / encoder.name, host, log, settings.model
+    )
     for stale in ("model.plan", "model.engine", "model.py"):
         (encoder_dir / "1" / stale).unlink(missing_ok=True)
     if variant == "tensorrt_plan":
