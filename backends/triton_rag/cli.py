@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from triton_rag import contract
-from triton_rag.plans import Host, Manifest, Profile, configured_profiles, detect_host, manifest_file
+from triton_rag.plans import Host, Manifest, configured_profiles, detect_host, manifest_file
 from triton_rag.repository import RepositoryError, prepare_repository, startup_models
 from triton_rag.server import Ports, TritonServer
-from triton_rag.settings import SettingsError, load_settings, settings_file
+from triton_rag.settings import Settings, SettingsError, load_settings, settings_file
 from triton_rag.sources import ModelSourceError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +35,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides)
+
+
 def _prepare(args: argparse.Namespace) -> None:
-    settings = load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides)
+    settings = _settings(args)
     host = detect_host()
     if args.tensorrt_version:  # an image with TensorRT's libraries but not its Python package
         host = Host(host.capability, {**host.versions, "tensorrt": args.tensorrt_version})
@@ -49,13 +53,9 @@ def _prepare(args: argparse.Namespace) -> None:
         _log(f"router: budget {router.budget} (reserve {router.reserve}), high watermark {router.high_watermark}")
 
 
-def _encoder_profiles(args: argparse.Namespace) -> dict[str, list[Profile]]:
-    return configured_profiles(load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides))
-
-
 def _plan_shapes(args: argparse.Namespace) -> None:
     """trtexec's shape flags per encoder, from rag.toml (docs/ENGINES.md uses them)."""
-    for name, profiles in _encoder_profiles(args).items():
+    for name, profiles in configured_profiles(_settings(args)).items():
         shapes = [profile.trtexec() for profile in profiles]
         flags = [",".join(shape[i] for shape in shapes) for i in range(3)]
         print(f"{name}: --minShapes={flags[0]} --optShapes={flags[1]} --maxShapes={flags[2]}")
@@ -73,7 +73,7 @@ def _record_plan(args: argparse.Namespace) -> None:
         )
     if not args.engine.exists():
         raise RepositoryError(f"{args.engine} does not exist")
-    settings = load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides)
+    settings = _settings(args)
     configured = settings.embed.model if args.encoder == contract.EMBED_ENCODER else settings.rerank.model
     manifest = Manifest(
         source_model=args.source_model or configured,  # prepare serves the plan only for this model
@@ -82,7 +82,7 @@ def _record_plan(args: argparse.Namespace) -> None:
         runtime="tensorrt",
         runtime_version=version,
         compute_capability=capability,  # type: ignore[arg-type]
-        profiles=_encoder_profiles(args)[args.encoder],
+        profiles=configured_profiles(settings)[args.encoder],
     )
     manifest_file(args.engine).write_text(manifest.to_json())
     _log(f"wrote {manifest_file(args.engine)}")
