@@ -13,7 +13,7 @@ import pytest
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.onnx_export import export_encoder, sample_batches
 from triton_rag.plans import encoder_profiles
-from triton_rag.quantize import agreement, quantize_fp8, run_onnx
+from triton_rag.quantize import agreement, float16_shortfall, quantize_fp8, run_onnx
 from triton_rag.trt_rtx import build_rtx_engine
 
 
@@ -68,3 +68,13 @@ def test_reranker_agreement_is_measured_on_its_score() -> None:
     reference = np.array([[0.0, 1.0], [1.0, -1.0], [0.5, 0.5]])
     candidate = reference + np.array([[0.0, 0.1], [0.2, 0.0], [0.0, 0.0]])
     assert agreement(reference, candidate) == "score (yes - no) max shift 0.2000 (scores span 3.0000)"
+
+
+def test_a_float16_graph_stands_in_only_close_to_float32_and_finite() -> None:
+    rows = np.array([[1.0, 0.0, 0.5], [0.0, 2.0, 1.0]])
+    assert float16_shortfall(rows, rows * 1.001) is None
+    assert "non-finite" in str(float16_shortfall(rows, np.where(rows > 1.5, np.inf, rows)))
+    assert "cosine" in str(float16_shortfall(rows, rows[::-1]))
+    logits = np.array([[0.0, 1.0], [1.0, -1.0], [0.5, 0.5]])  # scores 1, -2, 0: span 3
+    assert float16_shortfall(logits, logits + np.array([[0.0, 0.1], [0.0, 0.0], [0.0, 0.0]])) is None  # 3%
+    assert "more than 5%" in str(float16_shortfall(logits, logits + np.array([[0.0, 0.2], [0.0, 0.0], [0.0, 0.0]])))

@@ -17,7 +17,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tests.harness import CACHE_DIR, PROJECT_ROOT
 from triton_rag import contract, contract_doc
 from triton_rag.model_config import parse
-from triton_rag.plans import Host, Manifest, encoder_profiles, manifest_file
+from triton_rag.offline import OFFLINE_MARKER
+from triton_rag.plans import Host, Manifest, detect_host, encoder_profiles, engine_source, manifest_file
 from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
 from triton_rag.settings import (
     DoclingSettings,
@@ -57,8 +58,10 @@ def generate(
     engine: str,
     host: Host = NO_GPU,
     log: Callable[[str], None] = lambda _: None,
+    name: str | None = None,
 ) -> Path:
-    """A repository for `engine`, looking for built engines in tmp_path/engines (what `fake_engine` put there)."""
+    """A repository for `engine` (in tmp_path/`name`, by default one per engine and host), looking for built engines
+    in tmp_path/engines (what `fake_engine` put there)."""
     embed_dir, rerank_dir, docling_dir = model_dirs
     docling_engine = "tensorrt_plan" if engine == "tensorrt_plan" else "torch"
     settings = Settings(
@@ -67,7 +70,7 @@ def generate(
         docling=DoclingSettings(model=str(docling_dir), engine=docling_engine),  # type: ignore[arg-type]
         offline_fallback=False,
     )
-    repository = tmp_path / f"{engine}-{host.capability}"
+    repository = tmp_path / (name or f"{engine}-{host.capability}")
     prepare_repository(settings, repository, CACHE_DIR, log=log, host=host, engines_dir=tmp_path / "engines")
     return repository
 
@@ -82,7 +85,9 @@ def fake_engine(
         file = tmp_path / "engines" / name / ("model.plan" if runtime == "tensorrt" else "model.sm120.engine")
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(b"stand-in engine bytes")
-        manifest = Manifest(str(source), name, "fp8", runtime, version, capability, encoder_profiles(16, 512, 4096))
+        exported_from = engine_source(str(source), (source / OFFLINE_MARKER).exists())  # as make engines records
+        profiles = encoder_profiles(16, 512, 4096)
+        manifest = Manifest(exported_from, name, "fp8", runtime, version, capability, profiles)
         manifest_file(file).write_text(manifest.to_json())
 
 
@@ -128,7 +133,14 @@ def test_docling_vision_plan_falls_back_to_torch_until_one_is_built(
     assert not (repository / contract.DOCLING_VISION / "config.pbtxt").exists()
     vlm = parse((repository / contract.DOCLING_VLM / "config.pbtxt").read_text())
     assert "vision_model" not in vlm.parameters and contract.DOCLING_VISION not in startup_models(repository)
-    assert any("docling_vision/model.plan" in m and "falling back" in m for m in messages)
+    assert any("docling_vision/model.plan" in m and "runs in PyTorch" in m for m in messages)
+    plan = tmp_path / "engines" / contract.DOCLING_VISION / "model.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"stand-in plan bytes")
+    messages.clear()
+    repository = generate(tmp_path, model_dirs, "tensorrt_plan", NO_GPU, messages.append)  # a plan, but no GPU
+    assert contract.DOCLING_VISION not in startup_models(repository)
+    assert any("needs a GPU and TensorRT" in m for m in messages)
     with pytest.raises(SettingsError, match=r"\[docling\] engine must be one of \('torch', 'tensorrt_plan'\)"):
         load_settings(None, ["docling.engine=tensorrt_rtx"])
 
@@ -137,7 +149,7 @@ def test_tensorrt_plan_variant_of_the_docling_vision_tower(tmp_path: Path, model
     plan = tmp_path / "engines" / contract.DOCLING_VISION / "model.plan"
     plan.parent.mkdir(parents=True)
     plan.write_bytes(b"stand-in plan bytes")  # nothing here loads it
-    repository = generate(tmp_path, model_dirs, "tensorrt_plan")
+    repository = generate(tmp_path, model_dirs, "tensorrt_plan", Host(RTX_5070_TI, {"tensorrt": "10.13.2.6"}))
     assert (repository / contract.DOCLING_VISION / "1" / "model.plan").read_bytes() == b"stand-in plan bytes"
     vision = parse((repository / contract.DOCLING_VISION / "config.pbtxt").read_text())
     assert vision.platform == "tensorrt_plan" and vision.instance_group[0].kind == vision.instance_group[0].KIND_GPU
@@ -145,6 +157,18 @@ def test_tensorrt_plan_variant_of_the_docling_vision_tower(tmp_path: Path, model
     vlm = parse((repository / contract.DOCLING_VLM / "config.pbtxt").read_text())
     assert vlm.backend == "python" and vlm.parameters["vision_model"].string_value == contract.DOCLING_VISION
     assert contract.DOCLING_VISION in startup_models(repository)
+    # a plan linked there by hand is the user's: used, and kept when the engine goes back to torch
+    plan.unlink()
+    mine = tmp_path / "my-vision.plan"
+    mine.write_bytes(b"my plan")
+    link = repository / contract.DOCLING_VISION / "1" / "model.plan"
+    link.unlink()
+    link.symlink_to(mine)
+    generate(tmp_path, model_dirs, "tensorrt_plan", Host(RTX_5070_TI, {"tensorrt": "10.13.2.6"}))
+    assert link.read_bytes() == b"my plan" and contract.DOCLING_VISION in startup_models(repository)
+    generate(tmp_path, model_dirs, "torch", name=repository.name)
+    assert link.is_symlink() and link.read_bytes() == b"my plan"
+    assert not (repository / contract.DOCLING_VISION / "config.pbtxt").exists()
 
 
 def test_each_engine_variant_keeps_the_encoder_contract(tmp_path: Path, model_dirs: tuple[Path, Path, Path]):
@@ -199,7 +223,10 @@ def test_an_engine_of_another_model_is_not_served(tmp_path: Path, model_dirs: tu
     host = Host(RTX_5070_TI, {"tensorrt": "10.13.2.6"})
     repository = generate(tmp_path, model_dirs, "tensorrt_plan", host, messages.append)
     assert parse((repository / contract.EMBED_ENCODER / "config.pbtxt").read_text()).backend == "python"  # torch
-    assert any(f"built from {rerank_dir}, the configured model is {embed_dir}" in m for m in messages)
+    stand_in = " (offline random-weight stand-in)"  # the tiny models are marked as such
+    assert any(
+        f"built from {rerank_dir}{stand_in}, the configured model is {embed_dir}{stand_in}" in m for m in messages
+    )
 
 
 def test_without_built_engines_the_plan_variant_says_how_to_build_them(
@@ -230,29 +257,28 @@ def test_embedding_size_is_clamped_loudly() -> None:
 
 
 def test_prepare_takes_the_tensorrt_version_where_the_python_package_is_missing(
-    tmp_path: Path, tiny_embed_dir: Path, tiny_rerank_dir: Path, tiny_docling_dir: Path
+    tmp_path: Path, model_dirs: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An image with TensorRT's libraries but no `tensorrt` package: the version given stands for it, so a plan is
-    judged on the GPU it was built for (none here) instead of on a missing TensorRT."""
-    engines = tmp_path / "cache" / "engines" / contract.EMBED_ENCODER
-    engines.mkdir(parents=True)
-    (engines / "model.plan").write_bytes(b"stand-in plan bytes")
-    source = load_settings(PROJECT_ROOT / "rag.toml").embed.model  # what prepare is configured with
-    profiles = encoder_profiles(64, 512, 4096)
-    manifest = Manifest(source, contract.EMBED_ENCODER, "fp8", "tensorrt", "10.13.2.6", (12, 0), profiles)
-    manifest_file(engines / "model.plan").write_text(manifest.to_json())
-    shutil.copytree(CACHE_DIR / "offline", tmp_path / "cache" / "offline")
-    for tokenizer in ("qwen3-tokenizer", "cl100k-tokenizer"):
-        shutil.copytree(CACHE_DIR / tokenizer, tmp_path / "cache" / tokenizer)
+    """An image with TensorRT's libraries but no `tensorrt` package: the version given stands in for it, so a plan is
+    judged on what else it needs (here: a GPU) instead of on a missing TensorRT."""
+    if "tensorrt" in detect_host().versions:
+        pytest.skip("this machine has the tensorrt package: nothing to stand in for")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no download, whatever the network
+    embed_dir, rerank_dir, docling_dir = model_dirs
+    fake_engine(tmp_path, model_dirs, "tensorrt_plan", RTX_5070_TI, "10.13.2.6")
     command = [sys.executable, "-m", "triton_rag", "prepare", "--repository", str(tmp_path / "repository")]
-    command += ["--cache-dir", str(tmp_path / "cache"), "--set", "embed.engine=tensorrt_plan"]
+    command += ["--cache-dir", str(tmp_path), "--set", "embed.engine=tensorrt_plan"]  # engines: tmp_path/engines
+    command += [
+        f"--set=embed.model={embed_dir}",
+        f"--set=rerank.model={rerank_dir}",
+        f"--set=docling.model={docling_dir}",
+    ]
     without = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert without.returncode == 0, without.stderr
+    assert "tensorrt_plan: built for TensorRT 10.13.2.6, which this server does not have" in without.stderr
     given = subprocess.run([*command, "--tensorrt-version", "10.13.2.6"], capture_output=True, text=True, timeout=300)
     assert given.returncode == 0, given.stderr
-    assert "TensorRT version 10.13.2.6 as given" in given.stderr
-    assert "tensorrt_plan: built for TensorRT 10.13.2.6, which this server does not have" in without.stderr
-    assert "tensorrt_plan: needs a GPU, this server has none" in given.stderr
+    assert "TensorRT version 10.13.2.6 as given" in given.stderr and "does not have" not in given.stderr
 
 
 def test_settings_file_and_overrides(tmp_path: Path) -> None:

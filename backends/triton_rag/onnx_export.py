@@ -43,14 +43,14 @@ class _Contract(nn.Module):
         self.causal = engine.causal
         self.dtype = engine.dtype
         self.pooling = engine.pooling if engine.task == "embed" else "last_token"
-        self.head = None if engine.head is None else nn.Parameter(engine.head.detach(), requires_grad=False)
+        self.head = None if engine.head is None else nn.Parameter(engine.head.detach().float(), requires_grad=False)
 
     def forward(self, INPUT_IDS: torch.Tensor, ATTENTION_MASK: torch.Tensor) -> torch.Tensor:  # noqa: N803
         mask = additive_causal_mask(ATTENTION_MASK, self.dtype) if self.causal else ATTENTION_MASK
         hidden = self.model(input_ids=INPUT_IDS, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden, ATTENTION_MASK, self.pooling)  # type: ignore[arg-type]
-        out = pooled if self.head is None else pooled @ self.head.T
-        return out.float()  # the contract's output is float32 whatever the graph computes in
+        # pooled in float32, the contract's output type (a float16 mean over thousands of tokens could overflow)
+        pooled = pool(hidden.float(), ATTENTION_MASK, self.pooling)  # type: ignore[arg-type]
+        return pooled if self.head is None else pooled @ self.head.T
 
 
 def contract_module(engine: TorchEncoder) -> nn.Module:

@@ -116,6 +116,13 @@ class Host:
     versions: dict[Runtime, str]
 
 
+def engine_source(configured_model: str, offline_stand_in: bool) -> str:
+    """What a built engine records as its source model, and what `prepare` compares it with: the configured model,
+    marked when the offline random-weight stand-in was exported in its place (so that engine never serves the real
+    model once the hub is reachable)."""
+    return f"{configured_model} (offline random-weight stand-in)" if offline_stand_in else configured_model
+
+
 def incompatibility(manifest: Manifest, here: Host, source_model: str | None = None) -> str | None:
     """Why this plan cannot load here, or None. A plan computes the model it was exported from (`source_model`, the
     configured model, when given); TensorRT plans load only under the exact TensorRT version that built them and on

@@ -89,6 +89,26 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> str:
     return f"cosine min {cosine.min():.4f}, mean {cosine.mean():.4f}"
 
 
+#: What a float16 export must keep of float32 (embedding cosine, reranker score shift as a share of the scores'
+#: span): float16 only rounds, so falling short means overflow or a broken graph, not quantization error.
+FLOAT16_MIN_COSINE = 0.99
+FLOAT16_MAX_SHIFT_SHARE = 0.05
+
+
+def float16_shortfall(reference: np.ndarray, candidate: np.ndarray) -> str | None:
+    """Why a float16 graph's rows cannot stand in for the float32 ones (None: they can)."""
+    if not np.isfinite(candidate).all():
+        return "non-finite outputs (float16 overflow)"
+    if reference.shape[1] == 2:
+        shift = np.abs((candidate[:, 1] - candidate[:, 0]) - (reference[:, 1] - reference[:, 0])).max()
+        spread = float(np.ptp(reference[:, 1] - reference[:, 0]))
+        if shift > FLOAT16_MAX_SHIFT_SHARE * spread:
+            return f"scores shift by {shift:.4f}, more than {FLOAT16_MAX_SHIFT_SHARE:.0%} of their span {spread:.4f}"
+        return None
+    cosine = float(row_cosine(reference, candidate).min())
+    return None if cosine >= FLOAT16_MIN_COSINE else f"cosine {cosine:.4f} < {FLOAT16_MIN_COSINE}"
+
+
 def quantize_nvfp4(
     engine: TorchEncoder,
     out_path: Path,

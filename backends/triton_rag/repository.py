@@ -27,7 +27,7 @@ from triton_rag import contract
 from triton_rag.contract import MIN_EMBED_DIM, ModelContract
 from triton_rag.footprint import estimate_bytes, estimate_vlm_bytes
 from triton_rag.model_config import build_config, render
-from triton_rag.plans import Host, Variant, built_engines, choose_variant, detect_host
+from triton_rag.plans import Host, Variant, built_engines, choose_variant, detect_host, engine_source
 from triton_rag.settings import (
     DoclingSettings,
     EmbedSettings,
@@ -185,9 +185,8 @@ def _write_endpoint_pair(
     endpoint_config = build_config(endpoint, backend="python", instance_count=2, parameters=endpoint_params)
     _write(endpoint_dir, endpoint, render(endpoint_config, GENERATED_HEADER), with_model_py=True)
     _copy_tokenizer(model, endpoint_dir / "1" / "tokenizer")
-    variant, engine_file, _ = choose_encoder_variant(
-        settings.engine, engines_dir / encoder.name, host, log, settings.model
-    )
+    source = engine_source(settings.model, model.is_offline_stand_in)
+    variant, engine_file, _ = choose_encoder_variant(settings.engine, engines_dir / encoder.name, host, log, source)
     for stale in ("model.plan", "model.engine", "model.py"):
         (encoder_dir / "1" / stale).unlink(missing_ok=True)
     if variant == "tensorrt_plan":
@@ -334,9 +333,11 @@ def prepare_docling(
     log: Log,
     router: str = "",
     engines_dir: Path | None = None,
+    host: Host | None = None,
 ) -> dict:
     """`docling` and `docling_document` (python) and their compute model `docling_vlm` (python+torch); with engine
-    `tensorrt_plan`, the vision tower as a plan (`<engines_dir>/docling_vision/model.plan`) where one is built."""
+    `tensorrt_plan`, the vision tower as a plan (`<engines_dir>/docling_vision/model.plan`) where one is built and
+    this host has a GPU and TensorRT."""
     from transformers import AutoTokenizer
 
     from triton_rag.docling_prompt import PagePrompts
@@ -396,11 +397,19 @@ def prepare_docling(
     vision_dir = repository / contract.DOCLING_VISION
     plan_link = vision_dir / "1" / "model.plan"
     built_plan = (engines_dir or cache_dir / ENGINES_DIR) / contract.DOCLING_VISION / "model.plan"
-    placed_by_hand = plan_link.is_file() and not plan_link.is_symlink()
-    use_plan = settings.engine == "tensorrt_plan" and (placed_by_hand or built_plan.is_file())
-    if settings.engine == "tensorrt_plan" and not use_plan:
-        log(f"docling: engine tensorrt_plan, but no {built_plan} (built separately, docs/DOCLING.md): falling back")
-        log("docling: the vision tower runs in PyTorch inside docling_vlm")
+    our_link = plan_link.is_symlink() and plan_link.resolve() == built_plan.resolve()
+    placed_by_hand = plan_link.exists() and not our_link  # a file or a link the user put there: kept as it is
+    use_plan = False
+    if settings.engine == "tensorrt_plan":
+        host = host or detect_host()
+        if not (placed_by_hand or built_plan.is_file()):
+            why = f"no {built_plan} (built separately, docs/DOCLING.md)"
+        elif host.capability is None or "tensorrt" not in host.versions:
+            why = "a plan needs a GPU and TensorRT, which this server does not have"
+        else:
+            why, use_plan = "", True
+        if not use_plan:
+            log(f"docling: engine tensorrt_plan, but {why}: the vision tower runs in PyTorch inside docling_vlm")
     if use_plan:  # the tower as a plan; decoding stays ours
         vision = contract.docling_vision(int(model.config["text_config"]["hidden_size"]), image_config.image_seq_len)
         vision_config = build_config(vision, platform="tensorrt_plan", instance_kind="KIND_GPU")
@@ -411,7 +420,7 @@ def prepare_docling(
         also_load.append(vision.name)  # loaded at start-up with the endpoints, not under the router
     else:
         (vision_dir / "config.pbtxt").unlink(missing_ok=True)
-        if plan_link.is_symlink():  # our link; a plan put there by hand stays
+        if our_link:
             plan_link.unlink()
     vlm_dir = repository / vlm.name
     _write(vlm_dir, vlm, render(build_config(vlm, backend="python", parameters=vlm_params), GENERATED_HEADER), True)
@@ -474,7 +483,7 @@ def prepare_repository(
         )
     if "docling" in endpoints:
         summary["docling"] = prepare_docling(
-            settings.docling, repository, cache_dir, fallback, log, router, engines_dir
+            settings.docling, repository, cache_dir, fallback, log, router, engines_dir, host
         )
     startup = [
         name
