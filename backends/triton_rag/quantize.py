@@ -78,13 +78,19 @@ def run_onnx(path: Path, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> np
     return np.concatenate([session.run(None, {"INPUT_IDS": i, "ATTENTION_MASK": m})[0] for i, m in batches])
 
 
+def score_shift(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(largest shift of the reranker's score yes - no, the span of the reference scores): the score is what the
+    endpoint turns into P(yes), so that is where two rerankers' [no, yes] logits are compared."""
+    reference_score, candidate_score = reference[:, 1] - reference[:, 0], candidate[:, 1] - candidate[:, 0]
+    return float(np.abs(candidate_score - reference_score).max()), float(np.ptp(reference_score))
+
+
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> str:
-    """How far a quantized model's rows are from the float32 ones: embeddings by cosine per row, the reranker's
-    [no, yes] logits by its score (yes - no), which is what the endpoint turns into P(yes)."""
+    """How far a quantized model's rows are from the float32 ones: embeddings by cosine per row, the reranker by
+    its score (`score_shift`)."""
     if reference.shape[1] == 2:
-        shift = np.abs((candidate[:, 1] - candidate[:, 0]) - (reference[:, 1] - reference[:, 0]))
-        spread = float(np.ptp(reference[:, 1] - reference[:, 0]))
-        return f"score (yes - no) max shift {shift.max():.4f} (scores span {spread:.4f})"
+        shift, spread = score_shift(reference, candidate)
+        return f"score (yes - no) max shift {shift:.4f} (scores span {spread:.4f})"
     cosine = row_cosine(reference, candidate)
     return f"cosine min {cosine.min():.4f}, mean {cosine.mean():.4f}"
 
@@ -100,8 +106,7 @@ def float16_shortfall(reference: np.ndarray, candidate: np.ndarray) -> str | Non
     if not np.isfinite(candidate).all():
         return "non-finite outputs (float16 overflow)"
     if reference.shape[1] == 2:
-        shift = np.abs((candidate[:, 1] - candidate[:, 0]) - (reference[:, 1] - reference[:, 0])).max()
-        spread = float(np.ptp(reference[:, 1] - reference[:, 0]))
+        shift, spread = score_shift(reference, candidate)
         if shift > FLOAT16_MAX_SHIFT_SHARE * spread:
             return f"scores shift by {shift:.4f}, more than {FLOAT16_MAX_SHIFT_SHARE:.0%} of their span {spread:.4f}"
         return None
