@@ -118,3 +118,22 @@ def test_a_mask_with_holes_is_refused(tiny_embed_dir: Path) -> None:
     encoder = TorchEncoder(tiny_embed_dir, "embed")
     with pytest.raises(ValueError, match="one contiguous run"):
         encoder.forward(np.array([[5, 6, 7, 8]]), np.array([[1, 0, 1, 1]]))
+
+
+def test_a_sleeping_engine_gives_its_weights_back_and_wakes_to_the_same_results(tiny_embed_dir: Path) -> None:
+    """The host-RAM tier's engine side on the CPU: the arena's storage is emptied by sleep and refilled by wake."""
+    encoder = TorchEncoder(tiny_embed_dir, "embed", dtype="float32", device="cpu", sleepable=True)
+    assert encoder.arena is not None
+    ids = np.array([[5, 17, 300, 2], [0, 0, 9, 12]])
+    mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]])
+    expected = encoder.forward(ids, mask)
+    weights = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+    assert encoder.arena.nbytes >= weights
+    state = encoder.sleep()
+    assert state["state"] == "asleep" and state["host_bytes"] >= weights
+    assert encoder.arena.arena.untyped_storage().nbytes() == 0
+    assert encoder.wake()["state"] == "awake"
+    np.testing.assert_array_equal(encoder.forward(ids, mask), expected)
+    encoder.sleep()
+    np.testing.assert_array_equal(encoder.forward(ids, mask), expected)  # a forward while asleep wakes it first
+    assert encoder.residency()["state"] == "awake"

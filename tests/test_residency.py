@@ -16,6 +16,7 @@ from triton_rag.residency import (
     PolicyError,
     decide,
     format_bytes,
+    host_occupied_bytes,
     occupied_bytes,
     parse_bytes,
     victim_order,
@@ -103,9 +104,57 @@ def test_pinned_model_is_never_evicted_and_impossible_requests_fail() -> None:
     assert failed[0] == "b" and "pinned" in failed[1] and "a" in failed[1]
 
 
-def test_model_larger_than_budget_fails_clearly() -> None:
+def test_model_larger_than_budget_is_served_alone() -> None:
+    """A measurement above the budget (the runtime counted in, say) must not refuse the model forever."""
     decision = decide([wanted("huge", 20 * GIB)], Policy(16 * GIB), [], now=0)
-    assert decision.fail == (("huge", f"huge needs {format_bytes(20 * GIB)}, more than the whole budget of 16.00 GiB"),)
+    assert decision.load == "huge" and decision.fail == ()
+    assert "served alone" in decision.reasons["huge"]
+    crowded = decide([ready("small", 2 * GIB), wanted("huge", 20 * GIB)], Policy(16 * GIB), [], now=0)
+    assert crowded.unload == ("small",) and crowded.load is None and "served alone" in crowded.reasons["huge"]
+    alone = decide([ModelView("small", 2 * GIB), wanted("huge", 20 * GIB)], Policy(16 * GIB), [], now=1)
+    assert alone.load == "huge"
+    pinned = decide([ready("small", 2 * GIB, pinned=True), wanted("huge", 20 * GIB)], Policy(16 * GIB), [], now=0)
+    ((name, message),) = pinned.fail
+    assert name == "huge" and "only be served alone" in message and "small" in message
+
+
+def test_idle_sleepable_victim_sleeps_and_wakes_within_its_asleep_bytes() -> None:
+    host = Policy(16 * GIB, host_budget=32 * GIB)
+    a = ready("a", 10 * GIB, sleepable=True, host_bytes=9 * GIB, asleep_bytes=GIB)
+    decision = decide([a, wanted("b", 10 * GIB)], host, [], now=0)
+    assert decision.sleep == ("a",) and decision.unload == () and decision.load is None
+    asleep = dataclasses.replace(a, state="asleep", host_held=True)
+    assert occupied_bytes([asleep]) == GIB
+    assert decide([asleep, wanted("b", 10 * GIB)], host, [], now=0).load == "b"
+    woken = decide([dataclasses.replace(asleep, waiting=1, oldest_wait=0), ready("b", 10 * GIB)], host, [], now=1)
+    assert woken.unload == ("b",) and woken.wake is None  # b cannot sleep: unloaded
+    room = decide([dataclasses.replace(asleep, waiting=1, oldest_wait=0), ModelView("b", 10 * GIB)], host, [], now=2)
+    assert room.wake == "a" and room.load is None
+
+
+def test_host_budget_decides_between_sleep_and_unload() -> None:
+    a = ready("a", 10 * GIB, sleepable=True, host_bytes=9 * GIB, asleep_bytes=GIB, last_access=1)
+    small_host = decide([a, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=8 * GIB), [], now=5)
+    assert small_host.unload == ("a",) and small_host.sleep == ()
+    no_tier = decide([a, wanted("b", 10 * GIB)], Policy(16 * GIB), [], now=5)
+    assert no_tier.unload == ("a",) and no_tier.sleep == ()
+    # host room is made by unloading the least recently used asleep model
+    old = ModelView("old", 4 * GIB, state="asleep", sleepable=True, host_bytes=9 * GIB, host_held=True, last_access=0)
+    decision = decide([old, a, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=12 * GIB), [], now=5)
+    assert decision.unload == ("old",) and decision.sleep == () and "host memory" in decision.reasons["b"]
+    unloading = dataclasses.replace(old, state="unloading", unloading_asleep=True)
+    assert decide([unloading, a, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=12 * GIB), [], now=6).sleep == ()
+    gone = ModelView("old", 4 * GIB, sleepable=True, host_bytes=9 * GIB)
+    assert decide([gone, a, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=12 * GIB), [], now=7).sleep == ("a",)
+
+
+def test_asleep_models_are_unloaded_last_for_what_they_hold() -> None:
+    asleep = [
+        ModelView(f"s{i}", 8 * GIB, state="asleep", sleepable=True, asleep_bytes=3 * GIB, host_held=True, last_access=i)
+        for i in range(3)
+    ]
+    decision = decide([*asleep, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=64 * GIB), [], now=5)
+    assert decision.unload == ("s0",) and decision.load is None
 
 
 def test_unreleased_memory_counts_and_makes_the_load_wait() -> None:
@@ -120,7 +169,9 @@ def test_unreleased_memory_counts_and_makes_the_load_wait() -> None:
 def test_one_load_at_a_time() -> None:
     models = [ModelView("a", GIB, state="loading"), wanted("b", GIB)]
     decision = decide(models, Policy(8 * GIB), [], now=0)
-    assert decision.load is None and decision.reasons == {"b": "another model is loading"}
+    assert decision.load is None and decision.reasons == {"b": "another model is loading or waking"}
+    waking = [ModelView("a", GIB, state="waking"), wanted("b", GIB)]
+    assert decide(waking, Policy(8 * GIB), [], now=0).load is None
 
 
 def test_oldest_waiter_is_the_contender() -> None:
@@ -206,11 +257,21 @@ class World:
             m = self.models[name]
             assert m.in_flight == 0, f"unloading {name} with requests in flight"
             assert not m.pinned
-            self.models[name] = dataclasses.replace(m, state="unloading")
-        if decision.load is not None:
-            self.models[decision.load] = dataclasses.replace(self.models[decision.load], state="loading")
-        assert sum(m.state == "loading" for m in self.models.values()) <= 1
-        assert occupied_bytes(list(self.models.values())) <= self.policy.budget
+            self.models[name] = dataclasses.replace(m, state="unloading", unloading_asleep=m.state == "asleep")
+        for name in decision.sleep:
+            m = self.models[name]
+            assert m.in_flight == 0 and m.sleepable and not m.pinned and m.state == "ready"
+            self.models[name] = dataclasses.replace(m, state="sleeping", host_held=True)
+        for name in (decision.load, decision.wake):
+            if name is not None:
+                m = self.models[name]
+                self.models[name] = dataclasses.replace(m, state="loading" if m.state == "unloaded" else "waking")
+        views = list(self.models.values())
+        assert sum(m.state in ("loading", "waking") for m in views) <= 1
+        occupying = [m for m in views if m.occupies]
+        alone = len(occupying) == 1 and occupying[0].bytes > self.policy.budget
+        assert alone or occupied_bytes(views) <= self.policy.budget
+        assert host_occupied_bytes(views) <= self.policy.host_budget
         if decision.wake_at is not None:
             assert decision.wake_at > self.now or decision.grant or decision.unload
 
@@ -223,10 +284,12 @@ class World:
             self.models[name] = dataclasses.replace(m, waiting=m.waiting + 1, oldest_wait=min(m.oldest_wait, self.now))
         elif kind == "finish" and m.in_flight:
             self.models[name] = dataclasses.replace(m, in_flight=m.in_flight - 1)
-        elif kind == "loaded" and m.state == "loading":
+        elif kind == "loaded" and m.state in ("loading", "waking"):
             self.models[name] = dataclasses.replace(m, state="ready", loaded_at=self.now)
+        elif kind == "loaded" and m.state == "sleeping":
+            self.models[name] = dataclasses.replace(m, state="asleep")
         elif kind == "unloaded" and m.state == "unloading":
-            self.models[name] = dataclasses.replace(m, state="unloaded")
+            self.models[name] = dataclasses.replace(m, state="unloaded", host_held=False, unloading_asleep=False)
         elif kind == "tick":
             self.now += 0.5 + index % 4
         self.step()
@@ -235,15 +298,18 @@ class World:
         """Let every outstanding load, unload and request finish; time passes. Must end with nobody waiting."""
         for _ in range(200):
             for name, m in list(self.models.items()):
-                if m.state == "loading":
+                if m.state in ("loading", "waking"):
                     self.models[name] = dataclasses.replace(m, state="ready", loaded_at=self.now)
+                elif m.state == "sleeping":
+                    self.models[name] = dataclasses.replace(m, state="asleep")
                 elif m.state == "unloading":
-                    self.models[name] = dataclasses.replace(m, state="unloaded")
+                    self.models[name] = dataclasses.replace(m, state="unloaded", host_held=False, unloading_asleep=False)
                 if self.models[name].in_flight:
                     self.models[name] = dataclasses.replace(self.models[name], in_flight=0)
             self.now += 1.0
             self.step()
-            if not any(m.waiting or m.in_flight or m.state in ("loading", "unloading") for m in self.models.values()):
+            moving = ("loading", "unloading", "sleeping", "waking")
+            if not any(m.waiting or m.in_flight or m.state in moving for m in self.models.values()):
                 return
         raise AssertionError(f"requests still waiting after settling: {self.models}")
 
@@ -256,23 +322,26 @@ events = st.lists(
 
 @settings(max_examples=2000, deadline=None)
 @given(
-    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    sizes=st.lists(st.tuples(st.integers(1, 20), st.booleans()), min_size=1, max_size=4),
     budget=st.integers(4, 16),
+    host_budget=st.integers(0, 24),
     watermark=st.sampled_from([0.5, 0.9, 1.0]),
     script=events,
 )
 def test_residency_never_exceeds_budget_and_every_request_ends(
-    sizes: list[int], budget: int, watermark: float, script: list[tuple[str, int]]
+    sizes: list[tuple[int, bool]], budget: int, host_budget: int, watermark: float, script: list[tuple[str, int]]
 ) -> None:
+    """Device and host budgets hold (a model larger than the budget only ever alone), nothing in flight is evicted,
+    and every request ends, granted: with no pinned models, every model can be served."""
     names = [f"m{i}" for i in range(len(sizes))]
     world = World(
-        {n: ModelView(n, s * GIB) for n, s in zip(names, sizes, strict=True)},
-        Policy(budget * GIB, high_watermark=watermark, min_residency=2.0),
+        {
+            n: ModelView(n, s * GIB, sleepable=sleeps, host_bytes=s * GIB, asleep_bytes=GIB // 2 if sleeps else 0)
+            for n, (s, sleeps) in zip(names, sizes, strict=True)
+        },
+        Policy(budget * GIB, high_watermark=watermark, min_residency=2.0, host_budget=host_budget * GIB),
     )
     for event in script:
         world.apply(event, names)
     world.settle()
-    assert world.granted + world.failed == world.arrived
-    too_big = {n for n, s in zip(names, sizes, strict=True) if s > budget}
-    if not too_big:
-        assert world.failed == 0
+    assert world.granted == world.arrived and world.failed == 0

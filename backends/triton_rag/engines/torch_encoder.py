@@ -32,6 +32,7 @@ from safetensors import safe_open
 from triton_rag.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.engines.fp8 import convert_linears
 from triton_rag.engines.packed_attention import PACKED_ATTENTION
+from triton_rag.engines.weight_arena import WeightArena
 from triton_rag.precision import Device, choose_precision
 
 #: What this engine has kernels for (NVFP4 GEMMs come with TensorRT plans, issue 6).
@@ -156,8 +157,10 @@ class TorchEncoder:
         compile_model: bool = False,
         use_graphs: bool | None = None,
         max_batch_tokens: int = 32768,
+        sleepable: bool = False,
     ) -> None:
-        """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests)."""
+        """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
+        `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory."""
         from transformers import AutoConfig, AutoModel
 
         self.task = task
@@ -185,6 +188,7 @@ class TorchEncoder:
         self.model = model.to(self.device).eval()
         if self.precision == "fp8":
             log(f"precision: fp8, {convert_linears(self.model)} linear layers quantized rowwise")
+        self.arena = WeightArena(self.model, self.device, log) if sleepable else None
         self.layers: list[Callable[..., torch.Tensor]] = list(model.layers) if self.causal else []
         cuda = self.device.type == "cuda"
         if cuda:  # cuDNN's SDPA plans each new shape on the host (~0.9 ms a layer, BENCHMARKS.md); flash does not
@@ -230,8 +234,29 @@ class TorchEncoder:
             input_ids, attention_mask, self.vocab_size, self._positions.shape[1] if self.causal else None
         )
 
+    def sleep(self) -> dict[str, float | int | str]:
+        """Free the weights' device memory; the engine keeps everything else (the router's host-RAM tier)."""
+        if self.arena is None:
+            raise ValueError("this engine was loaded without a weight arena (sleepable = false)")
+        seconds = self.arena.sleep()
+        return self.residency() | {"seconds": round(seconds, 4)}
+
+    def wake(self) -> dict[str, float | int | str]:
+        if self.arena is None:
+            raise ValueError("this engine was loaded without a weight arena (sleepable = false)")
+        seconds = self.arena.wake()
+        return self.residency() | {"seconds": round(seconds, 4)}
+
+    def residency(self) -> dict[str, float | int | str]:
+        if self.arena is None:
+            return {"state": "awake", "weight_bytes": 0, "host_bytes": 0}
+        state = "asleep" if self.arena.asleep else "awake"
+        return {"state": state, "weight_bytes": self.arena.nbytes, "host_bytes": self.arena.host_bytes}
+
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if self.arena is not None and self.arena.asleep:  # a caller that bypassed the router: correct, if slower
+            self.arena.wake()
         self.validate(input_ids, attention_mask)
         starts, lengths = real_spans(attention_mask)
         if not self.causal:

@@ -1,0 +1,82 @@
+"""The host-RAM tier on a GPU: an engine's weights leave the device and come back at the same addresses, so its
+compiled layers and CUDA graphs keep working. Deselected by default (no GPU on CI); on the GPU machine:
+
+    pytest -m gpu tests/test_weight_arena_cuda.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3Model
+
+from triton_rag.batching import pad_rows
+from triton_rag.engines.torch_encoder import TorchEncoder
+from triton_rag.offline import TINY_QWEN3
+
+pytestmark = pytest.mark.gpu
+
+ROWS = [list(np.random.default_rng(n).integers(10, 150000, size=n)) for n in (5, 16, 300, 77, 512, 1)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA")
+    config = Qwen3Config(
+        **(TINY_QWEN3 | dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=16,
+                             num_key_value_heads=8, head_dim=128, initializer_range=0.02))
+    )  # fmt: skip
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("qwen3-4-layers")
+    Qwen3Model(config).save_pretrained(str(directory))
+    return directory
+
+
+def _device_free() -> int:
+    torch.cuda.synchronize()
+    return torch.cuda.mem_get_info()[0]
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "fp8"])
+def test_sleep_frees_the_weights_and_wake_restores_the_same_results(model_dir: Path, precision: str) -> None:
+    encoder = TorchEncoder(model_dir, "embed", precision=precision, compile_model=True, max_batch_tokens=600, sleepable=True)
+    assert encoder.arena is not None
+    batch, alone = pad_rows(ROWS, 0), (np.array([ROWS[1]]), np.ones((1, len(ROWS[1])), dtype=np.int64))
+    before_batch, before_alone = encoder.forward(*batch), encoder.forward(*alone)  # a packed pass and a graph replay
+    free_awake = _device_free()
+    encoder.sleep()
+    freed = _device_free() - free_awake
+    assert freed >= 0.95 * encoder.arena.nbytes, (freed, encoder.arena.nbytes)
+    assert encoder.residency()["host_bytes"] >= encoder.arena.nbytes
+    encoder.wake()
+    assert _device_free() >= free_awake - 4 * 2**20  # no more than before (sleep also emptied the cache)
+    np.testing.assert_array_equal(encoder.forward(*alone), before_alone)  # the captured graph reads the new memory
+    np.testing.assert_array_equal(encoder.forward(*batch), before_batch)
+
+
+def test_many_cycles_keep_device_memory_flat(model_dir: Path) -> None:
+    encoder = TorchEncoder(model_dir, "embed", precision="fp8", compile_model=True, max_batch_tokens=600, sleepable=True)
+    row = (np.array([ROWS[0]]), np.ones((1, len(ROWS[0])), dtype=np.int64))
+    expected = encoder.forward(*row)
+    encoder.sleep()
+    encoder.wake()
+    baseline = _device_free()
+    for _ in range(200):
+        encoder.sleep()
+        encoder.wake()
+        encoder.forward(*row)
+    assert abs(_device_free() - baseline) <= 64 * 2**20
+    np.testing.assert_array_equal(encoder.forward(*row), expected)
+
+
+def test_a_forward_while_asleep_wakes_the_engine(model_dir: Path) -> None:
+    encoder = TorchEncoder(model_dir, "embed", precision="bfloat16", sleepable=True)
+    row = (np.array([ROWS[2]]), np.ones((1, len(ROWS[2])), dtype=np.int64))
+    expected = encoder.forward(*row)
+    encoder.sleep()
+    np.testing.assert_array_equal(encoder.forward(*row), expected)
+    assert encoder.residency()["state"] == "awake"
