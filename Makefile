@@ -41,8 +41,14 @@ $(VENV)/.installed: pyproject.toml
 test-tools: install
 	bash tools/install_test_tools.sh $(VENV)
 
-prepare: install
+prepare: install .env
 	$(PY) -m triton_rag prepare $(SET)
+
+# The admin key for docker compose, which reads TRITON_RAG_ADMIN_KEY from .env: the key `make serve` uses (from the
+# environment, else .cache/admin.key, made if missing), so the same clients work with both. Written once, if missing.
+.env: | install
+	@key=$$($(PY) -m triton_rag admin-key) && umask 077 && printf 'TRITON_RAG_ADMIN_KEY=%s\n' "$$key" > $@
+	@echo "wrote .env (TRITON_RAG_ADMIN_KEY, the admin key docker compose passes to tritonserver)"
 
 serve: install
 	$(PY) -m triton_rag serve $(SET) $(SERVE_ARGS)

@@ -1,18 +1,21 @@
-"""`triton-rag serve` (what `make serve` runs) in the foreground: ready on its ports, stopped cleanly by a signal."""
+"""`triton-rag serve` (what `make serve` runs) in the foreground: ready on its ports, safe by default (loopback, the
+admin key), stopped cleanly by a signal."""
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.harness import CACHE_DIR, PROJECT_ROOT
+from tests.harness import CACHE_DIR, PROJECT_ROOT, wait_until
+from triton_rag import admin
 from triton_rag.repository import prepare_repository
 from triton_rag.server import free_ports
 from triton_rag.settings import EmbedSettings, Settings
@@ -33,13 +36,9 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.25)
-    return False
+def process_environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(entry.partition("=")[::2] for entry in entries if entry)
 
 
 def ready(port: int) -> bool:
@@ -58,6 +57,15 @@ def read_metrics(port: int) -> bytes:
         return b""
 
 
+def repository_index_status(port: int, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/repository/index", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
     tiny_embed_dir: Path, tmp_path: Path, stop_signal: signal.Signals
@@ -67,6 +75,9 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
     settings = Settings(embed=EmbedSettings(model=str(tiny_embed_dir)), offline_fallback=False)
     prepare_repository(settings, qwen_repository, CACHE_DIR, endpoints=("embed",))
     ports = free_ports()
+    # no key given: serve makes one in its cache directory (a fresh one here) and hands it to tritonserver
+    cache_dir = tmp_path / "cache"
+    environment = {k: v for k, v in os.environ.items() if k not in (admin.KEY_ENV, "TORCHINDUCTOR_CACHE_DIR")}
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
         [
@@ -78,7 +89,7 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
             "--repository",
             str(qwen_repository),
             "--cache-dir",
-            str(CACHE_DIR),
+            str(cache_dir),
             "--http-port",
             str(ports.http),
             "--grpc-port",
@@ -87,6 +98,7 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
             str(ports.metrics),
         ],
         cwd=PROJECT_ROOT,
+        env=environment,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -96,6 +108,18 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
         # tritonserver opens its endpoints one after another: metrics may listen a moment after HTTP says ready
         assert wait_until(lambda: b"nv_inference_count" in read_metrics(ports.metrics), 30), "no metrics"
         assert processes_mentioning(str(qwen_repository)), "expected the server and its python stubs"
+        key_file = cache_dir / "admin.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        [server] = processes_mentioning(f"--http-port={ports.http}")
+        server_pid = int(server.split(":")[0])
+        arguments = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
+        assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(arguments)
+        server_environment = process_environment(server_pid)
+        assert server_environment[admin.KEY_ENV] == key  # what the python stubs inherit
+        assert server_environment["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir.resolve() / "inductor")
+        assert repository_index_status(ports.http, {}) == 403
+        assert repository_index_status(ports.http, {admin.KEY_NAME: key}) == 200
         os.kill(process.pid, stop_signal)
         assert process.wait(timeout=60) == 0
         # Nothing of this server is left: no tritonserver, no orphaned python backend stub.

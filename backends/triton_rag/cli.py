@@ -1,16 +1,17 @@
-"""`triton-rag prepare | serve | load-flags | plan-shapes | record-plan`: what `make prepare` and `make serve` run,
-and the helpers for engine builds (docs/ENGINES.md)."""
+"""`triton-rag prepare | serve | admin-key | load-flags | plan-shapes | record-plan`: what `make prepare` and
+`make serve` run, and the helpers for access control (README "Security") and engine builds (docs/ENGINES.md)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from triton_rag import contract
+from triton_rag import admin, contract
 from triton_rag.plans import Host, Manifest, configured_profiles, detect_host, manifest_file
 from triton_rag.repository import RepositoryError, prepare_repository, startup_models
-from triton_rag.server import Ports, TritonServer
+from triton_rag.server import LOOPBACK, Ports, TritonServer, admin_key_file, resolve_admin_key
 from triton_rag.settings import Settings, SettingsError, load_settings, settings_file
 from triton_rag.sources import ModelSourceError
 
@@ -100,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             help="the serving TensorRT's version, where its Python package is not installed (as trtexec prints it)",
         )
     serve.add_argument("--no-prepare", action="store_true", help="serve the repository as it is")
+    serve.add_argument(
+        "--host", default=LOOPBACK, help=f"address to listen on (default {LOOPBACK}: this machine only; 0.0.0.0: all)"
+    )
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    key = commands.add_parser(
+        "admin-key", help=f"print the admin key serve uses (${admin.KEY_ENV}, else <cache-dir>/admin.key, made if missing)"
+    )
+    key.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache")
     flags = commands.add_parser(
         "load-flags", help="print the --load-model flags for tritonserver (the light models; the router loads the rest)"
     )
@@ -120,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     record.add_argument("--capability", help="the GPU's compute capability, e.g. 12.0 (default: detected)")
     record.add_argument("--tensorrt-version", help="e.g. 10.13.3.9 (default: the tensorrt package's)")
     args = parser.parse_args(argv)
+    if args.command == "admin-key":
+        print(resolve_admin_key(args.cache_dir))
+        return 0
     if args.command == "load-flags":
         try:
             print(" ".join(f"--load-model={name}" for name in startup_models(args.repository)))
@@ -140,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"error: {exc}")
         return 2
     if args.command == "serve":
-        server = TritonServer(args.repository, args.cache_dir, Ports(args.http_port, args.grpc_port, args.metrics_port))
+        ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+        try:
+            server = TritonServer(args.repository, args.cache_dir, ports, host=args.host)
+        except ValueError as exc:  # an admin key that cannot be a header value
+            _log(f"error: {exc}")
+            return 2
+        key_source = admin.KEY_ENV if os.environ.get(admin.KEY_ENV, "").strip() else admin_key_file(args.cache_dir)
         _log(
-            f"starting tritonserver: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics {args.metrics_port} "
-            "(Ctrl-C stops it)"
+            f"starting tritonserver on {args.host}: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
+            f"{args.metrics_port}; the repository API needs the admin key ({key_source}) (Ctrl-C stops it)"
         )
         return server.serve_forever()
     return 0

@@ -1,24 +1,58 @@
 """A small tritonclient wrapper for the `router` model: what a client needs to read or steer residency explicitly.
 
 Nothing here is required to use the endpoints (the router works without the client's help); it saves building the
-ACTION/MODELS/LEASE tensors by hand. docs/ROUTER.md describes the actions.
+ACTION/MODELS/LEASE tensors by hand. docs/ROUTER.md describes the actions; the ones that change residency, and
+Triton's repository API, need the admin key (README "Security").
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from triton_rag import contract
+from triton_rag import admin, contract
+from triton_rag.server import GRPC_KEY_HEADER, admin_key_file
+
+#: `triton-rag serve`'s default --cache-dir, where it keeps the admin key it made
+PROJECT_CACHE = Path(__file__).resolve().parents[2] / ".cache"
+
+
+def default_key() -> str | None:
+    """The key `triton-rag serve` uses by default: TRITON_RAG_ADMIN_KEY, else the project's `.cache/admin.key`."""
+    configured = os.environ.get(admin.KEY_ENV, "").strip()
+    if configured:
+        return configured
+    path = admin_key_file(PROJECT_CACHE)
+    if not path.exists():
+        return None
+    return path.read_text().strip() or None
+
+
+class AdminHeader(grpcclient.InferenceServerClientPlugin):
+    """Sends the admin key in the header Triton's restricted gRPC APIs check, on every call of the gRPC client it is
+    registered with (`client.register_plugin(AdminHeader(key))`)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, request: Any) -> None:
+        request.headers[GRPC_KEY_HEADER] = self.key
 
 
 class RouterControl:
-    def __init__(self, url: str = "localhost:8001", router: str = contract.ROUTER) -> None:
+    def __init__(self, url: str = "localhost:8001", router: str = contract.ROUTER, key: str | None = None) -> None:
+        """`key`: the admin key, for PIN/UNPIN/PLAN/RECONCILE/ACQUIRE and the repository API (`set_budget`);
+        by default `default_key()`. STATUS and RELEASE work without it."""
         self.client = grpcclient.InferenceServerClient(url)
         self.router = router
+        self.key = key if key is not None else default_key()
+        if self.key:
+            self.client.register_plugin(AdminHeader(self.key))
 
     def call(self, action: str, models: list[str] | None = None, lease: int | None = None) -> Any:
         """One router request; raises tritonclient's InferenceServerException with the router's message."""
@@ -32,7 +66,9 @@ class RouterControl:
             tensor = grpcclient.InferInput(name, list(value.shape), "BYTES" if value.dtype == np.object_ else "INT64")
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
-        return self.client.infer(self.router, inputs)
+        # the router reads the key from the request's parameters (Triton's header check covers its own APIs only)
+        parameters = {admin.KEY_NAME: self.key} if self.key else None
+        return self.client.infer(self.router, inputs, parameters=parameters)
 
     def _ledger(self, action: str, models: list[str] | None = None) -> dict[str, Any]:
         return json.loads(self.call(action, models).as_numpy("STATUS")[0])

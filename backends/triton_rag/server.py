@@ -8,12 +8,17 @@ Two details make the bundled server usable from a virtual environment:
 
 The server runs in its own process group; stopping it (SIGTERM, then SIGKILL after a grace period) always takes the
 whole group down, so no python stub outlives it.
+
+Safe by default: it listens on loopback only, and the APIs that change the server (repository, shared memory, trace,
+logging) need the admin key (triton_rag.admin) in a header; see `access_flags`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +32,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from triton_rag import admin
+
+#: Where tritonserver listens unless told otherwise: only processes of this machine can reach it.
+LOOPBACK = "127.0.0.1"
+#: The Triton API categories that need the admin key: a repository load can bring a model.py of the caller's (code
+#: run by the server), a shared-memory region can be any shm object the server may open (the python backend's own
+#: among them), trace and logging settings name files the server writes. Health, metadata, inference, statistics
+#: and model-config (read-only; perf_analyzer reads it) stay open.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+#: The header a restricted gRPC call must carry: tritonserver prefixes the configured name with this fixed
+#: "triton-grpc-protocol-" (HTTP checks admin.KEY_NAME as given).
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{admin.KEY_NAME}"
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,53 @@ def prepare_backends(cache_dir: Path) -> Path:
     return backends
 
 
-def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+def admin_key_file(cache_dir: Path) -> Path:
+    return cache_dir / "admin.key"
+
+
+def resolve_admin_key(cache_dir: Path) -> str:
+    """`TRITON_RAG_ADMIN_KEY`, else the key in `<cache_dir>/admin.key`, created (mode 0600) on first use: a restart
+    keeps the key that clients on this machine already read from that file."""
+    configured = os.environ.get(admin.KEY_ENV, "").strip()
+    if configured:
+        return configured
+    path = admin_key_file(cache_dir)
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(admin.new_key() + "\n")
+        try:
+            os.link(draft, path)  # atomic and exclusive: of two servers starting at once, both use the first key
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    key = path.read_text().strip()
+    if not key:
+        raise RuntimeError(f"{path} is empty; delete it (a new key is made) or set {admin.KEY_ENV}")
+    return key
+
+
+def access_flags(host: str, key: str) -> list[str]:
+    """tritonserver's flags for where it listens (HTTP, gRPC and metrics on `host`) and which APIs need the admin key
+    `key` (RESTRICTED_APIS): in the header `admin.KEY_NAME` on HTTP, `GRPC_KEY_HEADER` on gRPC."""
+    if not re.fullmatch(r"[!-~]+", key):  # a header value: visible ASCII, no spaces
+        raise ValueError(f"the admin key ({admin.KEY_ENV} or admin.key) must be printable ASCII without spaces")
+    restricted = f"{','.join(RESTRICTED_APIS)}:{admin.KEY_NAME}={key}"
+    return [
+        f"--http-address={host}",
+        f"--grpc-address={host}",
+        f"--metrics-address={host}",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",  # tritonserver 2.51's name for the gRPC flag
+    ]
+
+
+def server_environment(cache_dir: Path, admin_key: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """tritonserver's environment, which its python stubs inherit: this virtual environment, the admin key (the
+    router and the endpoints check control requests against it) and a persistent inductor cache."""
     env = dict(os.environ if base is None else base)
     env_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([env_bin, env.get("PATH", "")])
@@ -89,6 +153,9 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     # an endpoint tokenizes a whole dynamic batch in one call, which the fast tokenizer spreads over its threads
     # (BENCHMARKS.md: 33 -> 25 ms for 25 texts on 2 cores); "true" also keeps its fork warning quiet
     env.setdefault("TOKENIZERS_PARALLELISM", "true")
+    env[admin.KEY_ENV] = admin_key
+    # compiled layers (`compile = true`) reuse their kernels across loads and restarts instead of compiling anew
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir.resolve() / "inductor"))
     return env
 
 
@@ -96,9 +163,14 @@ def server_command(
     repository: Path,
     backends: Path,
     ports: Ports,
+    admin_key: str,
     load_models: Sequence[str] = ("*",),
+    host: str = LOOPBACK,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
+    """Explicit model control; the server reports ready while the router loads and unloads compute models
+    (`--strict-readiness=false`; each model's readiness is /v2/models/<name>/ready); configs are used as `prepare`
+    wrote them (`--disable-auto-complete-config`)."""
     command = [
         str(tritonserver_binary()),
         f"--model-repository={repository.resolve()}",
@@ -109,7 +181,9 @@ def server_command(
         f"--metrics-port={ports.metrics}",
         "--allow-metrics=true",
         "--exit-timeout-secs=20",
-        "--strict-readiness=true",
+        "--strict-readiness=false",
+        "--disable-auto-complete-config",
+        *access_flags(host, admin_key),
     ]
     command += [f"--load-model={name}" for name in load_models]
     return command + list(extra_args)
@@ -154,31 +228,46 @@ class TritonServer:
         load_models: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
         log: IO[bytes] | None = None,
+        host: str = LOOPBACK,
+        admin_key: str | None = None,
     ) -> None:
         """`load_models`: what to load at start-up; by default the prepared repository's light models (the router
-        loads compute models on first use)."""
+        loads compute models on first use). `host`: the address to listen on (`0.0.0.0`: every interface).
+        `admin_key`: by default `resolve_admin_key(cache_dir)`."""
         from triton_rag.repository import startup_models
 
         if load_models is None:
             load_models = startup_models(repository)
         self.repository = repository
+        self.cache_dir = cache_dir
         self.ports = ports
-        self.command = server_command(repository, prepare_backends(cache_dir), ports, load_models, extra_args)
+        self.host = host
+        self.admin_key = admin_key or resolve_admin_key(cache_dir)
+        self.command = server_command(
+            repository, prepare_backends(cache_dir), ports, self.admin_key, load_models, host, extra_args
+        )
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def _connect_host(self) -> str:
+        """Where this machine reaches the server: loopback when it listens on every interface."""
+        if self.host in ("0.0.0.0", "::", ""):
+            return LOOPBACK
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.ports.http}"
+        return f"{self._connect_host}:{self.ports.http}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
+        return f"{self._connect_host}:{self.ports.grpc}"
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             self.command,
-            env=server_environment(),
+            env=server_environment(self.cache_dir, self.admin_key),
             stdout=self.log,
             stderr=subprocess.STDOUT if self.log is not None else None,
             preexec_fn=_die_with_parent,
@@ -192,7 +281,10 @@ class TritonServer:
             return False
 
     def wait_ready(self, timeout: float) -> None:
-        """Block until every model asked for is loaded; raise if the server exits or the time runs out."""
+        """Block until every model asked for is loaded; raise if the server exits or the time runs out.
+
+        /v2/health/ready says so even without strict readiness: tritonserver opens its ports only once the
+        --load-model models are loaded, and exits when one fails (--exit-on-error, its default)."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
