@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from triton_rag.client import AdminHeader
 from triton_rag.server import TritonServer, free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +25,10 @@ class RunningServer:
         self.repository = repository
 
     def client(self) -> grpcclient.InferenceServerClient:
-        return grpcclient.InferenceServerClient(self.server.grpc_url)
+        """A gRPC client with the admin key (the operator's): the repository API works through it."""
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        client.register_plugin(AdminHeader(self.server.admin_key))
+        return client
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -42,6 +47,16 @@ def start_server(repository: Path, log_path: Path) -> Iterator[RunningServer]:
             yield running
         finally:
             server.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.25) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
 
 
 def strings(name: str, values: list[str] | list[bytes]) -> grpcclient.InferInput:

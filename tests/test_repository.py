@@ -4,6 +4,7 @@ committed files and docs in sync with their generators, settings errors, and doc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,11 +16,12 @@ from google.protobuf.text_format import ParseError
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tests.harness import CACHE_DIR, PROJECT_ROOT
-from triton_rag import contract, contract_doc
+from triton_rag import admin, contract, contract_doc
 from triton_rag.model_config import parse
 from triton_rag.offline import OFFLINE_MARKER
 from triton_rag.plans import Host, Manifest, detect_host, encoder_profiles, engine_source, manifest_file
 from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
+from triton_rag.server import RESTRICTED_APIS, access_flags
 from triton_rag.settings import (
     DoclingSettings,
     EmbedSettings,
@@ -187,9 +189,12 @@ def test_each_engine_variant_keeps_the_encoder_contract(tmp_path: Path, model_di
         assert plan_config.instance_group[0].kind == plan_config.instance_group[0].KIND_GPU
         assert rtx_config.parameters["engine_file"].string_value == "model.engine"
         assert "engine_file" not in torch_config.parameters
+        # the torch engine alone can sleep: its config adds the RESIDENCY output (control requests only)
+        *compute_outputs, residency = torch_config.output
+        assert residency.name == contract.RESIDENCY_OUTPUT.name
         for config in (plan_config, rtx_config):
             assert list(config.input) == list(torch_config.input)
-            assert list(config.output) == list(torch_config.output)
+            assert list(config.output) == compute_outputs
             assert config.max_batch_size == torch_config.max_batch_size
         assert not (plan_repo / name / "1" / "model.py").exists()
         assert (plan_repo / name / "1" / "model.plan").read_bytes() == b"stand-in engine bytes"
@@ -330,13 +335,33 @@ def test_unreachable_hub_falls_back_loudly(
     assert any("RANDOM-WEIGHT granite-docling" in m for m in messages)
 
 
-def test_docker_compose_file_is_valid() -> None:
+def test_docker_compose_file_is_valid(tmp_path: Path) -> None:
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        command = ["docker", "compose", "config"]
+        compose = ["docker", "compose"]
     else:
         assert shutil.which("docker-compose"), "install docker compose or docker-compose (make test-tools does)"
-        command = ["docker-compose", "config"]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        compose = ["docker-compose"]
+    environment = {k: v for k, v in os.environ.items() if k != admin.KEY_ENV}
+    no_key, with_key = tmp_path / "empty.env", tmp_path / "key.env"  # instead of the project's .env, if any
+    no_key.write_text("")
+    with_key.write_text(f"{admin.KEY_ENV}=test-admin-key\n")
+
+    def config(env_file: Path) -> subprocess.CompletedProcess[str]:
+        command = [*compose, "--env-file", str(env_file), "config"]
+        return subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True)
+
+    refused = config(no_key)  # no admin key, no server
+    assert refused.returncode != 0 and "make prepare writes it into .env" in refused.stderr, refused.stderr
+    result = config(with_key)
     assert result.returncode == 0, result.stderr
-    assert "Dockerfile.triton" in result.stdout and "8001" in result.stdout
-    assert "tritonserver:25.10-py3" in (PROJECT_ROOT / "Dockerfile.triton").read_text()
+    assert "Dockerfile.triton" in result.stdout and "8001" in result.stdout and "test-admin-key" in result.stdout
+    assert result.stdout.count("127.0.0.1") == 3  # HTTP, gRPC and metrics published on loopback only
+    assert "triton-rag-cache:/var/cache/triton-rag" in (PROJECT_ROOT / "docker-compose.yml").read_text()
+    dockerfile = (PROJECT_ROOT / "Dockerfile.triton").read_text()
+    assert "tritonserver:25.10-py3" in dockerfile
+    # the image's tritonserver: the same restrictions, readiness and configs as `triton-rag serve`'s
+    restricted = f"{','.join(RESTRICTED_APIS)}:{admin.KEY_NAME}=$key"
+    for flag in (f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"):
+        assert flag in dockerfile and flag.replace("$key", "k") in access_flags("0.0.0.0", "k")
+    assert "--strict-readiness=false --disable-auto-complete-config" in dockerfile
+    assert "ENV TORCHINDUCTOR_CACHE_DIR=/var/cache/triton-rag/inductor" in dockerfile

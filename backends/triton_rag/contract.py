@@ -6,7 +6,7 @@ keeps the two in sync), so clients, engines and docs cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Model names. The first three are client-facing; encoders are the compute engines behind them.
 EMBED_ENDPOINT = "qwen_embed"
@@ -148,6 +148,25 @@ def rerank_encoder() -> ModelContract:
             ),
         ),
     )
+
+
+#: The python/torch encoders' extra output (not the TensorRT variants'): the engine's residency as JSON. A request
+#: with the parameter `RESIDENCY_PARAMETER` = "sleep", "wake" or "status" (and any one-token INPUT_IDS and
+#: ATTENTION_MASK) is a control request: it changes or reads residency and runs no forward pass (docs/ROUTER.md).
+RESIDENCY_OUTPUT = TensorSpec(
+    "RESIDENCY",
+    "TYPE_STRING",
+    (1,),
+    'python/torch variant only: {"state": "awake"|"asleep", "weight_bytes", "host_bytes", "seconds"} as JSON, '
+    "answered to control requests (request parameter `residency`) and to requests that ask for this output.",
+)
+RESIDENCY_PARAMETER = "residency"
+RESIDENCY_ACTIONS = ("sleep", "wake", "status")
+
+
+def with_residency(encoder: ModelContract) -> ModelContract:
+    """The encoder contract as the python/torch variant serves it: the same tensors plus RESIDENCY."""
+    return replace(encoder, outputs=encoder.outputs + (RESIDENCY_OUTPUT,))
 
 
 ROUTER = "router"

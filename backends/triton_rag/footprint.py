@@ -19,6 +19,7 @@ MIB = 2**20
 GPU_RUNTIME_BYTES = 512 * MIB
 CPU_RUNTIME_BYTES = 448 * MIB
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_AUTO_DTYPES = (("gpu", "bfloat16"), ("cpu", "float32"))
 
 
 def safetensors_parameters(model_dir: Path, skip_prefixes: tuple[str, ...] = ("lm_head.",)) -> int:
@@ -48,6 +49,12 @@ def estimate_bytes(model_dir: Path, config: dict, dtype: str, max_batch_tokens: 
     intermediate = int(config.get("intermediate_size", 4 * hidden))
     activation_values = max_batch_tokens * (6 * hidden + 3 * intermediate)
     return _per_device(parameters + activation_values, dtype)
+
+
+def weight_bytes(model_dir: Path, dtype: str) -> dict[str, int]:
+    """{"gpu", "cpu"}: the weights alone at the serving dtype: what a sleeping engine copies to host RAM."""
+    parameters = safetensors_parameters(model_dir)
+    return {device: parameters * _DTYPE_BYTES[auto if dtype == "auto" else dtype] for device, auto in _AUTO_DTYPES}
 
 
 def _per_device(values: int, dtype: str) -> dict[str, int]:

@@ -41,6 +41,27 @@ def stub_pids(model: str, server_pid: int, proc: Path = Path("/proc")) -> list[i
     return sorted(pids)
 
 
+def dead_stubs(server_pid: int, proc: Path = Path("/proc")) -> set[int]:
+    """Stub processes of the tritonserver `server_pid` that have exited and that it has not reaped (zombies).
+
+    A zombie keeps its short name (`comm`, 15 characters) but loses its command line, so which model it served is
+    unknown; `_load` compares this set before and during a load. tritonserver reaps a stub only when it gives up on
+    it, so a stub that died before its first message (tritonserver 2.51 waits for that one forever) stays here."""
+    dead = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        state, parent = rest.split()[:2]
+        if state == "Z" and int(parent) == server_pid and STUB_NAME.startswith(name):
+            dead.add(int(entry.name))
+    return dead
+
+
 def alive(pids: Iterable[int]) -> list[int]:
     result = []
     for pid in pids:

@@ -25,7 +25,7 @@ from typing import Literal
 
 from triton_rag import contract
 from triton_rag.contract import MIN_EMBED_DIM, ModelContract
-from triton_rag.footprint import estimate_bytes, estimate_vlm_bytes
+from triton_rag.footprint import estimate_bytes, estimate_vlm_bytes, weight_bytes
 from triton_rag.model_config import build_config, render
 from triton_rag.plans import Host, Variant, built_engines, choose_variant, detect_host, engine_source
 from triton_rag.settings import (
@@ -194,8 +194,9 @@ def _write_endpoint_pair(
     elif variant == "python_trt_rtx":
         rtx_params = {"task": encoder_params["task"], "engine_file": "model.engine"}
         encoder_config = build_config(encoder, backend="python", parameters=rtx_params)
-    else:
-        encoder_config = build_config(encoder, backend="python", parameters=encoder_params)
+    else:  # the PyTorch engine can give its weights' memory back and take it again (the router's host tier)
+        encoder = contract.with_residency(encoder)
+        encoder_config = build_config(encoder, backend="python", parameters=encoder_params | {"sleepable": "true"})
     _write(encoder_dir, encoder, render(encoder_config, GENERATED_HEADER), with_model_py=variant != "tensorrt_plan")
     _link(model.path, encoder_dir / "1" / "hf")
     if engine_file is not None:
@@ -233,6 +234,8 @@ def _summary(
         "compute_model": encoder,
         "endpoint": endpoint,
         "estimate_bytes": estimate,
+        "weight_bytes": weight_bytes(model.path, settings.dtype),
+        "sleepable": variant == "torch",
     }
 
 
@@ -446,7 +449,8 @@ def prepare_docling(
 def prepare_router(settings: RouterSettings, repository: Path, endpoints: dict[str, dict]) -> None:
     models = {
         chosen["compute_model"]: {"estimate_bytes_" + device: size for device, size in chosen["estimate_bytes"].items()}
-        | {"endpoints": chosen.get("endpoints", [chosen["endpoint"]])}
+        | {"weight_bytes_" + device: size for device, size in chosen.get("weight_bytes", {}).items()}
+        | {"endpoints": chosen.get("endpoints", [chosen["endpoint"]]), "sleepable": chosen.get("sleepable", False)}
         for chosen in endpoints.values()
     }
     parameters = settings.parameters() | {"models": json.dumps(models, sort_keys=True)}

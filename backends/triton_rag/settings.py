@@ -89,14 +89,20 @@ class RouterSettings:
     #: GPU memory kept out of an automatic budget: tritonserver, the endpoints' processes, the desktop, other apps.
     reserve: str = "1536MiB"
     cpu_budget_fraction: float = 0.5
+    #: Host RAM for evicted models' weight copies (the host tier: wake in a fraction of a second instead of a
+    #: reload): bytes, "0" (off: every eviction unloads), or "auto": `host_budget_fraction` of the RAM where there is
+    #: a GPU, off on a machine without one (there the copy would take the same RAM the model gave back).
+    host_budget: str = "auto"
+    host_budget_fraction: float = 0.5
     #: Above this fraction of the budget, idle models are evicted (least recently used first).
     high_watermark: float = 0.9
     #: A busy model stays open this long after its load before another model may displace it (bounds thrashing).
     min_residency_seconds: float = 3.0
     #: A request waiting this long for its model fails, with the reason it waited (never a hang).
     queue_timeout_seconds: float = 300.0
-    #: A lease older than this is taken back (its holder is presumed gone).
-    lease_timeout_seconds: float = 600.0
+    #: A lease older than this is taken back (its holder is presumed gone), so a client that never releases blocks
+    #: evictions for at most this long. An endpoint holds one for one compute call.
+    lease_timeout_seconds: float = 30.0
     #: How long an unload may take before the memory it still holds is reported as unreleased.
     unload_timeout_seconds: float = 30.0
     #: How often the router re-reads the repository index and re-measures resident models.
@@ -113,12 +119,16 @@ class RouterSettings:
             if self.budget != "auto":
                 parse_bytes(self.budget)
             parse_bytes(self.reserve)
+            if self.host_budget not in ("auto", "0"):
+                parse_bytes(self.host_budget)
         except PolicyError as exc:
             raise SettingsError(f"[router] {exc}") from None
         if not 0.0 < self.high_watermark <= 1.0:
             raise SettingsError(f"[router] high_watermark must be in (0, 1], got {self.high_watermark}")
         if not 0.0 < self.cpu_budget_fraction <= 1.0:
             raise SettingsError(f"[router] cpu_budget_fraction must be in (0, 1], got {self.cpu_budget_fraction}")
+        if not 0.0 <= self.host_budget_fraction <= 1.0:
+            raise SettingsError(f"[router] host_budget_fraction must be in [0, 1], got {self.host_budget_fraction}")
 
     def budget_bytes(self, device: str, total: int) -> int:
         """The budget in bytes on a device with `total` bytes of memory ("gpu" or "cpu")."""
@@ -130,6 +140,14 @@ class RouterSettings:
                 raise SettingsError(f"[router] reserve {self.reserve} leaves no budget on a {total}-byte GPU")
             return budget
         return int(total * self.cpu_budget_fraction)
+
+    def host_budget_bytes(self, device: str, ram: int) -> int:
+        """Bytes of host RAM the host tier may hold; 0 turns it off."""
+        if self.host_budget == "0":
+            return 0
+        if self.host_budget != "auto":
+            return parse_bytes(self.host_budget)
+        return int(ram * self.host_budget_fraction) if device == "gpu" else 0
 
     def parameters(self) -> dict[str, str]:
         """As config.pbtxt string parameters (read back by `router_settings`)."""

@@ -184,8 +184,11 @@ class TorchEncoder:
         config = AutoConfig.from_pretrained(str(model_dir))
         self.causal = config.model_type in CAUSAL_DECODERS and not getattr(config, "use_sliding_window", False)
         attention = PACKED_ATTENTION if self.causal else "sdpa"
+        started = time.perf_counter()
         model = AutoModel.from_pretrained(str(model_dir), dtype=self.dtype, attn_implementation=attention)
+        read = time.perf_counter()
         self.model = model.to(self.device).eval()
+        log(f"weights read in {read - started:.1f} s, on {self.device.type} in {time.perf_counter() - read:.1f} s")
         if self.precision == "fp8":
             log(f"precision: fp8, {convert_linears(self.model)} linear layers quantized rowwise")
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None

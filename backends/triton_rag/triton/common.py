@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triton_rag.admin import KEY_NAME, server_key
 from triton_rag.text import InputError, decode_utf8
 
 T = TypeVar("T")
@@ -118,12 +119,18 @@ def answer_each(requests: list[Any], compute: Callable[[Any], list[Any]], failur
     return responses
 
 
-def call_model(model_name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+def call_model(
+    model_name: str,
+    inputs: dict[str, np.ndarray],
+    outputs: list[str],
+    parameters: dict[str, str] | None = None,
+) -> dict[str, np.ndarray]:
     """One BLS request; the seam where the router (load-before-call) sits between endpoints and compute models."""
     request = pb_utils.InferenceRequest(
         model_name=model_name,
         requested_output_names=outputs,
         inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
+        parameters=parameters or {},
     )
     response = request.exec()
     if response.has_error():
@@ -146,6 +153,13 @@ class RouterClient:
 
     def __init__(self, router: str) -> None:
         self.router = router
+        self._key: dict[str, str] | None = None
+
+    def _parameters(self) -> dict[str, str]:
+        """The admin key as a request parameter (ACQUIRE needs it); read once, on first use."""
+        if self._key is None:
+            self._key = {KEY_NAME: server_key()}
+        return self._key
 
     def _call(self, action: str, models: tuple[str, ...] = (), lease: int | None = None) -> dict[str, np.ndarray]:
         inputs = {"ACTION": np.array([action.encode()], dtype=np.object_)}
@@ -153,7 +167,7 @@ class RouterClient:
             inputs["MODELS"] = np.array([m.encode() for m in models], dtype=np.object_)
         if lease is not None:
             inputs["LEASE"] = np.array([lease], dtype=np.int64)
-        return call_model(self.router, inputs, ["LEASE"] if action == "ACQUIRE" else [])
+        return call_model(self.router, inputs, ["LEASE"] if action == "ACQUIRE" else [], self._parameters())
 
     @contextmanager
     def lease(self, model: str) -> Iterator[None]:

@@ -5,10 +5,14 @@ tensorrt_plan variant of the same contract is Triton's TensorRT backend instead 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from triton_rag import contract
 
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
@@ -36,6 +40,7 @@ class EncoderModel:
             precision=params.get("precision", "auto"),
             compile_model=params.get("compile", "false") == "true",
             max_batch_tokens=int(params.get("max_batch_tokens", "32768")),
+            sleepable=params.get("sleepable", "false") == "true",
             log=lambda message: print(f"{args['model_name']}: {message}", flush=True),
         )
         print(
@@ -48,9 +53,24 @@ class EncoderModel:
         return answer_each(requests, self._compute, "encoder failed")
 
     def _compute(self, request: Any) -> list[Any]:
+        action = json.loads(request.parameters() or "{}").get(contract.RESIDENCY_PARAMETER)
+        if action is not None:  # a control request from the router: no forward pass
+            return [self._residency(str(action), rows=1)]
         ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
         mask = pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy()
-        return [pb_utils.Tensor(self.output_name, self.engine.forward(ids, mask))]
+        outputs = [pb_utils.Tensor(self.output_name, self.engine.forward(ids, mask))]
+        if contract.RESIDENCY_OUTPUT.name in request.requested_output_names():
+            outputs.append(self._residency("status", rows=len(ids)))
+        return outputs
+
+    def _residency(self, action: str, rows: int) -> Any:
+        if not isinstance(self.engine, TorchEncoder):
+            raise ValueError("this encoder variant has no residency control (only the PyTorch engine has)")
+        if action not in contract.RESIDENCY_ACTIONS:
+            raise ValueError(f"residency must be one of {', '.join(contract.RESIDENCY_ACTIONS)}, got {action!r}")
+        state = self.engine.sleep() if action == "sleep" else self.engine.wake() if action == "wake" else {}
+        text = json.dumps(self.engine.residency() | state).encode()
+        return pb_utils.Tensor(contract.RESIDENCY_OUTPUT.name, np.array([[text]] * rows, dtype=np.object_))
 
     def finalize(self) -> None:
         del self.engine

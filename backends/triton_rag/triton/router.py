@@ -2,7 +2,9 @@
 
 Endpoints ask it for a lease on their compute model (ACQUIRE), call the model over BLS, and give the lease back
 (RELEASE); clients can read the ledger (STATUS), pin models (PIN/UNPIN), announce what they will use next (PLAN) and
-make it re-read the repository index (RECONCILE). docs/ROUTER.md describes the tensors and the policy.
+make it re-read the repository index (RECONCILE). Every action but STATUS and RELEASE needs the admin key (request
+parameter `triton-rag-key`; admin.py). Evicted PyTorch engines go to sleep (host-RAM tier) where the host budget
+allows, else they are unloaded. docs/ROUTER.md describes the tensors and the policy.
 
 Threads: execute() only parses requests and queues them; one scheduler thread owns the ledger, asks
 `residency.decide()` what to do after every event and does it; loads and unloads run on worker threads and report
@@ -11,11 +13,11 @@ back as events. Every request gets exactly one final response, through its respo
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import queue
+import secrets
 import threading
 import time
 import traceback
@@ -29,14 +31,22 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
-from triton_rag.memory import MeasurementFile, MemoryProbe, alive, open_probe, stub_pids
-from triton_rag.residency import ModelView, Policy, decide, format_bytes, occupied_bytes
-from triton_rag.server import grpc_endpoint
+from triton_rag.admin import KEY_NAME, key_matches, server_key
+from triton_rag.memory import MeasurementFile, MemoryProbe, alive, dead_stubs, open_probe, ram_total, stub_pids
+from triton_rag.residency import ModelView, Policy, decide, format_bytes, host_occupied_bytes, occupied_bytes
+from triton_rag.server import GRPC_KEY_HEADER, grpc_endpoint
 from triton_rag.settings import router_settings
 from triton_rag.triton.common import error_response, read_strings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 LOAD_BUCKETS = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
+WAKE_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4]
+#: A load whose stub processes have all been gone this long has lost them (they do not come back by themselves).
+STUB_GONE_SECONDS = 5.0
+#: Actions anyone may send: reading the ledger, and returning a lease (whose id only its holder knows).
+OPEN_ACTIONS = ("STATUS", "RELEASE")
+#: Where each state keeps a model's weights (STATUS "tier", the rag_router_tier metric).
+TIERS = {"ready": "gpu", "loading": "gpu", "waking": "gpu", "sleeping": "host", "asleep": "host"}
 
 
 @dataclass
@@ -69,10 +79,34 @@ class Entry:
     last_unload_seconds: float | None = None
     last_error: str = ""
     pids: list[int] = field(default_factory=list)
+    sleepable: bool = False
+    #: Estimated host copy of the weights; replaced by what the engine reports after its first sleep.
+    host_bytes: int = 0
+    host_held: bool = False
+    #: What it holds on the device while asleep: estimated until measured after a sleep.
+    asleep_estimate: int = 0
+    asleep_measured: int | None = None
+    unloading_asleep: bool = False
+    sleeps: int = 0
+    wakes: int = 0
+    last_sleep_seconds: float | None = None
+    last_wake_seconds: float | None = None
+    #: Why Triton cannot load it again (a stub that died before its first message); requests fail at once.
+    wedged: str = ""
 
     @property
     def bytes(self) -> int:
         return self.measured if self.measured is not None else self.estimate
+
+    @property
+    def asleep_bytes(self) -> int:
+        return self.asleep_measured if self.asleep_measured is not None else self.asleep_estimate
+
+    @property
+    def tier(self) -> str:
+        if self.state == "unloading":
+            return "cold"
+        return TIERS.get(self.state, "cold")
 
     def view(self) -> ModelView:
         return ModelView(
@@ -87,6 +121,11 @@ class Entry:
             pinned=self.pinned,
             unreleased=self.unreleased,
             evictable=self.evictable,
+            sleepable=self.sleepable,
+            asleep_bytes=self.asleep_bytes,
+            host_bytes=self.host_bytes,
+            host_held=self.host_held,
+            unloading_asleep=self.unloading_asleep,
         )
 
 
@@ -101,14 +140,27 @@ class Metrics:
         unreleased = family("rag_router_unreleased_bytes", "Bytes an unload did not give back", family.GAUGE)
         seconds = family("rag_router_load_seconds", "Time to load a model (load_model until ready)", family.HISTOGRAM)
         budget = family("rag_router_budget_bytes", "The router's memory budget", family.GAUGE)
+        host_budget = family("rag_router_host_budget_bytes", "Host RAM the host tier may hold", family.GAUGE)
+        host = family("rag_router_host_bytes", "Host RAM a model's weight copy holds (host tier)", family.GAUGE)
+        tier = family("rag_router_tier", "1 for the tier (gpu, host, cold) a model is in, 0 for the others", family.GAUGE)
+        sleeps = family("rag_router_sleeps_total", "Evictions to the host tier per model", family.COUNTER)
+        wakes = family("rag_router_wakes_total", "Wakes from the host tier per model", family.COUNTER)
+        wake_seconds = family("rag_router_wake_seconds", "Time to wake a model from the host tier", family.HISTOGRAM)
         self.budget = budget.Metric(labels={})
+        self.host_budget = host_budget.Metric(labels={})
+        self.host = {n: host.Metric(labels={"model": n}) for n in names}
+        self.tier = {(n, t): tier.Metric(labels={"model": n, "tier": t}) for n in names for t in ("gpu", "host", "cold")}
+        self.sleeps = {n: sleeps.Metric(labels={"model": n}) for n in names}
+        self.wakes = {n: wakes.Metric(labels={"model": n}) for n in names}
+        self.wake_seconds = {n: wake_seconds.Metric(labels={"model": n}, buckets=WAKE_BUCKETS) for n in names}
         self.resident = {n: resident.Metric(labels={"model": n}) for n in names}
         self.loads = {n: loads.Metric(labels={"model": n}) for n in names}
         self.evictions = {n: evictions.Metric(labels={"model": n}) for n in names}
         self.unreleased = {n: unreleased.Metric(labels={"model": n}) for n in names}
         self.load_seconds = {n: seconds.Metric(labels={"model": n}, buckets=LOAD_BUCKETS) for n in names}
         # A family must outlive its metrics (Triton refuses to update a metric whose family was collected).
-        self._families = [budget, resident, loads, evictions, unreleased, seconds]
+        self._families = [budget, resident, loads, evictions, unreleased, seconds, host_budget, host, tier, sleeps]
+        self._families += [wakes, wake_seconds]
 
 
 def _reject(waiter: Waiter, message: str) -> None:
@@ -122,9 +174,10 @@ class RepositoryApi:
     Not pb_utils.load_model & co: on Triton 2.51 a failing call of those on any thread but the stub's main thread
     aborts tritonserver (found while testing a load of corrupt weights), and the main thread must stay free."""
 
-    def __init__(self, url: str, load_timeout: float) -> None:
+    def __init__(self, url: str, load_timeout: float, key: str) -> None:
         self.url = url
         self._load_timeout = load_timeout
+        self._headers = {GRPC_KEY_HEADER: key}  # Triton's restricted repository API (server.py) wants it
 
     def _client(self) -> Any:
         """A fresh client per call: a channel opened before tritonserver listened keeps failing for a while (gRPC
@@ -134,15 +187,34 @@ class RepositoryApi:
         return grpcclient.InferenceServerClient(self.url)
 
     def load(self, name: str) -> None:
-        self._client().load_model(name, client_timeout=self._load_timeout)
+        self._client().load_model(name, headers=self._headers, client_timeout=self._load_timeout)
 
     def unload(self, name: str) -> None:
-        self._client().unload_model(name, client_timeout=60)
+        self._client().unload_model(name, headers=self._headers, client_timeout=60)
+
+    def residency(self, name: str, action: str) -> dict[str, Any]:
+        """A control request to a PyTorch encoder (contract.RESIDENCY_OUTPUT): sleep, wake or status."""
+        import tritonclient.grpc as grpcclient
+
+        inputs = []
+        for tensor_name, value in (("INPUT_IDS", 0), ("ATTENTION_MASK", 1)):
+            tensor = grpcclient.InferInput(tensor_name, [1, 1], "INT64")
+            tensor.set_data_from_numpy(np.full((1, 1), value, dtype=np.int64))
+            inputs.append(tensor)
+        result = self._client().infer(
+            name,
+            inputs,
+            outputs=[grpcclient.InferRequestedOutput(contract.RESIDENCY_OUTPUT.name)],
+            parameters={contract.RESIDENCY_PARAMETER: action},
+            client_timeout=self._load_timeout,
+        )
+        return dict(json.loads(result.as_numpy(contract.RESIDENCY_OUTPUT.name).reshape(-1)[0]))
 
     def ready(self, names: list[str]) -> dict[str, bool] | None:
         """Which of `names` are READY in the repository index; None while the server cannot say."""
         try:
-            index = self._client().get_model_repository_index(as_json=True, client_timeout=10).get("models", [])
+            index = self._client().get_model_repository_index(as_json=True, headers=self._headers, client_timeout=10)
+            index = index.get("models", [])
         except Exception:
             return None
         ready = {m["name"] for m in index if m.get("state") == "READY"}
@@ -160,13 +232,22 @@ class RouterModel:
             self.settings.budget_bytes(self.probe.device, self.probe.total),
             high_watermark=self.settings.high_watermark,
             min_residency=self.settings.min_residency_seconds,
+            host_budget=self.settings.host_budget_bytes(self.probe.device, ram_total()),
         )
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, str] = {}
         self.measurements = MeasurementFile(Path(args["model_repository"]) / self.settings.measurements_file)
         for name, info in models.items():
             estimate = int(info["estimate_bytes_" + self.probe.device])
-            self.entries[name] = Entry(name, estimate, list(info.get("endpoints", [])))
+            weights = int(info.get("weight_bytes_" + self.probe.device, estimate))
+            self.entries[name] = Entry(
+                name,
+                estimate,
+                list(info.get("endpoints", [])),
+                sleepable=bool(info.get("sleepable", False)),
+                host_bytes=weights,
+                asleep_estimate=max(estimate - weights, 0),
+            )
             remembered = self.measurements.get(name, self.probe.device, estimate)
             if remembered is not None:
                 self.entries[name].measured, self.entries[name].measured_by = remembered, "remembered from a load"
@@ -174,23 +255,24 @@ class RouterModel:
             for endpoint in info.get("endpoints", []):
                 self.aliases[endpoint] = name
         self.server_pid = os.getppid()
+        self.key = server_key(self.server_pid)
         argv = Path(f"/proc/{self.server_pid}/cmdline").read_bytes().decode().split("\0")
         api_url = self.settings.repository_api or grpc_endpoint(argv)
-        self.api = RepositoryApi(api_url, self.settings.load_timeout_seconds)
+        self.api = RepositoryApi(api_url, self.settings.load_timeout_seconds, self.key)
         self.plan: list[str] = []
         self.leases: dict[int, tuple[str, float]] = {}
-        self.lease_ids = itertools.count(1)
         self.events: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self.device_used_before_load = 0
         self.metrics = Metrics(list(self.entries))
         self.metrics.budget.set(float(self.policy.budget))
+        self.metrics.host_budget.set(float(self.policy.host_budget))
         self.reasons: dict[str, str] = {}
         self.reconciled = False
         self.scheduler = threading.Thread(target=self._run, name="router-scheduler", daemon=True)
         self.scheduler.start()
         print(
             f"router: repository API at {api_url}; budget {format_bytes(self.policy.budget)} "
-            f"({self.probe.description}), high watermark "
+            f"({self.probe.description}), host budget {format_bytes(self.policy.host_budget)}, high watermark "
             f"{self.policy.high_watermark}, min residency {self.policy.min_residency}s, models "
             + ", ".join(f"{e.name} (estimate {format_bytes(e.estimate)})" for e in self.entries.values()),
             flush=True,
@@ -219,6 +301,13 @@ class RouterModel:
         action = action_values[0].strip().upper()
         if action not in contract.ROUTER_ACTIONS:
             raise ValueError(f"unknown ACTION {action!r}; one of {', '.join(contract.ROUTER_ACTIONS)}")
+        if action not in OPEN_ACTIONS:
+            given = json.loads(request.parameters() or "{}").get(KEY_NAME)
+            if not key_matches(given if isinstance(given, str) else None, self.key):
+                raise ValueError(
+                    f"{action} needs the admin key: the request parameter {KEY_NAME!r} must hold the value of "
+                    f"TRITON_RAG_ADMIN_KEY (docs/ROUTER.md, Access control); only STATUS and RELEASE are open"
+                )
         names = read_strings(request, "MODELS", optional=True) or []
         models = []
         for name in names:
@@ -238,6 +327,9 @@ class RouterModel:
             self.reconciled = True
             self._reconcile()
         if action in ("ACQUIRE", "PIN"):
+            if self.entries[models[0]].wedged:
+                _reject(Waiter(action, sender, arrived), f"{models[0]}: {self.entries[models[0]].wedged}")
+                return
             self.entries[models[0]].waiters.append(Waiter(action, sender, arrived))
             if action == "ACQUIRE" and models[0] in self.plan:
                 del self.plan[: self.plan.index(models[0]) + 1]  # the plan advances past this use
@@ -271,10 +363,13 @@ class RouterModel:
             "min_residency_seconds": self.policy.min_residency,
             "memory": self.probe.description,
             "occupied_bytes": occupied_bytes(views),
+            "host_budget_bytes": self.policy.host_budget,
+            "host_occupied_bytes": host_occupied_bytes(views),
             "plan": list(self.plan),
             "models": {
                 e.name: {
                     "state": e.state,
+                    "tier": e.tier,
                     "bytes": e.bytes,
                     "estimate_bytes": e.estimate,
                     "measured_bytes": e.measured,
@@ -287,6 +382,14 @@ class RouterModel:
                     "evictions": e.evictions,
                     "last_load_seconds": e.last_load_seconds,
                     "last_unload_seconds": e.last_unload_seconds,
+                    "sleepable": e.sleepable,
+                    "weight_bytes": e.host_bytes,
+                    "asleep_bytes": e.asleep_bytes,
+                    "host_bytes": e.host_bytes if e.host_held else 0,
+                    "sleeps": e.sleeps,
+                    "wakes": e.wakes,
+                    "last_sleep_seconds": e.last_sleep_seconds,
+                    "last_wake_seconds": e.last_wake_seconds,
                     "unreleased_bytes": e.unreleased,
                     "last_error": e.last_error,
                     "waiting_because": self.reasons.get(e.name, ""),
@@ -331,8 +434,19 @@ class RouterModel:
             self._fail_waiters(self.entries[name], message)
         for name in decision.grant:
             self._grant(self.entries[name], now)
+        for name in decision.sleep:
+            entry = self.entries[name]
+            entry.state = "sleeping"
+            entry.evictions += 1
+            self.metrics.evictions[name].increment(1)
+            threading.Thread(target=self._residency, args=(entry, "sleep"), daemon=True).start()
+        if decision.wake is not None:
+            entry = self.entries[decision.wake]
+            entry.state = "waking"
+            threading.Thread(target=self._residency, args=(entry, "wake"), daemon=True).start()
         for name in decision.unload:
             entry = self.entries[name]
+            entry.unloading_asleep = entry.state == "asleep"
             entry.state = "unloading"
             entry.evictions += 1
             self.metrics.evictions[name].increment(1)
@@ -344,6 +458,12 @@ class RouterModel:
                 return self._decide()
             entry.state = "loading"
             entry.loads += 1
+            if entry.bytes > self.policy.budget:
+                print(
+                    f"router: WARNING: {entry.name} holds {format_bytes(entry.bytes)}, more than the budget of "
+                    f"{format_bytes(self.policy.budget)}; it is served alone (everything else was evicted)",
+                    flush=True,
+                )
             self.metrics.loads[entry.name].increment(1)
             self.device_used_before_load = self.probe.device_used()
             threading.Thread(target=self._load, args=(entry,), daemon=True).start()
@@ -358,7 +478,7 @@ class RouterModel:
                 entry.pinned = True
                 self._send_status(waiter.sender)
                 continue
-            lease = next(self.lease_ids)
+            lease = secrets.randbits(62) + 1  # only its holder can release it
             entry.leases.add(lease)
             self.leases[lease] = (entry.name, now)
             out = pb_utils.Tensor("LEASE", np.array([lease], dtype=np.int64))
@@ -372,6 +492,9 @@ class RouterModel:
         for entry in self.entries.values():
             self.metrics.resident[entry.name].set(float(entry.view().occupies))
             self.metrics.unreleased[entry.name].set(float(entry.unreleased))
+            self.metrics.host[entry.name].set(float(entry.host_bytes if entry.host_held else 0))
+            for tier in ("gpu", "host", "cold"):
+                self.metrics.tier[entry.name, tier].set(1.0 if entry.tier == tier else 0.0)
 
     def _housekeeping(self) -> None:
         """Take back leases whose holder vanished, re-read the repository index, re-measure residents."""
@@ -402,14 +525,26 @@ class RouterModel:
         if states is None:
             return
         for entry in self.entries.values():
+            if entry.state == "asleep" and not states[entry.name]:
+                print(f"router: {entry.name} was unloaded outside the router while asleep", flush=True)
+                entry.state, entry.unloading_asleep = "unloading", True
+                threading.Thread(target=self._unload, args=(entry, False), daemon=True).start()
+                continue
+            if entry.state == "asleep" and entry.pids:
+                self._measure_asleep(entry)
             if entry.state not in ("ready", "unloaded"):
                 continue
             ready = states[entry.name]
+            if ready and entry.wedged:
+                entry.wedged = ""
             if ready and entry.state == "unloaded":
                 entry.state, entry.loaded_at = "ready", time.monotonic()
                 entry.pids = stub_pids(entry.name, self.server_pid)
-                self._measure(entry, device_delta=None)
                 print(f"router: {entry.name} was loaded outside the router; now in the ledger", flush=True)
+                if entry.sleepable:  # it may be asleep (adopted by a reloaded router): ask before measuring it
+                    threading.Thread(target=self._residency, args=(entry, "status"), daemon=True).start()
+                else:
+                    self._measure(entry, device_delta=None)
             elif not ready and entry.state == "ready":
                 print(f"router: {entry.name} was unloaded outside the router", flush=True)
                 entry.state = "unloading"
@@ -417,9 +552,15 @@ class RouterModel:
             elif ready and entry.pids:
                 self._measure(entry, device_delta=None)
 
+    def _host_copy_in(self, entry: Entry) -> int:
+        """The part of a CPU measurement that is the host tier's: on the CPU the "device" is the RAM, where the
+        engine's host copy of its weights lives too (kept after the first sleep, awake or not)."""
+        return entry.host_bytes if self.probe.device == "cpu" and entry.host_held else 0
+
     def _measure(self, entry: Entry, device_delta: int | None) -> None:
         measured = self.probe.process_bytes(entry.pids) if entry.pids else None
         if measured is not None:
+            measured = max(measured - self._host_copy_in(entry), 0)
             entry.measured, entry.measured_by = measured, f"{self.probe.device}: stub processes {entry.pids}"
         elif device_delta is not None:
             entry.measured, entry.measured_by = max(device_delta, 0), f"{self.probe.device}: device delta across load"
@@ -427,22 +568,129 @@ class RouterModel:
             return
         self.measurements.put(entry.name, self.probe.device, entry.estimate, entry.bytes)
 
+    def _measure_asleep(self, entry: Entry) -> None:
+        """What an asleep model still holds on the device (its runtime, CUDA-graph pools)."""
+        held = self.probe.process_bytes(entry.pids) if entry.pids else None
+        if held is not None:
+            entry.asleep_measured = max(held - self._host_copy_in(entry), 0)
+
     # --- workers: they only report back through the event queue -----------------------------------------------
 
-    def _load(self, entry: Entry) -> None:
+    def _residency(self, entry: Entry, action: str) -> None:
         started = time.monotonic()
-        error = ""
+        error, state = "", {}
         try:
-            self.api.load(entry.name)
+            state = self.api.residency(entry.name, action)
         except Exception as exc:
             error = str(exc) or repr(exc)
         seconds = time.monotonic() - started
+        self.events.put(lambda: self._residency_done(entry, action, state, error, seconds))
+
+    def _residency_done(self, entry: Entry, action: str, state: dict[str, Any], error: str, seconds: float) -> None:
+        if error and action == "status":
+            print(f"router: could not read the residency of {entry.name}: {error}", flush=True)
+            return
+        if error:
+            # The engine may be gone (killed, unloaded outside) or may not sleep: unload it, which reloads it fresh
+            # on the next request; its waiting requests wait for that.
+            print(f"router: {action} of {entry.name} failed ({error}); unloading it instead", flush=True)
+            entry.last_error = f"{action} failed: {error}"
+            entry.unloading_asleep = False
+            entry.state = "unloading"
+            threading.Thread(target=self._unload, args=(entry, True), daemon=True).start()
+            return
+        entry.host_bytes = int(state.get("host_bytes") or entry.host_bytes)
+        entry.host_held = int(state.get("host_bytes") or 0) > 0
+        if action == "status":
+            if state.get("state") == "asleep" and entry.state == "ready" and not entry.leases:
+                entry.state = "asleep"
+                self._measure_asleep(entry)
+            elif entry.state == "ready":
+                self._measure(entry, device_delta=None)
+            return
+        if action == "sleep":
+            entry.state, entry.sleeps, entry.last_sleep_seconds = "asleep", entry.sleeps + 1, seconds
+            self.metrics.sleeps[entry.name].increment(1)
+            self._measure_asleep(entry)
+            print(
+                f"router: {entry.name} asleep in {seconds:.3f} s (host copy {format_bytes(entry.host_bytes)}, "
+                f"holds {format_bytes(entry.asleep_bytes)} on the device)",
+                flush=True,
+            )
+        else:
+            entry.state, entry.wakes, entry.last_wake_seconds = "ready", entry.wakes + 1, seconds
+            entry.loaded_at = time.monotonic()
+            self.metrics.wakes[entry.name].increment(1)
+            self.metrics.wake_seconds[entry.name].observe(seconds)
+            print(f"router: {entry.name} woken in {seconds:.3f} s", flush=True)
+
+    def _load(self, entry: Entry) -> None:
+        started = time.monotonic()
+        outcome: list[str] = []
+        given_up = threading.Lock()  # held by whichever side finishes first: the load call, or the watch below
+        abandoned: list[bool] = []
+
+        def call() -> None:
+            try:
+                self.api.load(entry.name)
+                result = ""
+            except Exception as exc:
+                result = str(exc) or repr(exc)
+            with given_up:
+                outcome.append(result)
+                if abandoned:  # the router gave up on this load: its end frees the model for the next load
+                    self.events.put(lambda: self._abandoned_load_ended(entry, result))
+
+        caller = threading.Thread(target=call, daemon=True)
+        dead_before = dead_stubs(self.server_pid)
+        caller.start()
+        seen: set[int] = set()
+        last_alive = time.monotonic()
+        while caller.is_alive():
+            caller.join(0.25)
+            pids = stub_pids(entry.name, self.server_pid)
+            if pids:
+                seen.update(pids)
+                last_alive = time.monotonic()
+                continue
+            died = bool(seen) or bool(dead_stubs(self.server_pid) - dead_before)
+            if died and time.monotonic() - last_alive > STUB_GONE_SECONDS:
+                with given_up:
+                    if outcome:  # the load call ended meanwhile: its result stands
+                        break
+                    # tritonserver before 25.08 (python_backend #408) waits without a timeout for a new stub's
+                    # first message: a stub that dies before sending it leaves the model LOADING (ROUTER.md, Faults)
+                    abandoned.append(True)
+                    which = f" (pid {', '.join(map(str, sorted(seen)))})" if seen else ""
+                    wedged = (
+                        f"its python stub{which} died while loading and tritonserver still waits for it; "
+                        f"{entry.name} cannot load again until that load ends or tritonserver restarts"
+                    )
+                    # posted under the lock: before the load call's own end, whenever that comes
+                    self._post_loaded(entry, wedged, started, wedged)
+                return
+        self._post_loaded(entry, outcome[0] if outcome else "the load ended without a result", started)
+
+    def _post_loaded(self, entry: Entry, error: str, started: float, wedged: str = "") -> None:
+        seconds = time.monotonic() - started
         delta = self.probe.device_used() - self.device_used_before_load
         pids = stub_pids(entry.name, self.server_pid)
-        self.events.put(lambda: self._loaded(entry, error, seconds, delta, pids))
+        self.events.put(lambda: self._loaded(entry, error, seconds, delta, pids, wedged))
 
-    def _loaded(self, entry: Entry, error: str, seconds: float, delta: int, pids: list[int]) -> None:
+    def _abandoned_load_ended(self, entry: Entry, result: str) -> None:
+        entry.wedged = ""
+        print(
+            f"router: the load of {entry.name} it gave up on ended ({result or 'loaded'}); it can load again",
+            flush=True,
+        )
+        if not result:  # loaded after all: the next reconcile takes it into the ledger
+            self._reconcile()
+
+    def _loaded(
+        self, entry: Entry, error: str, seconds: float, delta: int, pids: list[int], wedged: str = ""
+    ) -> None:
         entry.last_load_seconds = seconds
+        entry.wedged = wedged
         if error or not (self.api.ready([entry.name]) or {}).get(entry.name):
             entry.state = "unloaded"
             entry.last_error = error or "the model did not become ready"
@@ -485,6 +733,7 @@ class RouterModel:
             entry.state, entry.evictable, entry.last_error = "ready", False, error
             return
         entry.state, entry.unreleased, entry.last_unload_seconds = "unloaded", unreleased, seconds
+        entry.host_held, entry.unloading_asleep = False, False
         if unreleased:
             print(
                 f"router: {entry.name} unloaded but {format_bytes(unreleased)} were not given back after "
