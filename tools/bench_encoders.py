@@ -248,7 +248,7 @@ def end_to_end(
             binary, server.grpc_url, endpoint, data, args.concurrency, args.out / f"perf-{tag}-load.txt", args.window_ms
         )
         server_time = time_per_model(client)
-        ledger = RouterControl(server.grpc_url).status()["models"]
+        ledger = RouterControl(server.grpc_url, key=server.admin_key).status()["models"]
         encoder = contract.EMBED_ENCODER if task == "embed" else contract.RERANK_ENCODER
         held = ledger.get(encoder, {}).get("measured_bytes")  # the encoder's stub processes (NVML), after the load
         before = client.get_inference_statistics(as_json=True)

@@ -6,8 +6,13 @@ For each model shape (random weights of the real Qwen3 sizes, bfloat16 on the GP
   load times the router measured, and the bytes it measured.
 - overhead (`--perf`): perf_analyzer on `qwen_embed` (one 12-token query per request) against two servers started in
   the same run: with the router (lease per request) and without it (the endpoint calls its encoder directly).
+- RAG loop (`--rag-loops N`, FP8): embed one query, then rerank 32 documents of ~256 tokens, under a budget that fits
+  one encoder awake (and the other asleep): N loops through the host-RAM tier, then `--baseline-loops` loops with
+  the tier off (every swap a full unload and a cold load, inductor cache warm), both in the same run. Each loop's
+  seconds, the router's wake and load seconds, and the steady-state latency of the same requests with both resident.
 
     python tools/bench_router.py --shapes 0.6b 8b --perf --out bench_results/router
+    python tools/bench_router.py --shapes --rag-shape 8b --rag-loops 8 --baseline-loops 2
 Writes `router.json` and `router.md` (a table for BENCHMARKS.md) under --out.
 """
 
@@ -19,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +64,13 @@ def rerank_once(client: grpcclient.InferenceServerClient) -> None:
     client.infer(contract.RERANK_ENDPOINT, [_strings("QUERY", [PAIR[0]]), _strings("DOCUMENT", [PAIR[1]])])
 
 
-def prepare(work: Path, cache: Path, shape: str, router: RouterSettings) -> tuple[Path, dict]:
+#: A rerank of 32 documents of about 256 Qwen3 tokens each, all different
+DOCUMENTS = [f"Document {n}: " + "Paris is the capital and largest city of France. " * 25 for n in range(32)]
+
+
+def prepare(
+    work: Path, cache: Path, shape: str, router: RouterSettings, precision: str = "auto", name: str = ""
+) -> tuple[Path, dict]:
     import torch
 
     device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
@@ -66,10 +78,10 @@ def prepare(work: Path, cache: Path, shape: str, router: RouterSettings) -> tupl
         kind: build_random_qwen3(kind, work / f"qwen3-{shape}-{kind}", cache, SHAPES[shape], log, dtype, device)
         for kind in ("embed", "rerank")
     }
-    repository = work / f"repository-{shape}-{'router' if router.enabled else 'direct'}"
+    repository = work / f"repository-{shape}-{name or ('router' if router.enabled else 'direct')}"
     settings = Settings(
-        embed=EmbedSettings(model=str(models["embed"]), max_length=1024, dim=1024),
-        rerank=RerankSettings(model=str(models["rerank"]), max_length=1024),
+        embed=EmbedSettings(model=str(models["embed"]), max_length=1024, dim=1024, precision=precision),
+        rerank=RerankSettings(model=str(models["rerank"]), max_length=1024, precision=precision),
         router=router,
         offline_fallback=False,
     )
@@ -87,11 +99,11 @@ def start(repository: Path, cache: Path, out: Path, name: str) -> TritonServer:
 
 
 def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> dict[str, Any]:
-    repository, _ = prepare(work, cache, shape, RouterSettings(min_residency_seconds=0.0))
+    repository, _ = prepare(work, cache, shape, RouterSettings(min_residency_seconds=0.0, host_budget="0"))
     server = start(repository, cache, out, f"swap-{shape}")
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        router = RouterControl(server.grpc_url)
+        router = RouterControl(server.grpc_url, key=server.admin_key)
         started = time.monotonic()
         embed_once(client)
         cold = time.monotonic() - started
@@ -136,6 +148,92 @@ def bench_swaps(shape: str, work: Path, cache: Path, out: Path, swaps: int) -> d
         server.stop()
 
 
+def rerank_documents(client: grpcclient.InferenceServerClient) -> None:
+    """32 pairs as two concurrent requests of 16 (qwen_rerank's max_batch_size), as a client would send them."""
+    halves = [DOCUMENTS[:16], DOCUMENTS[16:]]
+
+    def call(documents: list[str]) -> None:
+        client.infer(
+            contract.RERANK_ENDPOINT, [_strings("QUERY", [PAIR[0]] * len(documents)), _strings("DOCUMENT", documents)]
+        )
+
+    with ThreadPoolExecutor(len(halves)) as pool:
+        list(pool.map(call, halves))
+
+
+def wait_for_states(router: RouterControl, done: Any, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not done(router.status()["models"]):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def bench_rag_loop(shape: str, work: Path, cache: Path, out: Path, loops: int, host_tier: bool) -> dict[str, Any]:
+    """Embed one query, rerank 32 documents; the budget fits one encoder awake, so each step swaps."""
+    name = "rag-host-tier" if host_tier else "rag-cold-tier"
+    import torch
+
+    tier_budget = "auto" if torch.cuda.is_available() else "4GiB"  # auto is off on a CPU-only machine
+    router_settings = RouterSettings(min_residency_seconds=0.0, host_budget=tier_budget if host_tier else "0")
+    repository, _ = prepare(work, cache, shape, router_settings, precision="fp8", name=name)
+    server = start(repository, cache, out, f"{name}-{shape}")
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        router = RouterControl(server.grpc_url, key=server.admin_key)
+        embed_once(client)
+        rerank_documents(client)  # both loaded (cold) and resident under the automatic budget
+        steady_embed = statistics.median(_seconds(lambda: embed_once(client)) for _ in range(10))
+        steady_rerank = statistics.median(_seconds(lambda: rerank_documents(client)) for _ in range(5))
+        models = router.status()["models"]
+        first_loads = {n: models[n]["last_load_seconds"] for n in contract.ENCODERS}
+        sizes = {n: models[n]["measured_bytes"] for n in contract.ENCODERS}
+        weights = {n: models[n]["weight_bytes"] for n in contract.ENCODERS}
+        large = max(sizes, key=lambda n: sizes[n])
+        (small,) = set(contract.ENCODERS) - {large}
+        # one encoder awake, the other asleep (its weights gone): what a 16 GB card holds of two 8B encoders
+        budget = sizes[large] + sizes[small] - weights[small] + weights[small] // 4
+        router.set_budget(budget)
+        wait_for_states(router, lambda m: sum(m[n]["tier"] == "gpu" for n in contract.ENCODERS) <= 1, "one encoder")
+        rows = []
+        for _ in range(loops):
+            started = time.monotonic()
+            embed_s = _seconds(lambda: embed_once(client))
+            rerank_s = _seconds(lambda: rerank_documents(client))
+            ledger = router.status()["models"]
+            rows.append(
+                {
+                    "loop_s": time.monotonic() - started,
+                    "embed_s": embed_s,
+                    "rerank_s": rerank_s,
+                    **{f"{n}_wake_s": ledger[n]["last_wake_seconds"] for n in contract.ENCODERS},
+                    **{f"{n}_load_s": ledger[n]["last_load_seconds"] for n in contract.ENCODERS},
+                    **{f"{n}_unload_s": ledger[n]["last_unload_seconds"] for n in contract.ENCODERS},
+                }
+            )
+            log(f"{name} {shape}: loop {rows[-1]['loop_s']:.2f} s (embed {embed_s:.2f}, rerank {rerank_s:.2f})")
+        return {
+            "shape": shape,
+            "host_tier": host_tier,
+            "budget_bytes": budget,
+            "measured_bytes": sizes,
+            "weight_bytes": weights,
+            "first_load_s": first_loads,
+            "steady_embed_s": steady_embed,
+            "steady_rerank_s": steady_rerank,
+            "loops": rows,
+            "status": router.status(),
+        }
+    finally:
+        server.stop()
+
+
+def _seconds(call: Any) -> float:
+    started = time.monotonic()
+    call()
+    return time.monotonic() - started
+
+
 def perf_analyzer(binary: str, server: TritonServer, out: Path, name: str, concurrency: int) -> dict[str, float]:
     data = out / "perf_input.json"
     data.write_text(json.dumps({"data": [{"TEXT": [QUERY]}]}))
@@ -167,7 +265,7 @@ def bench_overhead(shape: str, work: Path, cache: Path, out: Path, binary: str) 
                 embed_once(client)
             results[name] = [perf_analyzer(binary, server, out, f"{shape}-{name}", c) for c in (1, 8)]
             if name == "router":
-                results["lease_round_trip"] = lease_round_trip(RouterControl(server.grpc_url))
+                results["lease_round_trip"] = lease_round_trip(RouterControl(server.grpc_url, key=server.admin_key))
             log(f"{shape} {name}: {results[name]}")
         finally:
             server.stop()
@@ -216,16 +314,42 @@ def markdown(report: dict[str, Any]) -> str:
             f"ACQUIRE + RELEASE of a resident model from a gRPC client ({trip['pairs']} pairs): "
             f"p50 {trip['p50_ms']:.2f} ms, p99 {trip['p99_ms']:.2f} ms.",
         ]
+    for rag in report.get("rag", []):
+        lines += ["", *rag_markdown(rag)]
     return "\n".join(lines) + "\n"
+
+
+def rag_markdown(rag: dict[str, Any]) -> list[str]:
+    tier = "host-RAM tier (sleep/wake)" if rag["host_tier"] else "tier off (full unload, cold load; baseline)"
+    loops = rag["loops"]
+    wake_or_load = "wake_s" if rag["host_tier"] else "load_s"
+    lines = [
+        f"RAG loop, {rag['shape']} FP8, {tier}: budget {rag['budget_bytes'] / 2**30:.1f} GiB; steady state (both "
+        f"resident): embed {rag['steady_embed_s'] * 1e3:.1f} ms, rerank 32 docs {rag['steady_rerank_s'] * 1e3:.1f} ms",
+        "",
+        f"| loop | loop s | embed s | rerank s | embedder {wake_or_load[:-2]} s | reranker {wake_or_load[:-2]} s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, row in enumerate(loops):
+        swaps = [row[f"{n}_{wake_or_load}"] for n in contract.ENCODERS]
+        cells = ["-" if value is None else f"{value:.3f}" for value in swaps]
+        lines.append(
+            f"| {index + 1} | {row['loop_s']:.2f} | {row['embed_s']:.3f} | {row['rerank_s']:.3f} | {cells[0]} | {cells[1]} |"
+        )
+    lines.append(f"| p50 | {statistics.median(r['loop_s'] for r in loops):.2f} | | | | |")
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["0.6b"], choices=sorted(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=["0.6b"], choices=sorted(SHAPES))
     parser.add_argument("--swaps", type=int, default=3, help="swaps in each direction")
     parser.add_argument("--perf", action="store_true", help="also measure the router's overhead with perf_analyzer")
     parser.add_argument("--perf-shape", default="0.6b", choices=sorted(SHAPES))
     parser.add_argument("--perf-analyzer", default=benchlib.find_perf_analyzer() or "perf_analyzer")
+    parser.add_argument("--rag-loops", type=int, default=0, help="RAG loops through the host-RAM tier (0: none)")
+    parser.add_argument("--baseline-loops", type=int, default=2, help="RAG loops with the tier off, same run")
+    parser.add_argument("--rag-shape", default="8b", choices=sorted(SHAPES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/triton-rag-bench"))
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     parser.add_argument("--out", type=Path, default=Path("bench_results/router"))
@@ -240,7 +364,13 @@ def main() -> int:
         "command": "python tools/bench_router.py " + " ".join(sys.argv[1:]),
         "swaps": [],
         "overhead": [],
+        "rag": [],
     }
+    if args.rag_loops:
+        for host_tier, loops in ((True, args.rag_loops), (False, args.baseline_loops)):
+            if loops:
+                report["rag"].append(bench_rag_loop(args.rag_shape, args.work, args.cache_dir, args.out, loops, host_tier))
+                (args.out / "router.json").write_text(json.dumps(report, indent=2))
     if args.perf:
         overhead = bench_overhead(args.perf_shape, args.work, args.cache_dir, args.out, args.perf_analyzer)
         report["overhead"].append(overhead)
