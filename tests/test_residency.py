@@ -113,6 +113,10 @@ def test_model_larger_than_budget_is_served_alone() -> None:
     assert crowded.unload == ("small",) and crowded.load is None and "served alone" in crowded.reasons["huge"]
     alone = decide([ModelView("small", 2 * GIB), wanted("huge", 20 * GIB)], Policy(16 * GIB), [], now=1)
     assert alone.load == "huge"
+    host = Policy(16 * GIB, host_budget=64 * GIB)
+    sleepable = ready("small", 2 * GIB, sleepable=True, host_bytes=GIB, asleep_bytes=GIB // 2)
+    unloaded = decide([sleepable, wanted("huge", 20 * GIB)], host, [], now=0)  # nothing may stay: no sleep first
+    assert unloaded.unload == ("small",) and unloaded.sleep == ()
     pinned = decide([ready("small", 2 * GIB, pinned=True), wanted("huge", 20 * GIB)], Policy(16 * GIB), [], now=0)
     ((name, message),) = pinned.fail
     assert name == "huge" and "only be served alone" in message and "small" in message

@@ -28,6 +28,15 @@ def test_router_settings_from_toml_and_overrides(tmp_path: Path) -> None:
     assert settings.router.high_watermark == 0.8 and settings.router.min_residency_seconds == 1.5
 
 
+def test_byte_sizes_may_be_toml_integers(tmp_path: Path) -> None:
+    """`host_budget = 0` (the tier off) and `budget = 12884901888` are natural TOML; both mean bytes."""
+    config = tmp_path / "rag.toml"
+    config.write_text("[router]\nbudget = 12884901888\nhost_budget = 0\n")
+    router = load_settings(config, []).router
+    assert router.budget_bytes("gpu", 80 * GIB) == 12 * GIB
+    assert router.host_budget_bytes("gpu", 64 * GIB) == 0
+
+
 def test_automatic_budget_is_gpu_memory_less_reserve_or_half_the_ram() -> None:
     auto = RouterSettings()
     assert auto.budget_bytes("gpu", 16 * GIB) == 16 * GIB - 1536 * 2**20

@@ -8,6 +8,7 @@ weights, not the stub's Python and torch runtime, are most of what a model holds
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -179,6 +180,26 @@ def test_control_actions_need_the_admin_key(tier_server: RunningServer, one_awak
     assert stranger.status()["budget_bytes"] == one_awake_budget  # reading the ledger stays open
     with pytest.raises(InferenceServerException):  # Triton's restricted repository API: no key, no load
         stranger.client.load_model(EMBED)
+    for action in ("sleep", "wake"):  # nor may a client sleep an encoder behind the router's back
+        with pytest.raises(InferenceServerException, match=f"residency '{action}' needs the admin key"):
+            encoder_residency(tier_server, RERANK, action)
+    assert encoder_residency(tier_server, RERANK, "status")["state"] == "awake"
+
+
+def encoder_residency(server: RunningServer, name: str, action: str) -> dict[str, Any]:
+    """A control request sent straight to an encoder, without the key, as any client of the port could."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = [grpcclient.InferInput(tensor, [1, 1], "INT64") for tensor in ("INPUT_IDS", "ATTENTION_MASK")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(np.ones((1, 1), dtype=np.int64))
+    result = grpcclient.InferenceServerClient(server.server.grpc_url).infer(
+        name,
+        inputs,
+        outputs=[grpcclient.InferRequestedOutput(contract.RESIDENCY_OUTPUT.name)],
+        parameters={contract.RESIDENCY_PARAMETER: action},
+    )
+    return dict(json.loads(result.as_numpy(contract.RESIDENCY_OUTPUT.name).reshape(-1)[0]))
 
 
 def test_a_lease_nobody_releases_expires(

@@ -185,6 +185,13 @@ def bench_rag_loop(shape: str, work: Path, cache: Path, out: Path, loops: int, h
         rerank_documents(client)  # both loaded (cold) and resident under the automatic budget
         steady_embed = statistics.median(_seconds(lambda: embed_once(client)) for _ in range(10))
         steady_rerank = statistics.median(_seconds(lambda: rerank_documents(client)) for _ in range(5))
+        # the engines report their exact weight bytes after a load (the repository's estimate assumes bfloat16)
+        wait_for_states(
+            router,
+            lambda m: all(m[n]["weight_bytes"] < m[n]["measured_bytes"] for n in contract.ENCODERS),
+            "the engines' weight bytes",
+            timeout=60,
+        )
         models = router.status()["models"]
         first_loads = {n: models[n]["last_load_seconds"] for n in contract.ENCODERS}
         sizes = {n: models[n]["measured_bytes"] for n in contract.ENCODERS}

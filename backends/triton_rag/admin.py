@@ -2,11 +2,14 @@
 repository API), so that a client of the public ports cannot load its own model.py or pin models at will.
 
 One key per server:
-- `TRITON_RAG_ADMIN_KEY` in tritonserver's environment, where the operator (or `triton-rag serve`, or the compose
-  file) sets it: the python stubs inherit it, and the same value goes into Triton's `--*-restricted-api` flags.
-- Without it, the first stub that needs one creates a random key in a file only this user can read, named after the
-  tritonserver process (`<runtime dir>/triton-rag-<server pid>.key`). The endpoints and the router of that server
-  share it; clients do not see it, so control actions are closed to them until an operator sets the variable.
+- `TRITON_RAG_ADMIN_KEY` in tritonserver's environment: the python stubs inherit it, and the same value goes into
+  Triton's `--*-restricted-api` flags. `triton-rag serve` always sets it, from the variable or else from the
+  project's `.cache/admin.key` (created 0600 on first use, kept across restarts; `triton-rag admin-key` prints it);
+  `make prepare` writes it into `.env` for the compose file, and `Dockerfile.triton` refuses to start without it.
+- Only where tritonserver was started without it (the repository mounted into someone else's deployment), the
+  first stub that needs one creates a random key in a file only this user can read, named after the tritonserver
+  process (`<runtime dir>/triton-rag-<server pid>.key`). The endpoints and the router of that server share it;
+  clients do not see it, so control actions stay closed until an operator sets the variable.
 
 The key travels as the request parameter (and, for the repository API, the header) named `KEY_NAME`.
 """

@@ -23,7 +23,10 @@ PROJECT_CACHE = Path(__file__).resolve().parents[2] / ".cache"
 
 
 def default_key() -> str | None:
-    """The key `triton-rag serve` uses by default: TRITON_RAG_ADMIN_KEY, else the project's `.cache/admin.key`."""
+    """The key `triton-rag serve` uses by default: TRITON_RAG_ADMIN_KEY, else the project's `.cache/admin.key`.
+
+    The file is found next to this checkout (`make install` installs it editable); a client on another machine, or
+    with the package installed elsewhere, sets TRITON_RAG_ADMIN_KEY (`triton-rag admin-key` prints the value)."""
     configured = os.environ.get(admin.KEY_ENV, "").strip()
     if configured:
         return configured

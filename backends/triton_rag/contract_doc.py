@@ -52,8 +52,8 @@ def render() -> str:
     models = [
         contract.embed_endpoint(dim_marker),
         contract.rerank_endpoint(),
-        contract.embed_encoder(hidden_marker),
-        contract.rerank_encoder(),
+        contract.with_residency(contract.embed_encoder(hidden_marker)),  # RESIDENCY: python/torch variant only
+        contract.with_residency(contract.rerank_encoder()),
         contract.router(),
         contract.docling_endpoint(),
         contract.docling_document_endpoint(),

@@ -221,8 +221,13 @@ class _Evictions:
     """Sleep or unload, victim by victim: sleep where the model can and its host copy fits the host budget, making
     host room by unloading the least recently used asleep models; otherwise unload."""
 
-    def __init__(self, models: Sequence[ModelView], policy: Policy, keep: frozenset[str]) -> None:
+    def __init__(
+        self, models: Sequence[ModelView], policy: Policy, keep: frozenset[str], unload_only: bool = False
+    ) -> None:
         self.policy = policy
+        #: The contender needs the whole budget (served alone): an asleep victim would be unloaded next anyway, so
+        #: sleeping it first only adds its sleep time (5 s for a first 8B sleep, BENCHMARKS.md) to the swap.
+        self.unload_only = unload_only
         self.host_free = policy.host_budget - host_occupied_bytes(models)
         self.asleep = sorted(
             (m for m in models if _cold_evictable(m) and m.name not in keep), key=lambda m: (m.last_access, m.name)
@@ -237,7 +242,7 @@ class _Evictions:
         """Evict `victim` (or only plan to, if it is still draining or waits for host room); returns the device
         bytes that frees once done."""
         extra = 0 if victim.host_held else victim.host_bytes
-        if victim.sleepable and self.policy.host_budget > 0:
+        if victim.sleepable and self.policy.host_budget > 0 and not self.unload_only:
             if extra <= self.host_free:
                 self.host_free -= extra
                 if now_unload:
@@ -353,7 +358,12 @@ def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now
             else:
                 fail.append((model.name, message))
     contender = min(contenders, key=lambda m: (m.oldest_wait, m.name), default=None)
-    evictions = _Evictions(models, policy, keep=frozenset({contender.name}) if contender else frozenset())
+    evictions = _Evictions(
+        models,
+        policy,
+        keep=frozenset({contender.name}) if contender else frozenset(),
+        unload_only=contender is not None and contender.bytes >= policy.budget,
+    )
 
     if contender is not None and moving:
         reasons[contender.name] = "another model is loading or waking"

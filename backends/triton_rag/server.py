@@ -16,6 +16,7 @@ logging) need the admin key (triton_rag.admin) in a header; see `access_flags`.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import re
 import secrets
@@ -68,9 +69,12 @@ def free_ports() -> Ports:
 
 
 def pytriton_root() -> Path:
-    import pytriton
-
-    return Path(pytriton.__file__).parent
+    """Where the nvidia-pytriton wheel lies, found without importing it: its __init__ pulls in gevent, which the
+    server never needs."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed: the embedded tritonserver comes from that wheel")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def tritonserver_binary() -> Path:

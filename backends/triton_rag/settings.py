@@ -257,5 +257,5 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
 def router_settings(values: dict[str, Any]) -> RouterSettings:
     """From rag.toml's [router] table or the router's config.pbtxt parameters (all strings there)."""
     return _build(
-        RouterSettings, "router", {key: str(value) if key == "budget" else value for key, value in values.items()}
+        RouterSettings, "router", {key: str(value) if key in ("budget", "host_budget") else value for key, value in values.items()}
     )

@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
+from triton_rag.admin import KEY_NAME, key_matches, server_key
 
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
@@ -53,8 +54,14 @@ class EncoderModel:
         return answer_each(requests, self._compute, "encoder failed")
 
     def _compute(self, request: Any) -> list[Any]:
-        action = json.loads(request.parameters() or "{}").get(contract.RESIDENCY_PARAMETER)
+        parameters = json.loads(request.parameters() or "{}")
+        action = parameters.get(contract.RESIDENCY_PARAMETER)
         if action is not None:  # a control request from the router: no forward pass
+            if action != "status" and not key_matches(str(parameters.get(KEY_NAME, "")) or None, self._admin_key()):
+                raise ValueError(
+                    f"residency {action!r} needs the admin key in the request parameter {KEY_NAME!r} (only the "
+                    "router sleeps and wakes encoders: a sleep behind its back would break its memory ledger)"
+                )
             return [self._residency(str(action), rows=1)]
         ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
         mask = pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy()
@@ -62,6 +69,12 @@ class EncoderModel:
         if contract.RESIDENCY_OUTPUT.name in request.requested_output_names():
             outputs.append(self._residency("status", rows=len(ids)))
         return outputs
+
+    def _admin_key(self) -> str:
+        """Read on first use, not in initialize: a stub that never sees a control request never needs the key."""
+        if not hasattr(self, "_key"):
+            self._key = server_key()
+        return self._key
 
     def _residency(self, action: str, rows: int) -> Any:
         if not isinstance(self.engine, TorchEncoder):

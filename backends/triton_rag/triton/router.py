@@ -136,7 +136,7 @@ class Metrics:
         family = pb_utils.MetricFamily
         resident = family("rag_router_resident_bytes", "Bytes the router's ledger holds per model", family.GAUGE)
         loads = family("rag_router_loads_total", "Loads started by the router per model", family.COUNTER)
-        evictions = family("rag_router_evictions_total", "Models the router unloaded to make room", family.COUNTER)
+        evictions = family("rag_router_evictions_total", "Models the router moved off the GPU to make room (slept to host RAM or unloaded)", family.COUNTER)
         unreleased = family("rag_router_unreleased_bytes", "Bytes an unload did not give back", family.GAUGE)
         seconds = family("rag_router_load_seconds", "Time to load a model (load_model until ready)", family.HISTOGRAM)
         budget = family("rag_router_budget_bytes", "The router's memory budget", family.GAUGE)
@@ -176,8 +176,9 @@ class RepositoryApi:
 
     def __init__(self, url: str, load_timeout: float, key: str) -> None:
         self.url = url
-        self._load_timeout = load_timeout
+        self.load_timeout = load_timeout
         self._headers = {GRPC_KEY_HEADER: key}  # Triton's restricted repository API (server.py) wants it
+        self._key = key  # and the encoders' sleep and wake
 
     def _client(self) -> Any:
         """A fresh client per call: a channel opened before tritonserver listened keeps failing for a while (gRPC
@@ -187,7 +188,7 @@ class RepositoryApi:
         return grpcclient.InferenceServerClient(self.url)
 
     def load(self, name: str) -> None:
-        self._client().load_model(name, headers=self._headers, client_timeout=self._load_timeout)
+        self._client().load_model(name, headers=self._headers, client_timeout=self.load_timeout)
 
     def unload(self, name: str) -> None:
         self._client().unload_model(name, headers=self._headers, client_timeout=60)
@@ -205,8 +206,8 @@ class RepositoryApi:
             name,
             inputs,
             outputs=[grpcclient.InferRequestedOutput(contract.RESIDENCY_OUTPUT.name)],
-            parameters={contract.RESIDENCY_PARAMETER: action},
-            client_timeout=self._load_timeout,
+            parameters={contract.RESIDENCY_PARAMETER: action, KEY_NAME: self._key},
+            client_timeout=self.load_timeout,
         )
         return dict(json.loads(result.as_numpy(contract.RESIDENCY_OUTPUT.name).reshape(-1)[0]))
 
@@ -599,7 +600,12 @@ class RouterModel:
             entry.state = "unloading"
             threading.Thread(target=self._unload, args=(entry, True), daemon=True).start()
             return
-        entry.host_bytes = int(state.get("host_bytes") or entry.host_bytes)
+        # the engine knows its weights exactly (prepare's estimate assumed bfloat16; FP8 halves them)
+        weights = int(state.get("host_bytes") or state.get("weight_bytes") or 0)
+        if weights:
+            entry.host_bytes = weights
+            if entry.measured is not None and entry.asleep_measured is None:
+                entry.asleep_estimate = max(entry.measured - weights, 0)
         entry.host_held = int(state.get("host_bytes") or 0) > 0
         if action == "status":
             if state.get("state") == "asleep" and entry.state == "ready" and not entry.leases:
@@ -678,6 +684,14 @@ class RouterModel:
         self.events.put(lambda: self._loaded(entry, error, seconds, delta, pids, wedged))
 
     def _abandoned_load_ended(self, entry: Entry, result: str) -> None:
+        if "deadline exceeded" in result.lower():  # our own client timeout, not tritonserver's: it still waits
+            entry.wedged = (
+                f"its python stub died while loading and tritonserver has not ended that load in "
+                f"{self.api.load_timeout:.0f} s (router.load_timeout_seconds); restart tritonserver to load "
+                f"{entry.name} again (docs/ROUTER.md, Faults)"
+            )
+            print(f"router: {entry.name}: {entry.wedged}", flush=True)
+            return
         entry.wedged = ""
         print(
             f"router: the load of {entry.name} it gave up on ended ({result or 'loaded'}); it can load again",
@@ -706,6 +720,8 @@ class RouterModel:
         self.metrics.load_seconds[entry.name].observe(seconds)
         self._measure(entry, device_delta=delta)
         print(f"router: loaded {entry.name} in {seconds:.2f} s, holds {format_bytes(entry.bytes)}", flush=True)
+        if entry.sleepable:  # learn its exact weight bytes (its host copy's size) before the policy needs them
+            threading.Thread(target=self._residency, args=(entry, "status"), daemon=True).start()
 
     def _unload(self, entry: Entry, ask_triton: bool) -> None:
         started = time.monotonic()
