@@ -600,6 +600,8 @@ class RouterModel:
             entry.state = "unloading"
             threading.Thread(target=self._unload, args=(entry, True), daemon=True).start()
             return
+        if action == "status" and entry.state not in ("ready", "asleep"):
+            return  # a late answer: the model moved on (unloading, unloaded, sleeping) since it was asked
         # the engine knows its weights exactly (prepare's estimate assumed bfloat16; FP8 halves them)
         weights = int(state.get("host_bytes") or state.get("weight_bytes") or 0)
         if weights:
@@ -637,15 +639,18 @@ class RouterModel:
         abandoned: list[bool] = []
 
         def call() -> None:
+            timed_out = False
             try:
                 self.api.load(entry.name)
                 result = ""
             except Exception as exc:
                 result = str(exc) or repr(exc)
+                # our own client timeout (router.load_timeout_seconds), not an answer from tritonserver
+                timed_out = str(getattr(exc, "status", lambda: None)()) == "StatusCode.DEADLINE_EXCEEDED"
             with given_up:
                 outcome.append(result)
                 if abandoned:  # the router gave up on this load: its end frees the model for the next load
-                    self.events.put(lambda: self._abandoned_load_ended(entry, result))
+                    self.events.put(lambda: self._abandoned_load_ended(entry, result, timed_out))
 
         caller = threading.Thread(target=call, daemon=True)
         dead_before = dead_stubs(self.server_pid)
@@ -683,8 +688,8 @@ class RouterModel:
         pids = stub_pids(entry.name, self.server_pid)
         self.events.put(lambda: self._loaded(entry, error, seconds, delta, pids, wedged))
 
-    def _abandoned_load_ended(self, entry: Entry, result: str) -> None:
-        if "deadline exceeded" in result.lower():  # our own client timeout, not tritonserver's: it still waits
+    def _abandoned_load_ended(self, entry: Entry, result: str, timed_out: bool) -> None:
+        if timed_out:  # our own client timeout, not tritonserver's: it still waits for the dead stub
             entry.wedged = (
                 f"its python stub died while loading and tritonserver has not ended that load in "
                 f"{self.api.load_timeout:.0f} s (router.load_timeout_seconds); restart tritonserver to load "
