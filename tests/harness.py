@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,6 +58,19 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
             return True
         time.sleep(interval)
     return False
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """`wait_until`, failing the test with what it waited for."""
+    if not wait_until(condition, timeout, interval=0.2):
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def router_metrics(server: RunningServer) -> dict[str, float]:
+    """The router's series on Triton's metrics port, keyed by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.ports.metrics}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {key: float(value) for key, value in (line.rsplit(" ", 1) for line in lines if line.startswith("rag_router_"))}
 
 
 def strings(name: str, values: list[str] | list[bytes]) -> grpcclient.InferInput:

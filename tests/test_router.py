@@ -12,8 +12,7 @@ import json
 import shutil
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, RunningServer, embed, rerank, start_server
+from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
 from triton_rag import contract
 from triton_rag.client import RouterControl
 from triton_rag.repository import prepare_repository, prepare_router, startup_models
@@ -112,27 +111,6 @@ def ready_in_index(server: RunningServer) -> set[str]:
     return {m["name"] for m in index if m.get("state") == "READY"}
 
 
-def metrics(server: RunningServer) -> dict[str, float]:
-    url = f"http://127.0.0.1:{server.server.ports.metrics}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    values = {}
-    for line in lines:
-        if line.startswith("rag_router_"):
-            key, value = line.rsplit(" ", 1)
-            values[key] = float(value)
-    return values
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def set_budget(server: RunningServer, budget: str) -> None:
     router(server).set_budget(budget)
     assert status(server)["budget_bytes"] == int(budget)
@@ -205,13 +183,13 @@ def one_model_budget(router_server: RunningServer, reference_outputs: dict[str, 
 def test_embed_rerank_embed_with_a_budget_that_fits_one(
     router_server: RunningServer, reference_outputs: dict[str, np.ndarray], one_model_budget: int
 ) -> None:
-    before = metrics(router_server)
+    before = router_metrics(router_server)
     with IndexWatcher(router_server) as watcher:
         np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
         np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
         np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
     assert watcher.samples > 10 and len(watcher.most) <= 1, f"two encoders READY at once: {watcher.most}"
-    after = metrics(router_server)
+    after = router_metrics(router_server)
     evictions = sum(after[f'rag_router_evictions_total{{model="{n}"}}'] for n in ENCODERS)
     evictions -= sum(before[f'rag_router_evictions_total{{model="{n}"}}'] for n in ENCODERS)
     assert evictions >= 2
@@ -357,6 +335,6 @@ def test_memory_an_unload_keeps_is_reported_until_it_is_freed(router_server: Run
     control(router_server, "RECONCILE")
     key = f'rag_router_unreleased_bytes{{model="{STUBBORN}"}}'
     wait_for(lambda: status(router_server)["models"][STUBBORN]["unreleased_bytes"] > 32 * 2**20, 30, "unreleased")
-    assert metrics(router_server)[key] > 32 * 2**20
+    assert router_metrics(router_server)[key] > 32 * 2**20
     wait_for(lambda: status(router_server)["models"][STUBBORN]["unreleased_bytes"] == 0, 60, "the memory back")
-    wait_for(lambda: metrics(router_server)[key] == 0, 10, "the metric to follow")
+    wait_for(lambda: router_metrics(router_server)[key] == 0, 10, "the metric to follow")

@@ -14,15 +14,14 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, RunningServer, embed, rerank, start_server
+from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
 from triton_rag import contract
 from triton_rag.client import RouterControl
 from triton_rag.memory import stub_pids
@@ -69,21 +68,6 @@ def control(server: RunningServer, key: str | None = None) -> RouterControl:
 
 def status(server: RunningServer) -> dict[str, Any]:
     return control(server).status()
-
-
-def metrics(server: RunningServer) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.ports.metrics}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    return {key: float(value) for key, value in (line.rsplit(" ", 1) for line in lines if line.startswith("rag_router_"))}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def model_state(server: RunningServer, name: str) -> str:
@@ -163,7 +147,7 @@ def test_swaps_go_through_the_host_tier_and_give_the_same_results(
     assert ledger["occupied_bytes"] <= one_awake_budget
     assert 0 < ledger["host_occupied_bytes"] <= ledger["host_budget_bytes"]
     assert {name: stub_pids(name, server_pid) for name in (EMBED, RERANK)} == pids, "a swap reloaded a model"
-    values = metrics(tier_server)
+    values = router_metrics(tier_server)
     assert values[f'rag_router_tier{{model="{EMBED}",tier="host"}}'] == 1.0
     assert values[f'rag_router_tier{{model="{RERANK}",tier="gpu"}}'] == 1.0
     assert values[f'rag_router_host_bytes{{model="{EMBED}"}}'] == embedder["host_bytes"]
