@@ -6,10 +6,11 @@ so the numbers are the reference's; what is ours is how they are driven, for spe
 - Qwen3 (a causal decoder): the rows' real tokens are packed end to end into one sequence per pass and each text
   attends causally to itself only (FlashAttention's variable-length kernel, `packed_attention`), so no compute is
   spent on padding; all passes are uploaded in one copy and queued before one copy back. A small batch (up to
-  `GRAPH_MAX_TOKENS` once padded to a power-of-two shape) instead runs right-aligned in a captured CUDA graph: a
-  replay costs no launches, which is what small batches are bound by. With `compile_model`, each decoder layer is
-  compiled once (regional compilation: identical layers share the code), which fuses the norms, RoPE and FP8
-  activation quantization into their neighbours.
+  `GRAPH_MAX_TOKENS` once padded to a power-of-two shape) instead runs right-aligned in a captured CUDA graph, its
+  rows as equal segments of one packed sequence: a replay costs no launches, which is what small batches are bound
+  by. With `compile_model`, the decoder layers are compiled once for every shape and both paths (regional
+  compilation: identical layers share the code), which fuses the norms, RoPE and FP8 activation quantization into
+  their neighbours.
 - Other architectures (a bidirectional encoder such as MiniLM in the tests) run transformers' forward with the mask.
 
 Only pooling and the reranker head are fully ours, and they keep the output small: the reranker reads just the two
@@ -89,7 +90,7 @@ def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | N
     return None
 
 
-#: Architectures driven by our causal loop (mask-free attention over right-aligned rows); others use transformers'
+#: Architectures driven by our causal loop (packed segments, mask-free causal attention); others use transformers'
 #: forward with the mask.
 CAUSAL_DECODERS = frozenset({"qwen3"})
 #: Batches up to this many (padded) tokens run as CUDA graphs: launch-bound sizes, where a graph pays. Larger ones
@@ -137,6 +138,7 @@ class _Captured:
 
     ids: torch.Tensor
     lengths: torch.Tensor
+    bounds: torch.Tensor  # every row a segment of the full width: [0, width, 2 * width, ...]
     out: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -161,8 +163,10 @@ class TorchEncoder:
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory."""
+        started = time.perf_counter()
         from transformers import AutoConfig, AutoModel
 
+        log(f"transformers imported in {time.perf_counter() - started:.1f} s")
         self.task = task
         self.pooling = pooling
         self.device = choose_device(device)
@@ -190,7 +194,9 @@ class TorchEncoder:
         self.model = model.to(self.device).eval()
         log(f"weights read in {read - started:.1f} s, on {self.device.type} in {time.perf_counter() - read:.1f} s")
         if self.precision == "fp8":
-            log(f"precision: fp8, {convert_linears(self.model)} linear layers quantized rowwise")
+            started = time.perf_counter()
+            converted = convert_linears(self.model)
+            log(f"precision: fp8, {converted} linear layers quantized rowwise in {time.perf_counter() - started:.1f} s")
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
         self.layers: list[Callable[..., torch.Tensor]] = list(model.layers) if self.causal else []
         cuda = self.device.type == "cuda"
@@ -225,12 +231,17 @@ class TorchEncoder:
         started = time.perf_counter()
         for rows, width in ((1, 16), (3, 40), (5, 300), (4, 400)):  # two graphs, two packed passes
             self.forward(np.full((rows, width), 100, dtype=np.int64), np.ones((rows, width), dtype=np.int64))
+        first = time.perf_counter()
         if self.use_graphs:
             with torch.inference_mode():
                 for shape in graph_shapes(GRAPH_MAX_TOKENS, GRAPH_MAX_ROWS):
                     if shape not in self._graphs:
                         self._capture(shape)
-        log(f"warmed up in {time.perf_counter() - started:.1f} s ({len(self._graphs)} CUDA graphs)")
+        done = time.perf_counter()
+        log(
+            f"warmed up in {done - started:.1f} s: first batches (compilation) {first - started:.1f} s, "
+            f"the other CUDA graphs {done - first:.1f} s ({len(self._graphs)} graphs in all)"
+        )
 
     def validate(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         validate_encoder_inputs(
@@ -325,7 +336,7 @@ class TorchEncoder:
         if captured.graph is not None:
             captured.graph.replay()
         else:  # CPU: the same static buffers, run eagerly
-            captured.out = self._pooled(captured.ids, captured.lengths)
+            captured.out = self._pooled(captured.ids, captured.lengths, captured.bounds)
         assert captured.out is not None
         return captured.out.clone()  # the next replay overwrites the static output
 
@@ -333,25 +344,31 @@ class TorchEncoder:
         captured = _Captured(
             ids=torch.zeros(shape, dtype=torch.long, device=self.device),
             lengths=torch.ones(shape[0], dtype=torch.long, device=self.device),
+            bounds=torch.arange(0, shape[0] * shape[1] + 1, shape[1], dtype=torch.int32, device=self.device),
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up outside capture: compilation, cuBLAS workspaces, allocator
-                for _ in range(2):
-                    self._pooled(captured.ids, captured.lengths)
+                self._pooled(captured.ids, captured.lengths, captured.bounds)
             torch.cuda.current_stream(self.device).wait_stream(side)
             captured.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(captured.graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                captured.out = self._pooled(captured.ids, captured.lengths)
+                captured.out = self._pooled(captured.ids, captured.lengths, captured.bounds)
             torch.cuda.synchronize(self.device)
         self._graphs[shape] = captured
         return captured
 
-    def _pooled(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Right-aligned rows through the decoder, causal attention only, then pooling (and the reranker head)."""
-        hidden = self._decoder(ids, self._positions[:, : ids.shape[1]])
+    def _pooled(self, ids: torch.Tensor, lengths: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        """Right-aligned rows through the decoder, then pooling (and the reranker head). The rows go through as one
+        packed sequence of full-width segments, so the layers see the same call as in `_packed`: one compiled graph
+        serves both paths and every shape (a [rows, width] call would compile again for one row and for many, ~3 s
+        each at load). Causal attention keeps a row's padding, which follows its real tokens, out of them."""
+        rows, width = ids.shape
+        positions = self._positions[:, :width].expand(rows, width).reshape(1, -1)
+        packed = self._decoder(ids.reshape(1, -1), positions, cu_seq_lens_q=bounds, max_length_q=width)
+        hidden = packed.view(rows, width, -1)
         if self.task == "embed" and self.pooling == "mean":
             mask = (self._positions[:, : ids.shape[1]] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
             return (hidden * mask).sum(dim=1) / lengths[:, None].to(hidden.dtype)

@@ -14,10 +14,9 @@ import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
 from triton_rag.admin import KEY_NAME, key_matches, server_key
-
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
-from triton_rag.triton.common import answer_each, model_parameters
+from triton_rag.triton.common import answer_each, model_parameters, process_age_seconds
 
 
 class EncoderModel:
@@ -28,6 +27,11 @@ class EncoderModel:
         yes_no = tuple(int(x) for x in params["yes_no_ids"].split(",")) if task == "rerank" else None
         self.output_name = "POOLED" if task == "embed" else "LOGITS"
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        print(
+            f"{args['model_name']}: stub process {process_age_seconds():.1f} s old at initialize (its start and "
+            "imports, torch included: the first phase of a cold load)",
+            flush=True,
+        )
         if params.get("engine_file"):  # the python_trt_rtx variant: a TensorRT-RTX engine built for this GPU
             self.engine = TrtRtxEncoder(version_dir / params["engine_file"], version_dir / "hf", self.output_name)
             print(f"{args['model_name']}: {task} engine: TensorRT-RTX {params['engine_file']}", flush=True)

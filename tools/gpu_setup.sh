@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Source this on the GPU machine (no network; torch and transformers are there) to unpack what
+# tools/pack_gpu_bundle.sh put in .bench/ (carry [".bench"]): tritonserver and tritonclient, numpy 1.26 for the
+# Python 3.12 stub, the Qwen3 tokenizer in .cache. The stub ignores PYTHONPATH, so a .pth file makes the unpacked
+# packages and triton_rag importable from the system Python.
+set -e
+mkdir -p .cache /tmp/site
+tar -xJf .bench/qwen3-tokenizer.tar.xz -C .cache
+tar -xJf .bench/site.tar.xz -C /tmp/site
+python3 -m pip install -q --no-index --no-deps --break-system-packages .bench/numpy-*.whl
+# built against numpy 2: transformers would import them and fail under numpy 1.26
+python3 -m pip uninstall -q -y --break-system-packages scipy scikit-learn || true
+site_packages=$(python3 -c "import site; print(site.getsitepackages()[0])")
+printf '/tmp/site\n%s/backends\n' "$PWD" > "$site_packages/triton-rag-bench.pth"
+export PYTHONPATH=$PWD/tools:$PWD PYTHONUNBUFFERED=1
+set +e
