@@ -63,3 +63,40 @@ def test_cuda_engine_alone_and_batched_match_the_reference(
     assert _cosines(alone, reference).min() >= floor
     assert _cosines(alone, batched).min() >= 1 - (1 - floor) / 4
     assert encoder._graphs  # the short rows ran as graph replays
+
+
+def test_a_saved_compiled_layer_is_loaded_and_answers_as_the_compiled_one(
+    model_dir: Path, reference: np.ndarray, tmp_path: Path
+) -> None:
+    """The first load compiles the layer ahead of time and saves it; the next load reads it instead of tracing, and
+    answers the same, alone (graph replays) and batched (packed passes). A damaged file is compiled again; a
+    1-token packed pass, outside the saved code's guards, still answers (torch.compile takes it)."""
+    logs: list[str] = []
+
+    def load(**options: object) -> TorchEncoder:
+        logs.clear()
+        return TorchEncoder(
+            model_dir, "embed", precision="fp8", compile_model=True, max_batch_tokens=600, precompiled_dir=tmp_path,
+            log=logs.append, **options,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def answers(encoder: TorchEncoder) -> tuple[np.ndarray, np.ndarray]:
+        alone = [encoder.forward(np.array([row]), np.ones((1, len(row)), dtype=np.int64)) for row in ROWS]
+        return encoder.forward(*pad_rows(ROWS, 0)), np.concatenate(alone)
+
+    compiled = load()
+    assert any("compiled ahead of time" in line for line in logs), logs
+    (saved,) = tmp_path.glob("*.bin")
+    expected = answers(compiled)
+    loaded = load()
+    assert any(f"loaded from {saved.name}" in line for line in logs), logs
+    for got, want in zip(answers(loaded), expected, strict=True):
+        assert _cosines(got, want).min() >= 0.9999
+        assert _cosines(got, reference).min() >= 0.98
+
+    saved.write_bytes(saved.read_bytes()[:1000])
+    packed_only = load(use_graphs=False)
+    assert any("unusable" in line for line in logs) and any("compiled ahead of time" in line for line in logs), logs
+    one_token = next(index for index, row in enumerate(ROWS) if len(row) == 1)
+    single = packed_only.forward(np.array([ROWS[one_token]]), np.ones((1, 1), dtype=np.int64))
+    assert _cosines(single, reference[one_token : one_token + 1]).min() >= 0.98

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from triton_rag.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.engines.fp8 import convert_linears
 from triton_rag.engines.packed_attention import PACKED_ATTENTION
+from triton_rag.engines.precompiled import artifact_key, compile_once, default_directory
 from triton_rag.engines.weight_arena import WeightArena
 from triton_rag.precision import Device, choose_precision
 
@@ -100,6 +101,30 @@ CAUSAL_DECODERS = frozenset({"qwen3"})
 GRAPH_MAX_TOKENS = 512
 #: Graphs are captured at load for up to this many rows (more rows in a small batch: captured when first seen).
 GRAPH_MAX_ROWS = 32
+#: What a precompiled layer's code depends on besides torch, transformers and the model (`precompiled.artifact_key`).
+ENGINE_SOURCES = tuple(Path(__file__).parent / name for name in ("torch_encoder.py", "fp8.py", "packed_attention.py"))
+
+
+def decoder_layer_call(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    bounds: torch.Tensor,
+    length_probe: torch.Tensor,
+) -> torch.Tensor:
+    """One decoder layer over a packed sequence (segments `bounds`, the longest no longer than `length_probe` is).
+    The function every layer and shape is compiled through: module-level, so a saved compiled copy can be bound to
+    every layer, and the longest segment as a tensor's length, which stays symbolic where a plain int would be baked
+    into the saved code."""
+    out = layer(
+        hidden,
+        attention_mask=None,
+        position_embeddings=(cos, sin),
+        cu_seq_lens_q=bounds,
+        max_length_q=length_probe.shape[0],
+    )
+    return out[0] if isinstance(out, tuple) else out
 
 
 def validate_encoder_inputs(
@@ -160,9 +185,11 @@ class TorchEncoder:
         use_graphs: bool | None = None,
         max_batch_tokens: int = 32768,
         sleepable: bool = False,
+        precompiled_dir: Path | None = None,
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
-        `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory."""
+        `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
+        `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache)."""
         started = time.perf_counter()
         from transformers import AutoConfig, AutoModel
 
@@ -198,22 +225,23 @@ class TorchEncoder:
             converted = convert_linears(self.model)
             log(f"precision: fp8, {converted} linear layers quantized rowwise in {time.perf_counter() - started:.1f} s")
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
-        self.layers: list[Callable[..., torch.Tensor]] = list(model.layers) if self.causal else []
+        self.vocab_size = int(config.vocab_size)
+        self.hidden_size = int(config.hidden_size)
+        if self.causal:
+            self._positions = torch.arange(int(config.max_position_embeddings), device=self.device)[None]
+            self._length_probe = torch.empty(int(config.max_position_embeddings), dtype=torch.int8, device=self.device)
+        self._layer_call: Callable[..., torch.Tensor] = decoder_layer_call
         cuda = self.device.type == "cuda"
         if cuda:  # cuDNN's SDPA plans each new shape on the host (~0.9 ms a layer, BENCHMARKS.md); flash does not
             torch.backends.cuda.enable_cudnn_sdp(False)
         if compile_model and cuda:  # fuses FP8 activation quantization into its producers
             if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
-                self.layers = [torch.compile(layer, dynamic=True) for layer in self.layers]
+                self._layer_call = self._compile_layers(Path(model_dir), precompiled_dir or default_directory(), log)
             else:
                 self.model = torch.compile(self.model, dynamic=True)
         self.use_graphs = self.causal and (cuda if use_graphs is None else use_graphs)
         self._graphs: dict[tuple[int, int], _Captured] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs and cuda else None
-        if self.causal:
-            self._positions = torch.arange(int(config.max_position_embeddings), device=self.device)[None]
-        self.vocab_size = int(config.vocab_size)
-        self.hidden_size = int(config.hidden_size)
         self.head: torch.Tensor | None = None
         if task == "rerank":
             if yes_no_ids is None:
@@ -224,6 +252,22 @@ class TorchEncoder:
             self.head = rows.to(device=self.device, dtype=self.dtype)
         if cuda and self.causal:
             self.warm_up(log)
+
+    def _compile_layers(
+        self, model_dir: Path, directory: Path, log: Callable[[str], None]
+    ) -> Callable[..., torch.Tensor]:
+        """`decoder_layer_call` compiled once for every layer and shape (the layers' weights are inputs of one graph),
+        read from `directory` when an earlier load saved it."""
+        tokens, segment = 160, 32  # distinct example sizes: equal ones would be guarded as equal
+        key = artifact_key([self.precision, str(self.dtype), (model_dir / "config.json").read_text()], ENGINE_SOURCES)
+        with torch.inference_mode():
+            hidden = torch.zeros(1, tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+            cos, sin = self.model.rotary_emb(hidden, self._positions[:, :tokens])
+            bounds = torch.arange(0, tokens + 1, segment, dtype=torch.int32, device=self.device)
+            probe = self._length_probe[:segment]
+            example = (self.model.layers[0], hidden, cos, sin, bounds, probe)
+            dynamic = [(hidden, 1), (cos, 1), (sin, 1), (bounds, 0), (probe, 0)]
+            return compile_once(decoder_layer_call, example, dynamic, directory / f"{key}.bin", log)
 
     def warm_up(self, log: Callable[[str], None]) -> None:
         """Do at load what would otherwise stall the first requests for seconds each: compile the layers for one
@@ -317,7 +361,7 @@ class TorchEncoder:
 
     def _packed(self, ids: torch.Tensor, positions: torch.Tensor, bounds: torch.Tensor, longest: int) -> torch.Tensor:
         """One packed sequence through the decoder (each segment attends causally to itself), pooled per segment."""
-        hidden = self._decoder(ids[None], positions[None], cu_seq_lens_q=bounds, max_length_q=longest)[0]
+        hidden = self._decoder(ids[None], positions[None], bounds, longest)[0]
         if self.task == "embed" and self.pooling == "mean":
             counts = bounds[1:] - bounds[:-1]
             segment = torch.repeat_interleave(
@@ -367,21 +411,22 @@ class TorchEncoder:
         each at load). Causal attention keeps a row's padding, which follows its real tokens, out of them."""
         rows, width = ids.shape
         positions = self._positions[:, :width].expand(rows, width).reshape(1, -1)
-        packed = self._decoder(ids.reshape(1, -1), positions, cu_seq_lens_q=bounds, max_length_q=width)
+        packed = self._decoder(ids.reshape(1, -1), positions, bounds, width)
         hidden = packed.view(rows, width, -1)
         if self.task == "embed" and self.pooling == "mean":
             mask = (self._positions[:, : ids.shape[1]] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
             return (hidden * mask).sum(dim=1) / lengths[:, None].to(hidden.dtype)
         return self._output(hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1])
 
-    def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, **packing: object) -> torch.Tensor:
-        """Embeddings, the decoder layers with causal attention (within the segments `packing` bounds, if given:
-        `cu_seq_lens_q`, `max_length_q`) and the final norm."""
+    def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, bounds: torch.Tensor, longest: int) -> torch.Tensor:
+        """Embeddings, the decoder layers with causal attention within the segments `bounds` (`longest` tokens at
+        most), and the final norm."""
         hidden = self.model.embed_tokens(ids)
-        rope = self.model.rotary_emb(hidden, positions)
-        for layer in self.layers:
-            out = layer(hidden, attention_mask=None, position_embeddings=rope, **packing)
-            hidden = out[0] if isinstance(out, tuple) else out
+        cos, sin = self.model.rotary_emb(hidden, positions)
+        # an upper bound is all FlashAttention needs; at least 2 keeps the length symbolic (no 0/1 specialisation)
+        probe = self._length_probe[: max(longest, 16)]
+        for layer in self.model.layers:
+            hidden = self._layer_call(layer, hidden, cos, sin, bounds, probe)
         return self.model.norm(hidden)
 
     def _output(self, last: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""A compiled function that a later load reads from disk instead of compiling again.
+
+A cold load with a warm inductor cache still spends seconds in dynamo, which traces the decoder layer again in every
+new process before the cache can answer (~5 s for an 8B layer on an H200, BENCHMARKS.md). torch's ahead-of-time
+compile (`aot_compile`, `save_compiled_function`, `load_compiled_function`; experimental in torch 2.11-2.13) saves
+the traced and compiled function itself; loading it skips tracing. Anything that goes wrong on that path falls back
+to `torch.compile`, which is what ran before: the artifact only ever saves time.
+
+The file's name is a digest of everything the compiled code depends on (torch and transformers versions, the GPU,
+the model's config, precision, our engine sources), so a stale artifact is never loaded; a file that fails to load
+anyway is compiled again and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Where artifacts go when no directory is given: next to the inductor cache they depend on.
+DIRECTORY_NAME = "triton-rag-precompiled"
+
+
+def default_directory() -> Path:
+    from torch._inductor.runtime.runtime_utils import cache_dir
+
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()) / DIRECTORY_NAME
+
+
+def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
+    """A digest of `parts` and the contents of `sources`, with the versions and the GPU that compiled code is for."""
+    import transformers
+
+    digest = hashlib.sha256()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for part in (torch.__version__, transformers.__version__, device, *parts):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+        digest.update(b"\0")
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+class _GuardedFallback:
+    """The precompiled function, and `torch.compile` for the rare call outside its guards (a 1-token packed pass
+    specialises differently): a precompiled function raises there instead of compiling again."""
+
+    def __init__(self, precompiled: Callable[..., Any], function: Callable[..., Any]) -> None:
+        self.precompiled = precompiled
+        self.function = function
+        self._jit: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.precompiled(*args)
+        except RuntimeError as error:
+            if "GuardManager check failed" not in str(error):
+                raise
+        if self._jit is None:
+            self._jit = torch.compile(self.function, dynamic=True)
+        return self._jit(*args)
+
+
+def compile_once(
+    function: Callable[..., Any],
+    example: tuple[Any, ...],
+    dynamic: Sequence[tuple[torch.Tensor, int]],
+    file: Path | None,
+    log: Callable[[str], None],
+) -> Callable[..., Any]:
+    """`function` compiled for every shape: loaded from `file` when a usable artifact is there, else compiled ahead of
+    time from `example` (with the `dynamic` (tensor, dim) pairs left symbolic) and saved to `file`. With `file` None,
+    or a torch without ahead-of-time compile, plain `torch.compile`. Call under the inference mode it will serve in.
+    `function` must be a module-level function: a loaded artifact is bound to its module's globals."""
+    jit = torch.compile(function, dynamic=True)
+    if file is None or not hasattr(torch.compiler, "load_compiled_function"):
+        return jit
+    started = time.perf_counter()
+    if file.exists():
+        try:
+            with file.open("rb") as handle:
+                loaded = torch.compiler.load_compiled_function(handle, f_globals=function.__globals__)
+            loaded(*example)  # fails now, at load, rather than on a request
+            log(f"compiled layer loaded from {file.name} in {time.perf_counter() - started:.1f} s")
+            return _GuardedFallback(loaded, function)
+        except Exception as error:  # a torch that changed underneath, a truncated file: compile again
+            log(f"precompiled layer {file.name} unusable ({type(error).__name__}: {error}); compiling it again")
+    try:
+        for tensor, dim in dynamic:
+            torch._dynamo.mark_dynamic(tensor, dim)
+        with torch._dynamo.config.patch(enable_aot_compile=True, specialize_float=True):
+            compiled = torch.compile(function, fullgraph=True, dynamic=True).aot_compile((example, {}))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+        compiled.save_compiled_function(str(partial))
+        os.replace(partial, file)  # whole or absent: a concurrent load never reads half a file
+        log(f"layer compiled ahead of time in {time.perf_counter() - started:.1f} s, saved as {file.name}")
+        return _GuardedFallback(compiled, function)
+    except Exception as error:
+        log(f"ahead-of-time compilation failed ({type(error).__name__}: {error}); compiling on first use instead")
+        return jit
