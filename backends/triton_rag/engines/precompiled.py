@@ -77,10 +77,10 @@ def compile_once(
     time from `example` (with the `dynamic` (tensor, dim) pairs left symbolic) and saved to `file`. With `file` None,
     or a torch without ahead-of-time compile, plain `torch.compile`. Call under the inference mode it will serve in.
     `function` must be a module-level function: a loaded artifact is bound to its module's globals."""
+    started = time.perf_counter()  # the first torch.compile imports dynamo and inductor (~1 s): counted
     jit = torch.compile(function, dynamic=True)
     if file is None or not hasattr(torch.compiler, "load_compiled_function"):
         return jit
-    started = time.perf_counter()
     if file.exists():
         try:
             with file.open("rb") as handle:

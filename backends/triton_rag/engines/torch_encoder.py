@@ -215,6 +215,10 @@ class TorchEncoder:
         config = AutoConfig.from_pretrained(str(model_dir))
         self.causal = config.model_type in CAUSAL_DECODERS and not getattr(config, "use_sliding_window", False)
         attention = PACKED_ATTENTION if self.causal else "sdpa"
+        if self.device.type == "cuda":  # timed apart from the weights' copy, which it would otherwise seem part of
+            started = time.perf_counter()
+            torch.empty(1, device=self.device)
+            log(f"CUDA context ready in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         model = AutoModel.from_pretrained(str(model_dir), dtype=self.dtype, attn_implementation=attention)
         read = time.perf_counter()

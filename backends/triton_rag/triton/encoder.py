@@ -50,7 +50,7 @@ class EncoderModel:
         )
         print(
             f"{args['model_name']}: {task} engine on {self.engine.device} in {self.engine.precision}, "
-            f"hidden size {self.engine.hidden_size}",
+            f"hidden size {self.engine.hidden_size}; stub process {process_age_seconds():.1f} s old",
             flush=True,
         )
 
