@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
 from triton_rag import contract
 from triton_rag.client import RouterControl
+from triton_rag.load_phases import cold_loads
 from triton_rag.memory import stub_pids
 from triton_rag.offline import TINY_QWEN3, build_random_qwen3
 from triton_rag.repository import prepare_repository
@@ -154,6 +155,20 @@ def test_swaps_go_through_the_host_tier_and_give_the_same_results(
     assert values[f'rag_router_wakes_total{{model="{EMBED}"}}'] >= 2
 
 
+def test_the_log_shows_each_cold_load_phase_by_phase(
+    tier_server: RunningServer, references: dict[str, np.ndarray]
+) -> None:
+    """What a benchmark tabulates (tools/bench_router.py): every router load in the server log with its stub's start,
+    the weights' read and copy, the end of `initialize`, and the router's total, which covers them all."""
+    loads = {load.model: load for load in cold_loads(tier_server.log_path.read_text(errors="replace"))}
+    assert set(loads) >= {EMBED, RERANK}
+    for load in (loads[EMBED], loads[RERANK]):
+        phases = load.phases
+        assert {"stub_start_s", "weights_read_s", "weights_to_device_s", "initialized_at_s"} <= set(phases), phases
+        assert load.total_s is not None and load.total_s + 0.1 >= phases["initialized_at_s"] > phases["stub_start_s"]
+        assert load.unaccounted_s is not None and load.unaccounted_s >= -0.3  # phases fit inside initialize
+
+
 def test_control_actions_need_the_admin_key(tier_server: RunningServer, one_awake_budget: int) -> None:
     stranger = control(tier_server, key="")
     for action, models in (("PIN", [EMBED]), ("ACQUIRE", [EMBED]), ("PLAN", [EMBED]), ("RECONCILE", None)):
@@ -267,7 +282,8 @@ def test_a_stub_killed_before_it_starts_fails_fast_with_the_reason(
     killer.join()
     assert killed and time.monotonic() - started < 60
     started = time.monotonic()
-    with pytest.raises(InferenceServerException, match="cannot load again until that load ends or tritonserver restarts"):
+    stuck = "cannot load again until that load ends or tritonserver restarts"
+    with pytest.raises(InferenceServerException, match=stuck):
         embed(tier_server, TEXTS)
     assert time.monotonic() - started < 5
     assert "died while loading" in status(tier_server)["models"][EMBED]["last_error"]

@@ -19,6 +19,7 @@ Writes `router.json` and `router.md` (a table for BENCHMARKS.md) under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
@@ -34,6 +35,7 @@ import tritonclient.grpc as grpcclient
 
 from triton_rag import contract
 from triton_rag.client import RouterControl
+from triton_rag.load_phases import PHASES, cold_loads
 from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 from triton_rag.repository import prepare_repository
 from triton_rag.server import TritonServer, free_ports
@@ -344,6 +346,26 @@ def rag_markdown(rag: dict[str, Any]) -> list[str]:
             f"| {index + 1} | {row['loop_s']:.2f} | {row['embed_s']:.3f} | {row['rerank_s']:.3f} | {cells[0]} | {cells[1]} |"
         )
     lines.append(f"| p50 | {statistics.median(r['loop_s'] for r in loops):.2f} | | | | |")
+    return lines + ["", *cold_load_markdown(rag.get("cold_loads", []))]
+
+
+def cold_load_markdown(loads: list[dict[str, Any]]) -> list[str]:
+    """Each load of that server, phase by phase from its log (triton_rag.load_phases)."""
+    if not loads:
+        return []
+    names = list(PHASES)
+    lines = [
+        "Cold loads in that server, phase by phase (s; from the server log):",
+        "",
+        f"| model | total | compiled layer | {' | '.join(names)} | unaccounted |",
+        "| --- | --- | --- |" + " --- |" * (len(names) + 1),
+    ]
+    for load in loads:
+        phases = load["phases"]
+        cells = ["-" if phases.get(name) is None else f"{phases[name]:.1f}" for name in names]
+        rest = "-" if load["unaccounted_s"] is None else f"{load['unaccounted_s']:.1f}"
+        total = "-" if load["total_s"] is None else f"{load['total_s']:.2f}"
+        lines.append(f"| {load['model']} | {total} | {load['compiled_layer'] or '-'} | {' | '.join(cells)} | {rest} |")
     return lines
 
 
@@ -376,7 +398,11 @@ def main() -> int:
     if args.rag_loops:
         for host_tier, loops in ((True, args.rag_loops), (False, args.baseline_loops)):
             if loops:
-                report["rag"].append(bench_rag_loop(args.rag_shape, args.work, args.cache_dir, args.out, loops, host_tier))
+                rag = bench_rag_loop(args.rag_shape, args.work, args.cache_dir, args.out, loops, host_tier)
+                server_log = args.out / f"{'rag-host-tier' if host_tier else 'rag-cold-tier'}-{args.rag_shape}.log"
+                loads = cold_loads(server_log.read_text("utf-8", "replace"))
+                rag["cold_loads"] = [dataclasses.asdict(load) | {"unaccounted_s": load.unaccounted_s} for load in loads]
+                report["rag"].append(rag)
                 (args.out / "router.json").write_text(json.dumps(report, indent=2))
     if args.perf:
         overhead = bench_overhead(args.perf_shape, args.work, args.cache_dir, args.out, args.perf_analyzer)

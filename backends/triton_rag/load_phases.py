@@ -1,0 +1,72 @@
+"""Cold loads phase by phase, read back from a tritonserver log: what the encoder stub and the engine print while a
+model loads (`triton/encoder.py`, `engines/torch_encoder.py`, `engines/precompiled.py`, `engines/weight_arena.py`)
+and the router's `loaded ... in` line. tools/bench_router.py tabulates them, so a benchmark reports each step of a
+load, not just its total.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+#: phase name -> pattern of the engine's log line after "<model>: " (first group: seconds)
+PHASES: dict[str, re.Pattern[str]] = {
+    "stub_start_s": re.compile(r"stub process ([\d.]+) s old at initialize"),
+    "cuda_context_s": re.compile(r"CUDA context ready in ([\d.]+) s"),
+    "weights_read_s": re.compile(r"weights read in ([\d.]+) s"),
+    "weights_to_device_s": re.compile(r"weights read in [\d.]+ s, on \w+ in ([\d.]+) s"),
+    "fp8_s": re.compile(r"linear layers quantized rowwise in ([\d.]+) s"),
+    "arena_s": re.compile(r"weights in one arena: .* in ([\d.]+) s"),
+    "compiled_layer_s": re.compile(r"(?:compiled layer loaded from \S+|layer compiled ahead of time) in ([\d.]+) s"),
+    "first_batches_s": re.compile(r"first batches \(compilation\) ([\d.]+) s"),
+    "graphs_s": re.compile(r"the other CUDA graphs ([\d.]+) s"),
+    "initialized_at_s": re.compile(r"engine on .*; stub process ([\d.]+) s old"),
+}
+_MODEL_LINE = re.compile(r"^(\w+): (.*)$")
+_ROUTER_LOADED = re.compile(r"^router: loaded (\w+) in ([\d.]+) s")
+
+
+@dataclass
+class ColdLoad:
+    model: str
+    phases: dict[str, float] = field(default_factory=dict)
+    compiled_layer: str = ""  # "loaded" (a saved layer), "compiled" (and saved), or "" (neither line seen)
+    total_s: float | None = None  # the router's measure, request to ready
+
+    @property
+    def unaccounted_s(self) -> float | None:
+        """The part of `initialize` no phase covers (model construction, the reranker head, ...)."""
+        end = self.phases.get("initialized_at_s")
+        if end is None:
+            return None
+        named = sum(value for name, value in self.phases.items() if name != "initialized_at_s")
+        return round(end - named, 2)
+
+
+def cold_loads(log: str) -> list[ColdLoad]:
+    """Every load in the log, in order. A load starts at its stub's first line and ends at the router's `loaded`
+    line (or at the log's end, for a model loaded without the router)."""
+    loads: list[ColdLoad] = []
+    open_loads: dict[str, ColdLoad] = {}
+    for line in log.splitlines():
+        if (loaded := _ROUTER_LOADED.match(line)) is not None:
+            if (load := open_loads.pop(loaded.group(1), None)) is not None:
+                load.total_s = float(loaded.group(2))
+            continue
+        if (match := _MODEL_LINE.match(line)) is None or match.group(1) == "router":
+            continue
+        model, message = match.groups()
+        if PHASES["stub_start_s"].search(message):
+            open_loads[model] = ColdLoad(model)
+            loads.append(open_loads[model])
+        load = open_loads.get(model)
+        if load is None:
+            continue
+        for name, pattern in PHASES.items():
+            if (found := pattern.search(message)) is not None:
+                load.phases[name] = float(found.group(1))
+        if "compiled layer loaded from" in message:
+            load.compiled_layer = "loaded"
+        elif "layer compiled ahead of time" in message:
+            load.compiled_layer = "compiled"
+    return loads
