@@ -52,11 +52,13 @@ def reference(model_dir: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("precision, floor", [("bfloat16", 0.999), ("fp8", 0.98)])
 def test_cuda_engine_alone_and_batched_match_the_reference(
-    model_dir: Path, reference: np.ndarray, precision: str, floor: float
+    model_dir: Path, reference: np.ndarray, precision: str, floor: float, tmp_path: Path
 ) -> None:
     """Packed passes (flash varlen) and graph replays, compiled: every row close to float32, and the same row
     alone (a graph replay) and inside the batch (a packed pass) closer still."""
-    encoder = TorchEncoder(model_dir, "embed", precision=precision, compile_model=True, max_batch_tokens=600)
+    encoder = TorchEncoder(
+        model_dir, "embed", precision=precision, compile_model=True, max_batch_tokens=600, precompiled_dir=tmp_path
+    )
     batched = encoder.forward(*pad_rows(ROWS, 0))
     alone = np.concatenate([encoder.forward(np.array([row]), np.ones((1, len(row)), dtype=np.int64)) for row in ROWS])
     assert _cosines(batched, reference).min() >= floor
@@ -69,8 +71,9 @@ def test_a_saved_compiled_layer_is_loaded_and_answers_as_the_compiled_one(
     model_dir: Path, reference: np.ndarray, tmp_path: Path
 ) -> None:
     """The first load compiles the layer ahead of time and saves it; the next load reads it instead of tracing, and
-    answers the same, alone (graph replays) and batched (packed passes). A damaged file is compiled again; a
-    1-token packed pass, outside the saved code's guards, still answers (torch.compile takes it)."""
+    answers as the first did and as the float32 reference, alone (graph replays) and batched (packed passes), every
+    layer through the saved code. A damaged file is compiled again; a 1-token packed pass, outside the saved code's
+    guards, still answers (torch.compile takes it)."""
     logs: list[str] = []
 
     def load(**options: object) -> TorchEncoder:
@@ -93,6 +96,7 @@ def test_a_saved_compiled_layer_is_loaded_and_answers_as_the_compiled_one(
     for got, want in zip(answers(loaded), expected, strict=True):
         assert _cosines(got, want).min() >= 0.9999
         assert _cosines(got, reference).min() >= 0.98
+    assert loaded._layer_call._jit is None  # type: ignore[attr-defined]  # no call fell back to torch.compile
 
     saved.write_bytes(saved.read_bytes()[:1000])
     packed_only = load(use_graphs=False)
@@ -100,3 +104,4 @@ def test_a_saved_compiled_layer_is_loaded_and_answers_as_the_compiled_one(
     one_token = next(index for index, row in enumerate(ROWS) if len(row) == 1)
     single = packed_only.forward(np.array([ROWS[one_token]]), np.ones((1, 1), dtype=np.int64))
     assert _cosines(single, reference[one_token : one_token + 1]).min() >= 0.98
+    assert packed_only._layer_call._jit is not None  # type: ignore[attr-defined]  # torch.compile took that pass

@@ -42,8 +42,13 @@ def _device_free() -> int:
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "fp8"])
-def test_sleep_frees_the_weights_and_wake_restores_the_same_results(model_dir: Path, precision: str) -> None:
-    encoder = TorchEncoder(model_dir, "embed", precision=precision, compile_model=True, max_batch_tokens=600, sleepable=True)
+def test_sleep_frees_the_weights_and_wake_restores_the_same_results(
+    model_dir: Path, precision: str, tmp_path: Path
+) -> None:
+    encoder = TorchEncoder(
+        model_dir, "embed", precision=precision, compile_model=True, max_batch_tokens=600, sleepable=True,
+        precompiled_dir=tmp_path,
+    )  # fmt: skip
     assert encoder.arena is not None
     batch, alone = pad_rows(ROWS, 0), (np.array([ROWS[1]]), np.ones((1, len(ROWS[1])), dtype=np.int64))
     before_batch, before_alone = encoder.forward(*batch), encoder.forward(*alone)  # a packed pass and a graph replay
@@ -58,8 +63,11 @@ def test_sleep_frees_the_weights_and_wake_restores_the_same_results(model_dir: P
     np.testing.assert_array_equal(encoder.forward(*batch), before_batch)
 
 
-def test_many_cycles_keep_device_memory_flat(model_dir: Path) -> None:
-    encoder = TorchEncoder(model_dir, "embed", precision="fp8", compile_model=True, max_batch_tokens=600, sleepable=True)
+def test_many_cycles_keep_device_memory_flat(model_dir: Path, tmp_path: Path) -> None:
+    encoder = TorchEncoder(
+        model_dir, "embed", precision="fp8", compile_model=True, max_batch_tokens=600, sleepable=True,
+        precompiled_dir=tmp_path,
+    )  # fmt: skip
     row = (np.array([ROWS[0]]), np.ones((1, len(ROWS[0])), dtype=np.int64))
     expected = encoder.forward(*row)
     encoder.sleep()

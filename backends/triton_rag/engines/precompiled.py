@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,37 +34,64 @@ def default_directory() -> Path:
 
 
 def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
-    """A digest of `parts` and the contents of `sources`, with the versions and the GPU that compiled code is for."""
+    """A digest of `parts` and the contents of `sources`, with what else compiled code depends on: the versions of
+    Python, torch, CUDA, Triton and transformers, the GPU, inductor's settings in the environment, and this module.
+    (torch also checks its own system facts when loading, and refuses a mismatch: a recompile, never a stale load.)"""
     import transformers
 
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
     digest = hashlib.sha256()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    for part in (torch.__version__, transformers.__version__, device, *parts):
+    inductor_env = sorted(
+        f"{k}={v}" for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_") and "DIR" not in k
+    )
+    facts = (platform.python_version(), torch.__version__, str(torch.version.cuda), triton_version)
+    for part in (*facts, transformers.__version__, device, *inductor_env, *parts):
         digest.update(part if isinstance(part, bytes) else part.encode())
         digest.update(b"\0")
-    for source in sources:
+    for source in (*sources, Path(__file__)):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:32]
 
 
 class _GuardedFallback:
     """The precompiled function, and `torch.compile` for the rare call outside its guards (a 1-token packed pass
-    specialises differently): a precompiled function raises there instead of compiling again."""
+    specialises differently): a precompiled function would raise there instead of compiling again. Its guards are
+    checked here, once per call, so an error raised inside the model is never mistaken for a guard miss."""
 
-    def __init__(self, precompiled: Callable[..., Any], function: Callable[..., Any]) -> None:
+    def __init__(self, precompiled: Any, function: Callable[..., Any]) -> None:
         self.precompiled = precompiled
         self.function = function
         self._jit: Callable[..., Any] | None = None
+        self._check: Callable[..., bool] | None = getattr(precompiled, "guard_check", None)
+        if self._check is not None and hasattr(precompiled, "disable_guard_check"):
+            precompiled.disable_guard_check()  # checked by us instead
+        else:
+            self._check = None
 
     def __call__(self, *args: Any) -> Any:
-        try:
-            return self.precompiled(*args)
-        except RuntimeError as error:
-            if "GuardManager check failed" not in str(error):
-                raise
+        if self._check is not None:
+            if self._check(*args):
+                return self.precompiled(*args)
+        else:  # a torch without guard_check: its call raises on a guard miss, before running anything
+            try:
+                return self.precompiled(*args)
+            except RuntimeError as error:
+                if "GuardManager check failed" not in str(error):
+                    raise
         if self._jit is None:
             self._jit = torch.compile(self.function, dynamic=True)
         return self._jit(*args)
+
+
+def _is_device_failure(error: BaseException) -> bool:
+    """Out of memory or a CUDA error: the GPU's state, not the file's; it must surface, not trigger a recompile."""
+    return isinstance(error, torch.OutOfMemoryError) or "CUDA error" in str(error)
 
 
 def compile_once(
@@ -85,22 +113,33 @@ def compile_once(
         try:
             with file.open("rb") as handle:
                 loaded = torch.compiler.load_compiled_function(handle, f_globals=function.__globals__)
-            loaded(*example)  # fails now, at load, rather than on a request
+            guarded = _GuardedFallback(loaded, function)
+            guarded(*example)  # fails now, at load, rather than on a request
+            if guarded._jit is not None:
+                raise RuntimeError("its guards reject the example")
             log(f"compiled layer loaded from {file.name} in {time.perf_counter() - started:.1f} s")
-            return _GuardedFallback(loaded, function)
+            return guarded
         except Exception as error:  # a torch that changed underneath, a truncated file: compile again
+            if _is_device_failure(error):
+                raise
             log(f"precompiled layer {file.name} unusable ({type(error).__name__}: {error}); compiling it again")
     try:
         for tensor, dim in dynamic:
             torch._dynamo.mark_dynamic(tensor, dim)
         with torch._dynamo.config.patch(enable_aot_compile=True, specialize_float=True):
             compiled = torch.compile(function, fullgraph=True, dynamic=True).aot_compile((example, {}))
+    except Exception as error:
+        if _is_device_failure(error):
+            raise
+        log(f"ahead-of-time compilation failed ({type(error).__name__}: {error}); compiling on first use instead")
+        return jit
+    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+    try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
         compiled.save_compiled_function(str(partial))
         os.replace(partial, file)  # whole or absent: a concurrent load never reads half a file
         log(f"layer compiled ahead of time in {time.perf_counter() - started:.1f} s, saved as {file.name}")
-        return _GuardedFallback(compiled, function)
-    except Exception as error:
-        log(f"ahead-of-time compilation failed ({type(error).__name__}: {error}); compiling on first use instead")
-        return jit
+    except Exception as error:  # a read-only or full cache: serve what was compiled, unsaved
+        partial.unlink(missing_ok=True)
+        log(f"layer compiled ahead of time in {time.perf_counter() - started:.1f} s, not saved ({error})")
+    return _GuardedFallback(compiled, function)

@@ -6,11 +6,11 @@ so the numbers are the reference's; what is ours is how they are driven, for spe
 - Qwen3 (a causal decoder): the rows' real tokens are packed end to end into one sequence per pass and each text
   attends causally to itself only (FlashAttention's variable-length kernel, `packed_attention`), so no compute is
   spent on padding; all passes are uploaded in one copy and queued before one copy back. A small batch (up to
-  `GRAPH_MAX_TOKENS` once padded to a power-of-two shape) instead runs right-aligned in a captured CUDA graph, its
-  rows as equal segments of one packed sequence: a replay costs no launches, which is what small batches are bound
-  by. With `compile_model`, the decoder layers are compiled once for every shape and both paths (regional
-  compilation: identical layers share the code), which fuses the norms, RoPE and FP8 activation quantization into
-  their neighbours.
+  `GRAPH_MAX_TOKENS` once padded to a power-of-two shape) instead runs in a captured CUDA graph, padding after each
+  row's real tokens, its rows as equal segments of one packed sequence: a replay costs no launches, which is what
+  small batches are bound by. With `compile_model`, the decoder layers are compiled once for every shape and both
+  paths (regional compilation: identical layers share the code), which fuses the norms, RoPE and FP8 activation
+  quantization into their neighbours.
 - Other architectures (a bidirectional encoder such as MiniLM in the tests) run transformers' forward with the mask.
 
 Only pooling and the reranker head are fully ours, and they keep the output small: the reranker reads just the two
@@ -263,7 +263,14 @@ class TorchEncoder:
         """`decoder_layer_call` compiled once for every layer and shape (the layers' weights are inputs of one graph),
         read from `directory` when an earlier load saved it."""
         tokens, segment = 160, 32  # distinct example sizes: equal ones would be guarded as equal
-        key = artifact_key([self.precision, str(self.dtype), (model_dir / "config.json").read_text()], ENGINE_SOURCES)
+        try:
+            key = artifact_key(
+                [self.precision, str(self.dtype), (model_dir / "config.json").read_text()], ENGINE_SOURCES
+            )
+            file: Path | None = directory / f"{key}.bin"
+        except OSError as error:  # sources not on disk (a zipped install): compile, nothing to save or load
+            log(f"compiled layer not saved: its key needs the engine's sources ({error})")
+            file = None
         with torch.inference_mode():
             hidden = torch.zeros(1, tokens, self.hidden_size, dtype=self.dtype, device=self.device)
             cos, sin = self.model.rotary_emb(hidden, self._positions[:, :tokens])
@@ -271,7 +278,7 @@ class TorchEncoder:
             probe = self._length_probe[:segment]
             example = (self.model.layers[0], hidden, cos, sin, bounds, probe)
             dynamic = [(hidden, 1), (cos, 1), (sin, 1), (bounds, 0), (probe, 0)]
-            return compile_once(decoder_layer_call, example, dynamic, directory / f"{key}.bin", log)
+            return compile_once(decoder_layer_call, example, dynamic, file, log)
 
     def warm_up(self, log: Callable[[str], None]) -> None:
         """Do at load what would otherwise stall the first requests for seconds each: compile the layers for one
@@ -331,7 +338,7 @@ class TorchEncoder:
     def _forward_graph(
         self, input_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int]
     ) -> np.ndarray:
-        """A small batch: its rows right-aligned in a captured power-of-two shape, one graph replay."""
+        """A small batch: its rows (real tokens first, padding after) in a captured power-of-two shape, one replay."""
         block = np.zeros(shape, dtype=np.int64)
         block_lengths = np.ones(shape[0], dtype=np.int64)  # padding rows: one token
         for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
@@ -409,10 +416,11 @@ class TorchEncoder:
         return captured
 
     def _pooled(self, ids: torch.Tensor, lengths: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-        """Right-aligned rows through the decoder, then pooling (and the reranker head). The rows go through as one
-        packed sequence of full-width segments, so the layers see the same call as in `_packed`: one compiled graph
-        serves both paths and every shape (a [rows, width] call would compile again for one row and for many, ~3 s
-        each at load). Causal attention keeps a row's padding, which follows its real tokens, out of them."""
+        """Padded rows (real tokens first) through the decoder, then pooling (and the reranker head). The rows go
+        through as one packed sequence of full-width segments, so the layers see the same call as in `_packed`: one
+        compiled graph serves both paths and every shape (a [rows, width] call would compile again for one row and
+        for many, ~3 s each at load). Causal attention keeps a row's padding, which follows its real tokens, out of
+        them."""
         rows, width = ids.shape
         positions = self._positions[:, :width].expand(rows, width).reshape(1, -1)
         packed = self._decoder(ids.reshape(1, -1), positions, bounds, width)
@@ -427,7 +435,8 @@ class TorchEncoder:
         most), and the final norm."""
         hidden = self.model.embed_tokens(ids)
         cos, sin = self.model.rotary_emb(hidden, positions)
-        # an upper bound is all FlashAttention needs; at least 2 keeps the length symbolic (no 0/1 specialisation)
+        # an upper bound is all FlashAttention needs; at least 16 keeps the length symbolic (no 0/1 specialisation)
+        # and clear of the kernel's special case for a length of 1
         probe = self._length_probe[: max(longest, 16)]
         for layer in self.model.layers:
             hidden = self._layer_call(layer, hidden, cos, sin, bounds, probe)
