@@ -221,7 +221,7 @@ def bench_rag_loop(shape: str, work: Path, cache: Path, out: Path, loops: int, h
                 }
             )
             log(f"{name} {shape}: loop {rows[-1]['loop_s']:.2f} s (embed {embed_s:.2f}, rerank {rerank_s:.2f})")
-        return {
+        result = {
             "shape": shape,
             "host_tier": host_tier,
             "budget_bytes": budget,
@@ -235,6 +235,9 @@ def bench_rag_loop(shape: str, work: Path, cache: Path, out: Path, loops: int, h
         }
     finally:
         server.stop()
+    loads = cold_loads((out / f"{name}-{shape}.log").read_text("utf-8", "replace"))
+    result["cold_loads"] = [dataclasses.asdict(load) | {"unaccounted_s": load.unaccounted_s} for load in loads]
+    return result
 
 
 def _seconds(call: Any) -> float:
@@ -398,11 +401,7 @@ def main() -> int:
     if args.rag_loops:
         for host_tier, loops in ((True, args.rag_loops), (False, args.baseline_loops)):
             if loops:
-                rag = bench_rag_loop(args.rag_shape, args.work, args.cache_dir, args.out, loops, host_tier)
-                server_log = args.out / f"{'rag-host-tier' if host_tier else 'rag-cold-tier'}-{args.rag_shape}.log"
-                loads = cold_loads(server_log.read_text("utf-8", "replace"))
-                rag["cold_loads"] = [dataclasses.asdict(load) | {"unaccounted_s": load.unaccounted_s} for load in loads]
-                report["rag"].append(rag)
+                report["rag"].append(bench_rag_loop(args.rag_shape, args.work, args.cache_dir, args.out, loops, host_tier))
                 (args.out / "router.json").write_text(json.dumps(report, indent=2))
     if args.perf:
         overhead = bench_overhead(args.perf_shape, args.work, args.cache_dir, args.out, args.perf_analyzer)

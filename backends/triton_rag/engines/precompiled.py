@@ -60,14 +60,14 @@ def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
 
 
 class _GuardedFallback:
-    """The precompiled function, and `torch.compile` for the rare call outside its guards (a 1-token packed pass
-    specialises differently): a precompiled function would raise there instead of compiling again. Its guards are
-    checked here, once per call, so an error raised inside the model is never mistaken for a guard miss."""
+    """The precompiled function, and `fallback` (`torch.compile`) for the rare call outside its guards (a 1-token
+    packed pass specialises differently): a precompiled function would raise there instead of compiling again. Its
+    guards are checked here, once per call, so an error raised inside the model is never mistaken for a guard miss."""
 
-    def __init__(self, precompiled: Any, function: Callable[..., Any]) -> None:
+    def __init__(self, precompiled: Any, fallback: Callable[..., Any]) -> None:
         self.precompiled = precompiled
-        self.function = function
-        self._jit: Callable[..., Any] | None = None
+        self.fallback = fallback
+        self.fell_back = False  # whether any call went to `fallback`
         self._check: Callable[..., bool] | None = getattr(precompiled, "guard_check", None)
         if self._check is not None and hasattr(precompiled, "disable_guard_check"):
             precompiled.disable_guard_check()  # checked by us instead
@@ -84,9 +84,8 @@ class _GuardedFallback:
             except RuntimeError as error:
                 if "GuardManager check failed" not in str(error):
                     raise
-        if self._jit is None:
-            self._jit = torch.compile(self.function, dynamic=True)
-        return self._jit(*args)
+        self.fell_back = True
+        return self.fallback(*args)
 
 
 def _is_device_failure(error: BaseException) -> bool:
@@ -113,9 +112,9 @@ def compile_once(
         try:
             with file.open("rb") as handle:
                 loaded = torch.compiler.load_compiled_function(handle, f_globals=function.__globals__)
-            guarded = _GuardedFallback(loaded, function)
+            guarded = _GuardedFallback(loaded, jit)
             guarded(*example)  # fails now, at load, rather than on a request
-            if guarded._jit is not None:
+            if guarded.fell_back:
                 raise RuntimeError("its guards reject the example")
             log(f"compiled layer loaded from {file.name} in {time.perf_counter() - started:.1f} s")
             return guarded
@@ -142,4 +141,4 @@ def compile_once(
     except Exception as error:  # a read-only or full cache: serve what was compiled, unsaved
         partial.unlink(missing_ok=True)
         log(f"layer compiled ahead of time in {time.perf_counter() - started:.1f} s, not saved ({error})")
-    return _GuardedFallback(compiled, function)
+    return _GuardedFallback(compiled, jit)

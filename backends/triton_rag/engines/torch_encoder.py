@@ -426,7 +426,7 @@ class TorchEncoder:
         packed = self._decoder(ids.reshape(1, -1), positions, bounds, width)
         hidden = packed.view(rows, width, -1)
         if self.task == "embed" and self.pooling == "mean":
-            mask = (self._positions[:, : ids.shape[1]] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
+            mask = (self._positions[:, :width] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
             return (hidden * mask).sum(dim=1) / lengths[:, None].to(hidden.dtype)
         return self._output(hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1])
 

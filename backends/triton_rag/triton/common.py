@@ -207,4 +207,3 @@ def process_age_seconds() -> float:
     with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
         started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
         return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
-
