@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3Model
 
 from triton_rag.batching import pad_rows
+from triton_rag.engines.checkpoint import load_tensors, stored_tensors
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.offline import TINY_QWEN3
 
@@ -105,3 +107,14 @@ def test_a_saved_compiled_layer_is_loaded_and_answers_as_the_compiled_one(
     single = packed_only.forward(np.array([ROWS[one_token]]), np.ones((1, 1), dtype=np.int64))
     assert _cosines(single, reference[one_token : one_token + 1]).min() >= 0.98
     assert packed_only._layer_call.fell_back  # type: ignore[attr-defined]  # torch.compile took that pass
+
+
+def test_the_checkpoint_read_through_pinned_buffers_equals_the_file(model_dir: Path) -> None:
+    """Tensors spanning many staging buffers, copied asynchronously while the next buffer fills: every byte lands."""
+    expected = load_file(str(model_dir / "model.safetensors"))
+    received: dict[str, torch.Tensor] = {}
+    keep = lambda stored, tensor: received.setdefault(stored.name, tensor)  # noqa: E731
+    load_tensors(stored_tensors(model_dir), torch.device("cuda"), keep, staging_bytes=2**20)
+    assert received.keys() == {stored.name for stored in stored_tensors(model_dir)}
+    for stored_name, tensor in received.items():
+        assert tensor.is_cuda and torch.equal(tensor.cpu(), expected[stored_name]), stored_name

@@ -62,7 +62,7 @@ def test_fp8_linear_matches_the_bfloat16_layer_and_keeps_no_bfloat16_weights() -
     linear = nn.Linear(256, 96, bias=True).to(torch.bfloat16)
     x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
     expected = linear(x).float()
-    layer = Fp8Linear(linear)
+    layer = Fp8Linear.from_linear(linear)
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.shape == (96, 256)
     out = layer(x)
     assert out.shape == (3, 5, 96) and out.dtype == torch.bfloat16

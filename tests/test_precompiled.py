@@ -4,13 +4,14 @@ decoder layer itself goes through this path on the GPU (tests/test_engine_cuda.p
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from triton_rag.engines.precompiled import artifact_key, compile_once
+from triton_rag.engines.precompiled import artifact_key, compile_once, import_compiler_in_background
 
 
 def gated_scale(x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
@@ -68,3 +69,13 @@ def test_the_key_follows_every_part_and_source(tmp_path: Path) -> None:
     assert key != artifact_key(["bfloat16", "config"], [source])
     source.write_text("a = 2\n")
     assert key != artifact_key(["fp8", "config"], [source])
+
+
+def test_the_compiler_imports_in_the_background_and_the_switch_interval_comes_back() -> None:
+    """The cold load imports dynamo and inductor while the checkpoint is read, with a short switch interval for the
+    reader threads meanwhile; afterwards the interpreter's interval is what it was."""
+    before = sys.getswitchinterval()
+    wait = import_compiler_in_background()
+    assert wait() >= 0
+    assert {"torch._dynamo", "torch._inductor.compile_fx"} <= set(sys.modules)
+    assert sys.getswitchinterval() == before

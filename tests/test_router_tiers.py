@@ -159,12 +159,12 @@ def test_the_log_shows_each_cold_load_phase_by_phase(
     tier_server: RunningServer, references: dict[str, np.ndarray]
 ) -> None:
     """What a benchmark tabulates (tools/bench_router.py): every router load in the server log with its stub's start,
-    the weights' read and copy, the end of `initialize`, and the router's total, which covers them all."""
+    the checkpoint's read onto the device, the end of `initialize`, and the router's total, which covers them all."""
     loads = {load.model: load for load in cold_loads(tier_server.log_path.read_text(errors="replace"))}
     assert set(loads) >= {EMBED, RERANK}
     for load in (loads[EMBED], loads[RERANK]):
         phases = load.phases
-        assert {"stub_start_s", "weights_read_s", "weights_to_device_s", "initialized_at_s"} <= set(phases), phases
+        assert {"stub_start_s", "checkpoint_s", "initialized_at_s"} <= set(phases), phases
         assert load.total_s is not None and load.total_s + 0.1 >= phases["initialized_at_s"] > phases["stub_start_s"]
         assert load.unaccounted_s is not None and load.unaccounted_s >= -0.3  # phases fit inside initialize
 

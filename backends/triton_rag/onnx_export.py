@@ -3,7 +3,9 @@
 The exported graph is what a TensorRT build starts from (issue 6): integer ids and mask in (INT64, dynamic batch
 and sequence axes), the pooled row out (embeddings: the last real token's hidden state) or the reranker's two
 logits (the "no"/"yes" rows of the LM head only, never the vocabulary). It is the engine's own module
-(`TorchEncoder.model` and `TorchEncoder.head`) wrapped with the engine's own pooling, so the two cannot drift.
+(`TorchEncoder.transformers_model()`, transformers' masked forward of the same checkpoint, and
+`TorchEncoder.head`) wrapped with the engine's own pooling, so the two cannot drift; the parity check holds the
+engine's own packed decoder to the exported graph.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class _Contract(nn.Module):
 
     def __init__(self, engine: TorchEncoder) -> None:
         super().__init__()
-        self.model = engine.model
+        self.model = engine.transformers_model()
         # float16 only: the float32 graph (and the FP8 and NVFP4 graphs made from it) keeps transformers' own mask,
         # whose attention MatMuls ModelOpt's FP8 recipe quantizes like the others (with the additive mask it leaves
         # them out: 14 quantized MatMuls instead of 18 in the tiny encoders)

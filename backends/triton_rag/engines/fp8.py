@@ -28,16 +28,33 @@ def quantize_rowwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    """A linear layer with an FP8 weight. Built empty (on the meta device, say) and given its weight by
+    `load_weight`, which quantizes it: a loader can drop each bfloat16 weight as soon as it lands."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, out_dtype: torch.dtype) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dtype = out_dtype if out_dtype != torch.float32 else torch.bfloat16
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn), False)
+        self.weight_scale: torch.Tensor
+        self.register_buffer("weight_scale", torch.empty(1, out_features))  # [1, out]
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=self.out_dtype), False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
         weight = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.out_dtype = weight.dtype if weight.dtype != torch.float32 else torch.bfloat16
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype)
+        layer.load_weight(weight)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(layer.out_dtype), False)
+        return layer
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` [out, in] rowwise into this layer (the caller may free it afterwards)."""
         quantized, scale = quantize_rowwise(weight)
         self.weight = nn.Parameter(quantized, requires_grad=False)  # [out, in], row-major
-        self.weight_scale: torch.Tensor
-        self.register_buffer("weight_scale", scale.reshape(1, -1))  # [1, out]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(self.out_dtype), False)
+        self.weight_scale = scale.reshape(1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -74,6 +91,6 @@ def convert_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> i
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear(linear))
+        setattr(parent, child, Fp8Linear.from_linear(linear))
         del linear
     return len(targets)

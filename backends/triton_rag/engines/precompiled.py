@@ -6,9 +6,9 @@ compile (`aot_compile`, `save_compiled_function`, `load_compiled_function`; expe
 the traced and compiled function itself; loading it skips tracing. Anything that goes wrong on that path falls back
 to `torch.compile`, which is what ran before: the artifact only ever saves time.
 
-The file's name is a digest of everything the compiled code depends on (torch and transformers versions, the GPU,
-the model's config, precision, our engine sources), so a stale artifact is never loaded; a file that fails to load
-anyway is compiled again and replaced.
+The file's name is a digest of everything the compiled code depends on (the torch, CUDA and Triton versions, the
+GPU, the model's config, precision, our engine sources: the layer is ours, `qwen3.py`), so a stale artifact is never
+loaded; a file that fails to load anyway is compiled again and replaced.
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ def default_directory() -> Path:
 
 def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
     """A digest of `parts` and the contents of `sources`, with what else compiled code depends on: the versions of
-    Python, torch, CUDA, Triton and transformers, the GPU, inductor's settings in the environment, and this module.
+    Python, torch, CUDA and Triton, the GPU, inductor's settings in the environment, and this module.
     (torch also checks its own system facts when loading, and refuses a mismatch: a recompile, never a stale load.)"""
-    import transformers
-
     try:
         import triton
 
@@ -51,12 +49,51 @@ def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
         f"{k}={v}" for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_") and "DIR" not in k
     )
     facts = (platform.python_version(), torch.__version__, str(torch.version.cuda), triton_version)
-    for part in (*facts, transformers.__version__, device, *inductor_env, *parts):
+    for part in (*facts, device, *inductor_env, *parts):
         digest.update(part if isinstance(part, bytes) else part.encode())
         digest.update(b"\0")
     for source in (*sources, Path(__file__)):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:32]
+
+
+#: What loading a saved compiled function imports, ~2 s of a cold load (H200 host, 2026-12-02).
+COMPILER_MODULES = ("triton", "torch._dynamo", "torch._dynamo.aot_compile", "torch._inductor.compile_fx")
+#: The interpreter's thread switch interval while they import: the checkpoint's reader threads hold the GIL for
+#: moments and would otherwise wait up to the default 5 ms for it each time.
+IMPORT_SWITCH_INTERVAL = 0.0005
+
+
+def import_compiler_in_background() -> Callable[[], float]:
+    """Start importing `COMPILER_MODULES` in a thread, so that their ~2 s overlap the checkpoint's read; the returned
+    function waits for the imports and returns the seconds it waited. A module that fails to import is left for the
+    real import to report."""
+    import importlib
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+
+    def run() -> None:
+        try:
+            for name in COMPILER_MODULES:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001  (reported by the import that needs it)
+                    pass
+        finally:
+            sys.setswitchinterval(interval)
+
+    sys.setswitchinterval(min(interval, IMPORT_SWITCH_INTERVAL))
+    thread = threading.Thread(target=run, name="import-compiler", daemon=True)
+    thread.start()
+
+    def wait() -> float:
+        started = time.perf_counter()
+        thread.join()
+        return time.perf_counter() - started
+
+    return wait
 
 
 class _GuardedFallback:
@@ -99,12 +136,14 @@ def compile_once(
     dynamic: Sequence[tuple[torch.Tensor, int]],
     file: Path | None,
     log: Callable[[str], None],
+    started: float | None = None,
 ) -> Callable[..., Any]:
     """`function` compiled for every shape: loaded from `file` when a usable artifact is there, else compiled ahead of
     time from `example` (with the `dynamic` (tensor, dim) pairs left symbolic) and saved to `file`. With `file` None,
     or a torch without ahead-of-time compile, plain `torch.compile`. Call under the inference mode it will serve in.
-    `function` must be a module-level function: a loaded artifact is bound to its module's globals."""
-    started = time.perf_counter()  # the first torch.compile imports dynamo and inductor (~1 s): counted
+    `function` must be a module-level function: a loaded artifact is bound to its module's globals. `started`: when
+    the caller's part of this phase began (the times logged count from it)."""
+    started = time.perf_counter() if started is None else started  # dynamo and inductor's imports (~2 s): counted
     jit = torch.compile(function, dynamic=True)
     if file is None or not hasattr(torch.compiler, "load_compiled_function"):
         return jit

@@ -1,7 +1,8 @@
 """PyTorch engine behind the encoder contract: token ids in, one small pooled row (or two logits) out.
 
-Runs on CUDA when present, else on the CPU. The layers are transformers' own modules and weights of the checkpoint,
-so the numbers are the reference's; what is ours is how they are driven, for speed:
+Runs on CUDA when present, else on the CPU. Qwen3 runs on our own decoder (`qwen3.py`: transformers' arithmetic,
+held to it by the tests, loaded straight from the checkpoint without importing transformers); other architectures
+run transformers' own modules. What is ours besides is how the layers are driven, for speed:
 
 - Qwen3 (a causal decoder): the rows' real tokens are packed end to end into one sequence per pass and each text
   attends causally to itself only (FlashAttention's variable-length kernel, `packed_attention`), so no compute is
@@ -32,8 +33,13 @@ from safetensors import safe_open
 
 from triton_rag.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.engines.fp8 import convert_linears
-from triton_rag.engines.packed_attention import PACKED_ATTENTION
-from triton_rag.engines.precompiled import artifact_key, compile_once, default_directory
+from triton_rag.engines.precompiled import (
+    artifact_key,
+    compile_once,
+    default_directory,
+    import_compiler_in_background,
+)
+from triton_rag.engines.qwen3 import load_qwen3, read_config
 from triton_rag.engines.weight_arena import WeightArena
 from triton_rag.precision import Device, choose_precision
 
@@ -102,7 +108,9 @@ GRAPH_MAX_TOKENS = 512
 #: Graphs are captured at load for up to this many rows (more rows in a small batch: captured when first seen).
 GRAPH_MAX_ROWS = 32
 #: What a precompiled layer's code depends on besides torch, transformers and the model (`precompiled.artifact_key`).
-ENGINE_SOURCES = tuple(Path(__file__).parent / name for name in ("torch_encoder.py", "fp8.py", "packed_attention.py"))
+ENGINE_SOURCES = tuple(
+    Path(__file__).parent / name for name in ("torch_encoder.py", "qwen3.py", "fp8.py", "packed_attention.py")
+)
 
 
 def decoder_layer_call(
@@ -113,18 +121,11 @@ def decoder_layer_call(
     bounds: torch.Tensor,
     length_probe: torch.Tensor,
 ) -> torch.Tensor:
-    """One decoder layer over a packed sequence (segments `bounds`, the longest no longer than `length_probe` is).
-    The function every layer and shape is compiled through: module-level, so a saved compiled copy can be bound to
-    every layer, and the longest segment as a tensor's length, which stays symbolic where a plain int would be baked
-    into the saved code."""
-    out = layer(
-        hidden,
-        attention_mask=None,
-        position_embeddings=(cos, sin),
-        cu_seq_lens_q=bounds,
-        max_length_q=length_probe.shape[0],
-    )
-    return out[0] if isinstance(out, tuple) else out
+    """One decoder layer over a packed sequence [tokens, hidden] (segments `bounds`, the longest no longer than
+    `length_probe` is). The function every layer and shape is compiled through: module-level, so a saved compiled
+    copy can be bound to every layer, and the longest segment as a tensor's length, which stays symbolic where a
+    plain int would be baked into the saved code."""
+    return layer(hidden, cos, sin, bounds, length_probe.shape[0])
 
 
 def validate_encoder_inputs(
@@ -190,14 +191,20 @@ class TorchEncoder:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
         `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache)."""
-        started = time.perf_counter()
-        from transformers import AutoConfig, AutoModel
-
-        log(f"transformers imported in {time.perf_counter() - started:.1f} s")
         self.task = task
         self.pooling = pooling
+        self.model_dir = Path(model_dir)
         self.device = choose_device(device)
         self.max_batch_tokens = max_batch_tokens
+        cuda = self.device.type == "cuda"
+        config = read_config(self.model_dir)
+        self.causal = config.get("model_type") in CAUSAL_DECODERS and not config.get("use_sliding_window", False)
+        # what loading the compiled layer imports (~2 s), imported while the checkpoint is read
+        compiler_imported = import_compiler_in_background() if compile_model and cuda and self.causal else None
+        if cuda:  # the runtime's start and the context, timed apart from the weights' copy they would seem part of
+            started = time.perf_counter()
+            torch.empty(1, device=self.device)
+            log(f"CUDA context ready in {time.perf_counter() - started:.1f} s")
         self.precision, reasons = choose_precision(
             precision,  # type: ignore[arg-type]
             Device(torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None),
@@ -212,35 +219,25 @@ class TorchEncoder:
             self.dtype = choose_dtype(dtype, self.device)
         else:
             self.dtype = _DTYPES[self.precision]
-        config = AutoConfig.from_pretrained(str(model_dir))
-        self.causal = config.model_type in CAUSAL_DECODERS and not getattr(config, "use_sliding_window", False)
-        attention = PACKED_ATTENTION if self.causal else "sdpa"
-        if self.device.type == "cuda":  # timed apart from the weights' copy, which it would otherwise seem part of
-            started = time.perf_counter()
-            torch.empty(1, device=self.device)
-            log(f"CUDA context ready in {time.perf_counter() - started:.1f} s")
-        started = time.perf_counter()
-        model = AutoModel.from_pretrained(str(model_dir), dtype=self.dtype, attn_implementation=attention)
-        read = time.perf_counter()
-        self.model = model.to(self.device).eval()
-        log(f"weights read in {read - started:.1f} s, on {self.device.type} in {time.perf_counter() - read:.1f} s")
-        if self.precision == "fp8":
-            started = time.perf_counter()
-            converted = convert_linears(self.model)
-            log(f"precision: fp8, {converted} linear layers quantized rowwise in {time.perf_counter() - started:.1f} s")
+        if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
+            fp8 = self.precision == "fp8"
+            self.model: torch.nn.Module = load_qwen3(self.model_dir, self.device, self.dtype, fp8, log)
+        else:
+            self.model = self._transformers_model(log)
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
-        self.vocab_size = int(config.vocab_size)
-        self.hidden_size = int(config.hidden_size)
+        self.vocab_size = int(config["vocab_size"])
+        self.hidden_size = int(config["hidden_size"])
         if self.causal:
-            self._positions = torch.arange(int(config.max_position_embeddings), device=self.device)[None]
-            self._length_probe = torch.empty(int(config.max_position_embeddings), dtype=torch.int8, device=self.device)
+            self._positions = torch.arange(int(config["max_position_embeddings"]), device=self.device)
+            self._length_probe = torch.empty(self._positions.shape[0], dtype=torch.int8, device=self.device)
         self._layer_call: Callable[..., torch.Tensor] = decoder_layer_call
-        cuda = self.device.type == "cuda"
         if cuda:  # cuDNN's SDPA plans each new shape on the host (~0.9 ms a layer, BENCHMARKS.md); flash does not
             torch.backends.cuda.enable_cudnn_sdp(False)
         if compile_model and cuda:  # fuses FP8 activation quantization into its producers
             if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
-                self._layer_call = self._compile_layers(Path(model_dir), precompiled_dir or default_directory(), log)
+                assert compiler_imported is not None
+                waited = compiler_imported()
+                self._layer_call = self._compile_layers(precompiled_dir or default_directory(), log, waited)
             else:
                 self.model = torch.compile(self.model, dynamic=True)
         self.use_graphs = self.causal and (cuda if use_graphs is None else use_graphs)
@@ -250,35 +247,63 @@ class TorchEncoder:
         if task == "rerank":
             if yes_no_ids is None:
                 raise ValueError("the reranker needs the token ids of 'no' and 'yes'")
-            rows = read_lm_head_rows(Path(model_dir), list(yes_no_ids))
+            rows = read_lm_head_rows(self.model_dir, list(yes_no_ids))
             if rows is None:  # tied head: the rows are the input embeddings
-                rows = model.get_input_embeddings().weight[list(yes_no_ids)].detach()
+                embeddings = self.model.embed_tokens if self.causal else self.model.get_input_embeddings()
+                rows = embeddings.weight[list(yes_no_ids)].detach()
             self.head = rows.to(device=self.device, dtype=self.dtype)
         if cuda and self.causal:
             self.warm_up(log)
 
+    def _transformers_model(self, log: Callable[[str], None]) -> torch.nn.Module:
+        """A non-Qwen3 encoder (MiniLM in the tests): transformers' model, masked forward."""
+        from transformers import AutoModel
+
+        started = time.perf_counter()
+        model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype, attn_implementation="sdpa")
+        read = time.perf_counter()
+        model = model.to(self.device).eval()
+        log(f"weights read in {read - started:.1f} s, on {self.device.type} in {time.perf_counter() - read:.1f} s")
+        if self.precision == "fp8":
+            started = time.perf_counter()
+            converted = convert_linears(model)
+            log(f"precision: fp8, {converted} linear layers quantized rowwise in {time.perf_counter() - started:.1f} s")
+        return model
+
+    def transformers_model(self) -> torch.nn.Module:
+        """The checkpoint as transformers' model on this engine's device and dtype, with its masked forward: what
+        the ONNX export traces (our Qwen3 decoder only runs packed rows)."""
+        if not self.causal:
+            return self.model
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype, attn_implementation="sdpa")
+        return model.to(self.device).eval()
+
     def _compile_layers(
-        self, model_dir: Path, directory: Path, log: Callable[[str], None]
+        self, directory: Path, log: Callable[[str], None], waited: float
     ) -> Callable[..., torch.Tensor]:
         """`decoder_layer_call` compiled once for every layer and shape (the layers' weights are inputs of one graph),
-        read from `directory` when an earlier load saved it."""
+        read from `directory` when an earlier load saved it. `waited`: seconds spent waiting for the compiler's
+        imports, counted in the phase's time."""
+        started = time.perf_counter() - waited
         tokens, segment = 160, 32  # distinct example sizes: equal ones would be guarded as equal
         try:
             key = artifact_key(
-                [self.precision, str(self.dtype), (model_dir / "config.json").read_text()], ENGINE_SOURCES
+                [self.precision, str(self.dtype), (self.model_dir / "config.json").read_text()], ENGINE_SOURCES
             )
             file: Path | None = directory / f"{key}.bin"
         except OSError as error:  # sources not on disk (a zipped install): compile, nothing to save or load
             log(f"compiled layer not saved: its key needs the engine's sources ({error})")
             file = None
         with torch.inference_mode():
-            hidden = torch.zeros(1, tokens, self.hidden_size, dtype=self.dtype, device=self.device)
-            cos, sin = self.model.rotary_emb(hidden, self._positions[:, :tokens])
+            hidden = torch.zeros(tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+            cos, sin = self.model.rotary_emb(self._positions[:tokens], self.dtype)
             bounds = torch.arange(0, tokens + 1, segment, dtype=torch.int32, device=self.device)
             probe = self._length_probe[:segment]
             example = (self.model.layers[0], hidden, cos, sin, bounds, probe)
-            dynamic = [(hidden, 1), (cos, 1), (sin, 1), (bounds, 0), (probe, 0)]
-            return compile_once(decoder_layer_call, example, dynamic, file, log)
+            dynamic = [(hidden, 0), (cos, 0), (sin, 0), (bounds, 0), (probe, 0)]
+            return compile_once(decoder_layer_call, example, dynamic, file, log, started)
 
     def warm_up(self, log: Callable[[str], None]) -> None:
         """Do at load what would otherwise stall the first requests for seconds each: compile the layers for one
@@ -300,7 +325,7 @@ class TorchEncoder:
 
     def validate(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         validate_encoder_inputs(
-            input_ids, attention_mask, self.vocab_size, self._positions.shape[1] if self.causal else None
+            input_ids, attention_mask, self.vocab_size, self._positions.shape[0] if self.causal else None
         )
 
     def sleep(self) -> dict[str, float | int | str]:
@@ -372,7 +397,7 @@ class TorchEncoder:
 
     def _packed(self, ids: torch.Tensor, positions: torch.Tensor, bounds: torch.Tensor, longest: int) -> torch.Tensor:
         """One packed sequence through the decoder (each segment attends causally to itself), pooled per segment."""
-        hidden = self._decoder(ids[None], positions[None], bounds, longest)[0]
+        hidden = self._decoder(ids, positions, bounds, longest)
         if self.task == "embed" and self.pooling == "mean":
             counts = bounds[1:] - bounds[:-1]
             segment = torch.repeat_interleave(
@@ -396,6 +421,9 @@ class TorchEncoder:
         return captured.out.clone()  # the next replay overwrites the static output
 
     def _capture(self, shape: tuple[int, int]) -> _Captured:
+        """A graph for `shape`. Only the first capture is preceded by a run outside capture: it does the lazy work no
+        capture may do (the compiled kernels' first-launch tuning, cuBLAS workspaces); later shapes run the same
+        kernels."""
         captured = _Captured(
             ids=torch.zeros(shape, dtype=torch.long, device=self.device),
             lengths=torch.ones(shape[0], dtype=torch.long, device=self.device),
@@ -403,11 +431,12 @@ class TorchEncoder:
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up outside capture: compilation, cuBLAS workspaces, allocator
-                self._pooled(captured.ids, captured.lengths, captured.bounds)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            if not self._graphs:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._pooled(captured.ids, captured.lengths, captured.bounds)
+                torch.cuda.current_stream(self.device).wait_stream(side)
             captured.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(captured.graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 captured.out = self._pooled(captured.ids, captured.lengths, captured.bounds)
@@ -422,19 +451,19 @@ class TorchEncoder:
         for many, ~3 s each at load). Causal attention keeps a row's padding, which follows its real tokens, out of
         them."""
         rows, width = ids.shape
-        positions = self._positions[:, :width].expand(rows, width).reshape(1, -1)
-        packed = self._decoder(ids.reshape(1, -1), positions, bounds, width)
+        positions = self._positions[:width].repeat(rows)
+        packed = self._decoder(ids.reshape(-1), positions, bounds, width)
         hidden = packed.view(rows, width, -1)
         if self.task == "embed" and self.pooling == "mean":
-            mask = (self._positions[:, :width] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
+            mask = (self._positions[:width] < lengths[:, None]).to(hidden.dtype).unsqueeze(-1)
             return (hidden * mask).sum(dim=1) / lengths[:, None].to(hidden.dtype)
         return self._output(hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1])
 
     def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, bounds: torch.Tensor, longest: int) -> torch.Tensor:
-        """Embeddings, the decoder layers with causal attention within the segments `bounds` (`longest` tokens at
-        most), and the final norm."""
+        """ids and positions [tokens] -> [tokens, hidden]: embeddings, the decoder layers with causal attention within
+        the segments `bounds` (`longest` tokens at most), and the final norm."""
         hidden = self.model.embed_tokens(ids)
-        cos, sin = self.model.rotary_emb(hidden, positions)
+        cos, sin = self.model.rotary_emb(positions, hidden.dtype)
         # an upper bound is all FlashAttention needs; at least 16 keeps the length symbolic (no 0/1 specialisation)
         # and clear of the kernel's special case for a length of 1
         probe = self._length_probe[: max(longest, 16)]

@@ -1,0 +1,231 @@
+"""Qwen3's decoder in plain torch, for the engine's causal path, loaded straight from the checkpoint.
+
+The arithmetic is transformers' Qwen3 (RMSNorm in float32, q/k norms per head, rotary embeddings, SwiGLU), and the
+tests hold it to transformers on the same weights. It is ours for the cold load: a stub that imports transformers'
+modeling stack spends ~2 s on it, and `from_pretrained` builds the model once with random weights and again from the
+checkpoint. Here the modules are built without memory (the meta device) and each weight arrives once, read by
+`checkpoint.load_tensors` and, with FP8, quantized as it lands, so the device never holds the whole bfloat16 model.
+
+Attention is over packed rows only (`packed_attention`): the engine lays every text end to end in one sequence,
+[tokens, hidden], with the segment bounds. Weight names are the checkpoint's, with or without the `model.` prefix a
+`Qwen3ForCausalLM` checkpoint has; its `lm_head` is not loaded (the reranker reads its two rows on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from triton_rag.engines.checkpoint import StoredTensor, load_tensors, stored_tensors
+from triton_rag.engines.fp8 import Fp8Linear
+from triton_rag.engines.packed_attention import attend_packed
+
+#: Checkpoint tensors the decoder does not hold.
+SKIPPED_PREFIXES = ("lm_head.",)
+
+
+@dataclass(frozen=True)
+class Qwen3Shape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_positions: int
+    attention_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Qwen3Shape:
+        """From a `config.json` (transformers 4's `rope_theta` or 5's `rope_parameters`); ValueError for a variant
+        this decoder does not implement, rather than numbers that silently differ."""
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope type {rope_type!r} is not implemented by the Qwen3 engine (only 'default')")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"activation {config['hidden_act']!r} is not implemented by the Qwen3 engine")
+        heads = int(config["num_attention_heads"])
+        return cls(
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            max_positions=int(config["max_position_embeddings"]),
+            attention_bias=bool(config.get("attention_bias", False)),
+        )
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.inv_freq: torch.Tensor
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [tokens, head_dim] for the positions [tokens]."""
+        freqs = positions[:, None].float() * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, dim] rotated by cos/sin [tokens, dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
+        self.q_proj = linear(shape.hidden_size, shape.heads * shape.head_dim, shape.attention_bias)
+        self.k_proj = linear(shape.hidden_size, shape.kv_heads * shape.head_dim, shape.attention_bias)
+        self.v_proj = linear(shape.hidden_size, shape.kv_heads * shape.head_dim, shape.attention_bias)
+        self.o_proj = linear(shape.heads * shape.head_dim, shape.hidden_size, shape.attention_bias)
+        self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
+        self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
+        self.scaling = shape.head_dim**-0.5
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: torch.Tensor, longest: int
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(tokens, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(tokens, self.kv_heads, self.head_dim))
+        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+        out = attend_packed(_rotate(q, cos, sin), _rotate(k, cos, sin), v, bounds, longest, self.scaling)
+        return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
+        super().__init__()
+        self.gate_proj = linear(shape.hidden_size, shape.intermediate_size, False)
+        self.up_proj = linear(shape.hidden_size, shape.intermediate_size, False)
+        self.down_proj = linear(shape.intermediate_size, shape.hidden_size, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
+        super().__init__()
+        self.self_attn = Attention(shape, linear)
+        self.mlp = Mlp(shape, linear)
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: torch.Tensor, longest: int
+    ) -> torch.Tensor:
+        """x [tokens, hidden]: a packed sequence whose segments `bounds` (the longest `longest` tokens at most)
+        attend causally to themselves."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bounds, longest)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Decoder(nn.Module):
+    """Embeddings, layers, final norm and rotary table; the engine drives the layers itself (`decoder_layer_call`)."""
+
+    def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
+        super().__init__()
+        self.shape = shape
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(shape, linear) for _ in range(shape.layers))
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.rope_theta)
+
+
+def load_qwen3(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8: bool = False,
+    log: Callable[[str], None] = print,
+) -> Qwen3Decoder:
+    """The checkpoint's decoder on `device` in `dtype`; with `fp8`, every linear layer quantized as its weight lands
+    (`Fp8Linear`). ValueError when the checkpoint lacks a tensor the decoder needs or holds one it does not know."""
+    shape = Qwen3Shape.from_config(read_config(model_dir))
+
+    def linear(inputs: int, outputs: int, bias: bool) -> nn.Module:
+        if fp8:
+            return Fp8Linear(inputs, outputs, bias, out_dtype=dtype)
+        return nn.Linear(inputs, outputs, bias=bias)
+
+    with torch.device("meta"):
+        model = Qwen3Decoder(shape, linear)
+    model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.to(device)  # computed on the CPU, as transformers does
+    expected = {name for name, _ in model.named_parameters()}
+    wanted: list[StoredTensor] = []
+    for stored in stored_tensors(model_dir):
+        name = stored.name.removeprefix("model.")
+        if name.startswith(SKIPPED_PREFIXES):
+            continue
+        if name not in expected:
+            raise ValueError(f"{model_dir}: the checkpoint's {stored.name} is not part of a Qwen3 decoder")
+        wanted.append(stored)
+
+    def receive(stored: StoredTensor, tensor: torch.Tensor) -> None:
+        owner_name, _, leaf = stored.name.removeprefix("model.").rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if isinstance(owner, Fp8Linear) and leaf == "weight":
+            owner.load_weight(tensor)
+        elif isinstance(owner, Fp8Linear):  # its bias, in the dtype of the layer's output
+            owner._parameters[leaf] = nn.Parameter(tensor.to(owner.out_dtype), requires_grad=False)
+        else:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        expected.discard(stored.name.removeprefix("model."))
+
+    started = time.perf_counter()
+    total = load_tensors(wanted, device, receive)
+    seconds = time.perf_counter() - started
+    quantized = (
+        f", {sum(isinstance(m, Fp8Linear) for m in model.modules())} linear layers quantized to FP8 as they landed"
+    )
+    log(
+        f"checkpoint read onto {device.type}: {total / 2**30:.2f} GiB in {seconds:.1f} s "
+        f"({total / 2**30 / max(seconds, 1e-9):.1f} GiB/s){quantized if fp8 else ''}"
+    )
+    if expected:
+        raise ValueError(
+            f"{model_dir}: the checkpoint lacks {len(expected)} decoder tensors, e.g. {sorted(expected)[0]}"
+        )
+    return model.eval()
