@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +140,26 @@ def test_a_sleeping_engine_gives_its_weights_back_and_wakes_to_the_same_results(
     encoder.sleep()
     np.testing.assert_array_equal(encoder.forward(ids, mask), expected)  # a forward while asleep wakes it first
     assert encoder.residency()["state"] == "awake"
+
+
+def test_a_qwen3_load_imports_neither_transformers_nor_sympy(tiny_embed_dir: Path) -> None:
+    """What keeps a cold load short (BENCHMARKS.md, issue 13): the stub that loads a Qwen3 encoder does not import
+    transformers' modeling stack (~2 s), and building the decoder does not import sympy (~1 s, via a random init on
+    the meta device). Checked in a fresh interpreter, as a stub starts."""
+    code = (
+        "import sys; import numpy as np\n"
+        "from triton_rag.engines.torch_encoder import TorchEncoder\n"
+        f"encoder = TorchEncoder({str(tiny_embed_dir)!r}, 'embed', log=lambda _: None)\n"
+        "encoder.forward(np.array([[5, 6, 7]]), np.ones((1, 3), dtype=np.int64))\n"
+        "print(sorted(name for name in ('transformers', 'sympy') if name in sys.modules))\n"
+    )
+    backends = str(Path(__file__).parents[1] / "backends")
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHONPATH": backends},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -132,6 +132,14 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))
 
 
+class _Linear(nn.Linear):
+    """nn.Linear without its random initialisation: the weights come from the checkpoint, and a first random init
+    on the meta device imports sympy and torch's reference ops (~1 s of a cold load)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class Mlp(nn.Module):
     def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
         super().__init__()
@@ -166,7 +174,10 @@ class Qwen3Decoder(nn.Module):
     def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
         super().__init__()
         self.shape = shape
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        # given its (empty) weight, so it is not initialised at random (see `_Linear`)
+        self.embed_tokens = nn.Embedding(
+            shape.vocab_size, shape.hidden_size, _weight=torch.empty(shape.vocab_size, shape.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(shape, linear) for _ in range(shape.layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.rope_theta)
@@ -181,12 +192,13 @@ def load_qwen3(
 ) -> Qwen3Decoder:
     """The checkpoint's decoder on `device` in `dtype`; with `fp8`, every linear layer quantized as its weight lands
     (`Fp8Linear`). ValueError when the checkpoint lacks a tensor the decoder needs or holds one it does not know."""
+    began = time.perf_counter()
     shape = Qwen3Shape.from_config(read_config(model_dir))
 
     def linear(inputs: int, outputs: int, bias: bool) -> nn.Module:
         if fp8:
             return Fp8Linear(inputs, outputs, bias, out_dtype=dtype)
-        return nn.Linear(inputs, outputs, bias=bias)
+        return _Linear(inputs, outputs, bias=bias)
 
     with torch.device("meta"):
         model = Qwen3Decoder(shape, linear)
@@ -214,6 +226,7 @@ def load_qwen3(
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         expected.discard(stored.name.removeprefix("model."))
 
+    set_up = time.perf_counter() - began
     started = time.perf_counter()
     total = load_tensors(wanted, device, receive)
     seconds = time.perf_counter() - started
@@ -222,7 +235,8 @@ def load_qwen3(
     )
     log(
         f"checkpoint read onto {device.type}: {total / 2**30:.2f} GiB in {seconds:.1f} s "
-        f"({total / 2**30 / max(seconds, 1e-9):.1f} GiB/s){quantized if fp8 else ''}"
+        f"({total / 2**30 / max(seconds, 1e-9):.1f} GiB/s){quantized if fp8 else ''}; modules set up before it "
+        f"in {set_up:.1f} s"
     )
     if expected:
         raise ValueError(

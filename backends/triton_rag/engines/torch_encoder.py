@@ -286,6 +286,7 @@ class TorchEncoder:
         """`decoder_layer_call` compiled once for every layer and shape (the layers' weights are inputs of one graph),
         read from `directory` when an earlier load saved it. `waited`: seconds spent waiting for the compiler's
         imports, counted in the phase's time."""
+        log(f"compiler imports (in the background since the load began) waited for {waited:.1f} s")
         started = time.perf_counter() - waited
         tokens, segment = 160, 32  # distinct example sizes: equal ones would be guarded as equal
         try:

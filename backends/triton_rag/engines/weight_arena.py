@@ -94,7 +94,9 @@ class _Driver:
     def map(self, address: int, size: int) -> int:
         """Back [address, address + size) with new physical memory; returns its handle."""
         handle = ctypes.c_uint64()
-        self.check("cuMemCreate", ctypes.byref(handle), ctypes.c_size_t(size), ctypes.byref(self.prop), ctypes.c_uint64(0))
+        self.check(
+            "cuMemCreate", ctypes.byref(handle), ctypes.c_size_t(size), ctypes.byref(self.prop), ctypes.c_uint64(0)
+        )
         try:
             self.check(
                 "cuMemMap", ctypes.c_uint64(address), ctypes.c_size_t(size), ctypes.c_size_t(0), handle,
@@ -103,7 +105,13 @@ class _Driver:
         except RuntimeError:
             self.check("cuMemRelease", handle)
             raise
-        self.check("cuMemSetAccess", ctypes.c_uint64(address), ctypes.c_size_t(size), ctypes.byref(self.access), ctypes.c_size_t(1))
+        self.check(
+            "cuMemSetAccess",
+            ctypes.c_uint64(address),
+            ctypes.c_size_t(size),
+            ctypes.byref(self.access),
+            ctypes.c_size_t(1),
+        )
         return handle.value
 
     def unmap(self, address: int, size: int, handle: int) -> None:
@@ -189,7 +197,9 @@ class WeightArena:
             if self._driver is not None:
                 while mapped < min(slot.offset + size, self._size):
                     chunk = min(self._driver.round_up(BUILD_CHUNK), self._size - mapped)
-                    self._handles.append((self._address + mapped, chunk, self._driver.map(self._address + mapped, chunk)))
+                    self._handles.append(
+                        (self._address + mapped, chunk, self._driver.map(self._address + mapped, chunk))
+                    )
                     mapped += chunk
             view = _view(self.arena, slot.offset, tensor)
             if slot.offset not in placed:
