@@ -142,16 +142,15 @@ def test_a_sleeping_engine_gives_its_weights_back_and_wakes_to_the_same_results(
     assert encoder.residency()["state"] == "awake"
 
 
-def test_a_qwen3_load_imports_neither_transformers_nor_sympy(tiny_embed_dir: Path) -> None:
+def test_a_qwen3_load_does_not_import_transformers(tiny_embed_dir: Path) -> None:
     """What keeps a cold load short (BENCHMARKS.md, issue 13): the stub that loads a Qwen3 encoder does not import
-    transformers' modeling stack (~2 s), and building the decoder does not import sympy (~1 s, via a random init on
-    the meta device). Checked in a fresh interpreter, as a stub starts."""
+    transformers' modeling stack (~2 s). Checked in a fresh interpreter, as a stub starts."""
     code = (
         "import sys; import numpy as np\n"
         "from triton_rag.engines.torch_encoder import TorchEncoder\n"
         f"encoder = TorchEncoder({str(tiny_embed_dir)!r}, 'embed', log=lambda _: None)\n"
         "encoder.forward(np.array([[5, 6, 7]]), np.ones((1, 3), dtype=np.int64))\n"
-        "print(sorted(name for name in ('transformers', 'sympy') if name in sys.modules))\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'transformers'))\n"
     )
     backends = str(Path(__file__).parents[1] / "backends")
     result = subprocess.run(

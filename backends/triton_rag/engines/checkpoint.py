@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 #: One staging buffer: large enough that each copy runs at full bandwidth.
-STAGING_BYTES = 64 * 2**20
-#: Staging buffers used in turn (pinned memory costs ~0.5 s a GiB to allocate, so a few small ones).
-BUFFERS = 4
+STAGING_BYTES = 128 * 2**20
+#: Staging buffers used in turn (pinned memory costs ~0.5 s a GiB to allocate, so a few small ones). Two: one
+#: buffer's reads in flight while the other is copied. Four 64 MiB buffers (three in flight) measured slower on the
+#: H200 host while the compiler imports in the background (checkpoint 1.8-2.5 s against 1.6-1.7 s, BENCHMARKS.md).
+BUFFERS = 2
 #: Each thread reads this much of a buffer at a time (every read hands the GIL back and forth: fewer, larger reads
 #: wait less for it while another thread imports).
 READ_PIECE = 16 * 2**20
@@ -149,8 +151,7 @@ def load_tensors(
     the current stream runs after the copy). Each tensor is a new allocation in its stored dtype and shape, made at
     its first byte, so peak memory stays low. Returns the bytes read.
 
-    A pipeline: the reads of `BUFFERS - 1` buffers are in flight while the oldest is copied, so a thread that waits
-    for the GIL (another thread imports the compiler meanwhile) delays no read."""
+    A pipeline: the reads of `BUFFERS - 1` buffers are in flight while the oldest is copied."""
     pinned = device.type == "cuda"
     buffers = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(BUFFERS)]
     views = [memoryview(buffer.numpy()) for buffer in buffers]

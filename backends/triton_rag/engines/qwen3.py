@@ -132,14 +132,6 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))
 
 
-class _Linear(nn.Linear):
-    """nn.Linear without its random initialisation: the weights come from the checkpoint, and a first random init
-    on the meta device imports sympy and torch's reference ops (~1 s of a cold load)."""
-
-    def reset_parameters(self) -> None:
-        pass
-
-
 class Mlp(nn.Module):
     def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
         super().__init__()
@@ -174,10 +166,7 @@ class Qwen3Decoder(nn.Module):
     def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
         super().__init__()
         self.shape = shape
-        # given its (empty) weight, so it is not initialised at random (see `_Linear`)
-        self.embed_tokens = nn.Embedding(
-            shape.vocab_size, shape.hidden_size, _weight=torch.empty(shape.vocab_size, shape.hidden_size)
-        )
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(shape, linear) for _ in range(shape.layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.rope_theta)
@@ -198,8 +187,11 @@ def load_qwen3(
     def linear(inputs: int, outputs: int, bias: bool) -> nn.Module:
         if fp8:
             return Fp8Linear(inputs, outputs, bias, out_dtype=dtype)
-        return _Linear(inputs, outputs, bias=bias)
+        return nn.Linear(inputs, outputs, bias=bias)
 
+    # On the meta device: no memory. Its random init imports sympy and torch's reference ops (~1 s), which the
+    # compiler imports anyway; skipping the init (so that only the background thread imported them) measured slower
+    # on the H200 host (BENCHMARKS.md, issue 13, runs F and G).
     with torch.device("meta"):
         model = Qwen3Decoder(shape, linear)
     model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.to(device)  # computed on the CPU, as transformers does

@@ -1,0 +1,66 @@
+"""Engine-level cold loads of a random-weight Qwen3 encoder, each in a fresh process (as a Triton stub starts), with
+warm caches: the page cache holds the checkpoint, the inductor cache and the saved compiled layer are there (the
+first, unmeasured load makes them). Variants of the load's knobs run in turn, so they are compared on one machine:
+
+    python tools/bench_cold_load.py --shape 8b --cache-dir .cache
+
+Prints each load's engine log (the phases `triton_rag.load_phases` reads) and its wall time from process start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from triton_rag.offline import QWEN3_SHAPES, build_random_qwen3
+
+#: name -> Python statements run before the load (module constants of the loader)
+VARIANTS = {
+    "default": "",
+    "no-background-import": (
+        "import triton_rag.engines.torch_encoder as e; e.import_compiler_in_background = lambda: (lambda: 0.0)"
+    ),
+    "four-buffers-64MiB": "import triton_rag.engines.checkpoint as c; c.BUFFERS = 4; c.STAGING_BYTES = 64 * 2**20",
+}
+
+LOAD = """
+import time, sys
+{setup}
+from triton_rag.engines.torch_encoder import TorchEncoder
+TorchEncoder({model!r}, "embed", precision="fp8", compile_model=True, sleepable=True,
+             log=lambda m: print(f"  {{m}}", flush=True))
+with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+    age = float(uptime.read().split()[0]) - int(stat.read().rsplit(")", 1)[1].split()[19]) / 100
+print(f"  loaded: process {{age:.2f}} s old", flush=True)
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="8b", choices=sorted(QWEN3_SHAPES))
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    cache = args.cache_dir.resolve()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    started = time.perf_counter()
+    model = build_random_qwen3(
+        "embed", cache / f"qwen3-{args.shape}-embed", cache, QWEN3_SHAPES[args.shape], print, "bfloat16", "cuda"
+    )
+    print(f"model ready in {time.perf_counter() - started:.1f} s", flush=True)
+    runs = [("first load (fills the caches)", "")] + [
+        (name, VARIANTS[name]) for _ in range(args.repeats) for name in args.variants
+    ]
+    for name, setup in runs:
+        print(f"{name}:", flush=True)
+        subprocess.run([sys.executable, "-c", LOAD.format(setup=setup, model=str(model))], check=True, timeout=300)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
