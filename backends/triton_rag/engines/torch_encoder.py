@@ -107,7 +107,7 @@ CAUSAL_DECODERS = frozenset({"qwen3"})
 GRAPH_MAX_TOKENS = 512
 #: Graphs are captured at load for up to this many rows (more rows in a small batch: captured when first seen).
 GRAPH_MAX_ROWS = 32
-#: What a precompiled layer's code depends on besides torch, transformers and the model (`precompiled.artifact_key`).
+#: What a precompiled layer's code depends on besides torch and the model (`precompiled.artifact_key`): our sources.
 ENGINE_SOURCES = tuple(
     Path(__file__).parent / name for name in ("torch_encoder.py", "qwen3.py", "fp8.py", "packed_attention.py")
 )
