@@ -33,9 +33,8 @@ import time, sys
 from triton_rag.engines.torch_encoder import TorchEncoder
 TorchEncoder({model!r}, "embed", precision="fp8", compile_model=True, sleepable=True,
              log=lambda m: print(f"  {{m}}", flush=True))
-with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-    age = float(uptime.read().split()[0]) - int(stat.read().rsplit(")", 1)[1].split()[19]) / 100
-print(f"  loaded: process {{age:.2f}} s old", flush=True)
+from triton_rag.load_phases import process_age_seconds
+print(f"  loaded: process {{process_age_seconds():.2f}} s old", flush=True)
 """
 
 

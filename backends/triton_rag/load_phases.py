@@ -6,6 +6,7 @@ load, not just its total.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -72,3 +73,10 @@ def cold_loads(log: str) -> list[ColdLoad]:
         elif "layer compiled ahead of time" in message:
             load.compiled_layer = "compiled"
     return loads
+
+
+def process_age_seconds() -> float:
+    """How long this process has run (from /proc): at a stub's initialize, what its start and imports cost."""
+    with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+        started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -200,10 +199,3 @@ class RouterClient:
         self.reconcile()
         with self.lease(model):
             return work()
-
-
-def process_age_seconds() -> float:
-    """How long this process has run (from /proc): at initialize, what the stub's start and imports cost."""
-    with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-        started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-        return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")

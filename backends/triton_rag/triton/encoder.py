@@ -16,7 +16,8 @@ from triton_rag import contract
 from triton_rag.admin import KEY_NAME, key_matches, server_key
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
-from triton_rag.triton.common import answer_each, model_parameters, process_age_seconds
+from triton_rag.load_phases import process_age_seconds
+from triton_rag.triton.common import answer_each, model_parameters
 
 
 class EncoderModel:
