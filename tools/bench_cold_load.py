@@ -11,27 +11,39 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from triton_rag.offline import QWEN3_SHAPES, build_random_qwen3
+from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 
-#: name -> Python statements run before the load (module constants of the loader)
+SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
+
+#: name -> (Python statements run before the load: module constants of the loader, TorchEncoder keyword arguments)
 VARIANTS = {
-    "default": "",
+    "default": ("", ""),
     "no-background-import": (
-        "import triton_rag.engines.torch_encoder as e; e.import_compiler_in_background = lambda: (lambda: 0.0)"
+        "import triton_rag.engines.torch_encoder as e; e.import_compiler_in_background = lambda: (lambda: 0.0)",
+        "",
     ),
-    "four-buffers-64MiB": "import triton_rag.engines.checkpoint as c; c.BUFFERS = 4; c.STAGING_BYTES = 64 * 2**20",
+    "four-buffers-64MiB": (
+        "import triton_rag.engines.checkpoint as c; c.BUFFERS = 4; c.STAGING_BYTES = 64 * 2**20",
+        "",
+    ),
+    # the experimental FP8 copy of the checkpoint: the first run writes it, the second reads it
+    "fp8-copy-write": ("", ", fp8_cache_dir=FP8_COPIES"),
+    "fp8-copy-read": ("", ", fp8_cache_dir=FP8_COPIES"),
 }
 
 LOAD = """
 import time, sys
 {setup}
 from triton_rag.engines.torch_encoder import TorchEncoder
-TorchEncoder({model!r}, "embed", precision="fp8", compile_model=True, sleepable=True,
+from pathlib import Path
+FP8_COPIES = Path({copies!r})
+TorchEncoder({model!r}, "embed", precision="fp8", compile_model=True, sleepable=True{options},
              log=lambda m: print(f"  {{m}}", flush=True))
 from triton_rag.load_phases import process_age_seconds
 print(f"  loaded: process {{process_age_seconds():.2f}} s old", flush=True)
@@ -40,7 +52,8 @@ print(f"  loaded: process {{process_age_seconds():.2f}} s old", flush=True)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="8b", choices=sorted(QWEN3_SHAPES))
+    parser.add_argument("--shape", default="8b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda", help="where the random weights are built (cpu: a smoke test)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1)
@@ -49,15 +62,18 @@ def main() -> int:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     started = time.perf_counter()
     model = build_random_qwen3(
-        "embed", cache / f"qwen3-{args.shape}-embed", cache, QWEN3_SHAPES[args.shape], print, "bfloat16", "cuda"
+        "embed", cache / f"qwen3-{args.shape}-embed", cache, SHAPES[args.shape], print, "bfloat16", args.device
     )
     print(f"model ready in {time.perf_counter() - started:.1f} s", flush=True)
-    runs = [("first load (fills the caches)", "")] + [
+    copies = cache / "fp8-copies"
+    shutil.rmtree(copies, ignore_errors=True)
+    runs = [("first load (fills the caches)", ("", ""))] + [
         (name, VARIANTS[name]) for _ in range(args.repeats) for name in args.variants
     ]
-    for name, setup in runs:
+    for name, (setup, options) in runs:
         print(f"{name}:", flush=True)
-        subprocess.run([sys.executable, "-c", LOAD.format(setup=setup, model=str(model))], check=True, timeout=300)
+        code = LOAD.format(setup=setup, options=options, model=str(model), copies=str(copies))
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     return 0
 
 

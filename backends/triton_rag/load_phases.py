@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 PHASES: dict[str, re.Pattern[str]] = {
     "stub_start_s": re.compile(r"stub process ([\d.]+) s old at initialize"),
     "cuda_context_s": re.compile(r"CUDA context ready in ([\d.]+) s"),
-    "decoder_setup_s": re.compile(r"checkpoint read onto .*; modules set up before it in ([\d.]+) s"),
-    "checkpoint_s": re.compile(r"checkpoint read onto \w+: [\d.]+ GiB in ([\d.]+) s"),  # FP8 quantization included
+    "decoder_setup_s": re.compile(r" read onto .*; modules set up before it in ([\d.]+) s"),
+    # the checkpoint (FP8 quantization included) or the FP8 copy of an earlier load
+    "checkpoint_s": re.compile(r"(?:checkpoint|FP8 copy \S+) read onto \w+: [\d.]+ GiB in ([\d.]+) s"),
     "weights_read_s": re.compile(r"weights read in ([\d.]+) s"),
     "weights_to_device_s": re.compile(r"weights read in [\d.]+ s, on \w+ in ([\d.]+) s"),
     "fp8_s": re.compile(r"linear layers quantized rowwise in ([\d.]+) s"),

@@ -187,10 +187,13 @@ class TorchEncoder:
         max_batch_tokens: int = 32768,
         sleepable: bool = False,
         precompiled_dir: Path | None = None,
+        fp8_cache_dir: Path | None = None,
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
-        `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache)."""
+        `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache).
+        `fp8_cache_dir` (experimental, FP8 Qwen3 only): where the quantized decoder is saved for the next load to read
+        instead of the checkpoint (`qwen3.load_qwen3`)."""
         self.task = task
         self.pooling = pooling
         self.model_dir = Path(model_dir)
@@ -221,7 +224,7 @@ class TorchEncoder:
             self.dtype = _DTYPES[self.precision]
         if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
             fp8 = self.precision == "fp8"
-            self.model: torch.nn.Module = load_qwen3(self.model_dir, self.device, self.dtype, fp8, log)
+            self.model: torch.nn.Module = load_qwen3(self.model_dir, self.device, self.dtype, fp8, log, fp8_cache_dir)
         else:
             self.model = self._transformers_model(log)
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
