@@ -197,25 +197,31 @@ def load_qwen3(
     fp8: bool = False,
     log: Callable[[str], None] = print,
     fp8_cache: Path | None = None,
+    on_modules_built: Callable[[], None] | None = None,
 ) -> Qwen3Decoder:
     """The checkpoint's decoder on `device` in `dtype`; with `fp8`, every linear layer quantized as its weight lands
     (`Fp8Linear`). ValueError when the checkpoint lacks a tensor the decoder needs or holds one it does not know.
 
     `fp8_cache` (with `fp8`; experimental, off by default): a directory where the first load saves the quantized
     decoder (about half the checkpoint's bytes) and later loads read it instead of the checkpoint. A copy that fails
-    to read is ignored (the checkpoint is read and the copy written again)."""
+    to read is ignored (the checkpoint is read and the copy written again).
+
+    `on_modules_built`: called once the modules exist, before any weight is read (the engine starts importing the
+    compiler then, so that its imports overlap the read and no other import)."""
     began = time.perf_counter()
     shape = Qwen3Shape.from_config(read_config(model_dir))
+    model = _empty_decoder(shape, dtype, fp8, device)
+    if on_modules_built is not None:
+        on_modules_built()
     cached = fp8_cache_file(model_dir, fp8_cache, dtype) if fp8 and fp8_cache is not None else None
     if cached is not None and cached.exists():
         try:
-            model = _empty_decoder(shape, dtype, fp8, device)
             expected = set(model.state_dict(keep_vars=True))
             _read(model, read_header(cached), expected, device, dtype, f"FP8 copy {cached.name}", cached, began, log)
             return model.eval()
         except (OSError, ValueError) as error:
             log(f"FP8 copy {cached.name} unusable ({error}); reading the checkpoint instead")
-    model = _empty_decoder(shape, dtype, fp8, device)
+            model = _empty_decoder(shape, dtype, fp8, device)  # some of its tensors may have been placed
     expected = {name for name, _ in model.named_parameters()}
     wanted = [t for t in stored_tensors(model_dir) if not t.name.removeprefix("model.").startswith(SKIPPED_PREFIXES)]
     _read(model, wanted, expected, device, dtype, "checkpoint", model_dir, began, log)
@@ -230,9 +236,10 @@ def _empty_decoder(shape: Qwen3Shape, dtype: torch.dtype, fp8: bool, device: tor
             return Fp8Linear(inputs, outputs, bias, out_dtype=dtype)
         return nn.Linear(inputs, outputs, bias=bias)
 
-    # On the meta device: no memory. Its random init imports sympy and torch's reference ops (~1 s), which the
-    # compiler imports anyway; skipping the init (so that only the background thread imported them) measured slower
-    # on the H200 host (BENCHMARKS.md, issue 13, runs F and G).
+    # On the meta device: no memory. The first build's random init imports sympy and torch's reference ops (~1 s),
+    # which the compiler needs anyway; the engine starts its background import of the compiler after this, so that
+    # two threads never import at once (concurrent imports of modules that import each other can fail with CPython's
+    # "deadlock detected by _ModuleLock"). Skipping the init measured no faster (BENCHMARKS.md, issue 13, run G).
     with torch.device("meta"):
         model = Qwen3Decoder(shape, linear)
     model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.to(device)  # computed on the CPU, as transformers does

@@ -202,8 +202,6 @@ class TorchEncoder:
         cuda = self.device.type == "cuda"
         config = read_config(self.model_dir)
         self.causal = config.get("model_type") in CAUSAL_DECODERS and not config.get("use_sliding_window", False)
-        # what loading the compiled layer imports (~2 s), imported while the checkpoint is read
-        compiler_imported = import_compiler_in_background() if compile_model and cuda and self.causal else None
         if cuda:  # the runtime's start and the context, timed apart from the weights' copy they would seem part of
             started = time.perf_counter()
             torch.empty(1, device=self.device)
@@ -222,9 +220,16 @@ class TorchEncoder:
             self.dtype = choose_dtype(dtype, self.device)
         else:
             self.dtype = _DTYPES[self.precision]
+        compiler_imported: list[Callable[[], float]] = []
+
+        def import_compiler() -> None:  # what loading the compiled layer imports (~2 s), while the checkpoint is read
+            if compile_model and cuda:
+                compiler_imported.append(import_compiler_in_background())
+
         if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
-            fp8 = self.precision == "fp8"
-            self.model: torch.nn.Module = load_qwen3(self.model_dir, self.device, self.dtype, fp8, log, fp8_cache_dir)
+            self.model: torch.nn.Module = load_qwen3(
+                self.model_dir, self.device, self.dtype, self.precision == "fp8", log, fp8_cache_dir, import_compiler
+            )
         else:
             self.model = self._transformers_model(log)
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
@@ -238,8 +243,7 @@ class TorchEncoder:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if compile_model and cuda:  # fuses FP8 activation quantization into its producers
             if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
-                assert compiler_imported is not None
-                waited = compiler_imported()
+                waited = compiler_imported[0]()
                 self._layer_call = self._compile_layers(precompiled_dir or default_directory(), log, waited)
             else:
                 self.model = torch.compile(self.model, dynamic=True)
