@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from triton_rag.engines.checkpoint import StoredTensor, _windows, load_tensors, stored_tensors
+from triton_rag.engines.checkpoint import StoredTensor, _windows, load_tensors, read_rows, stored_tensors
 from triton_rag.engines.fp8 import Fp8Linear, convert_linears
 from triton_rag.engines.qwen3 import fp8_cache_file, load_qwen3
 
@@ -177,3 +177,12 @@ def test_an_fp8_copy_is_saved_then_read_instead_of_the_checkpoint(tiny_rerank_di
     for file in changed.glob("*.safetensors"):
         os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
     assert fp8_cache_file(changed, tmp_path, torch.bfloat16) != copy  # a rewritten checkpoint: another copy
+
+
+def test_rows_are_read_alone_and_a_row_out_of_range_is_refused(tmp_path: Path) -> None:
+    tensors = _checkpoint(tmp_path)
+    (big,) = [stored for stored in stored_tensors(tmp_path) if stored.name == "big"]
+    rows = read_rows(big, [299, 0, 7])
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, tensors["big"][[299, 0, 7]])
+    with pytest.raises(ValueError, match="has 300 rows, not a row 300"):
+        read_rows(big, [300])

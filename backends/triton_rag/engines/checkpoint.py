@@ -15,7 +15,7 @@ import json
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +106,22 @@ def read_header(file: Path) -> list[StoredTensor]:
 def stored_tensors(model_dir: Path) -> list[StoredTensor]:
     """Every tensor of the checkpoint, in file order."""
     return [tensor for file in checkpoint_files(model_dir) for tensor in sorted(read_header(file), key=_begin)]
+
+
+def read_rows(stored: StoredTensor, rows: Sequence[int]) -> torch.Tensor:
+    """Some rows of a stored tensor, read alone (the reranker's two rows of a 150,000-row LM head)."""
+    row_bytes = stored.nbytes // stored.shape[0]
+    data = bytearray()
+    with stored.file.open("rb") as handle:
+        for row in rows:
+            if not 0 <= row < stored.shape[0]:
+                raise ValueError(f"{stored.name} has {stored.shape[0]} rows, not a row {row}")
+            handle.seek(stored.begin + row * row_bytes)
+            chunk = handle.read(row_bytes)
+            if len(chunk) != row_bytes:
+                raise ValueError(f"{stored.file} ended early in {stored.name}")
+            data += chunk
+    return torch.frombuffer(data, dtype=stored.dtype).reshape(len(rows), *stored.shape[1:]).clone()
 
 
 def _begin(tensor: StoredTensor) -> int:

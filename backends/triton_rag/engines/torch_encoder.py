@@ -20,7 +20,6 @@ LM-head rows it needs instead of the whole vocabulary.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from triton_rag.batching import graph_shape, graph_shapes, plan_packed_passes
+from triton_rag.engines.checkpoint import read_rows, stored_tensors
 from triton_rag.engines.fp8 import convert_linears
 from triton_rag.engines.precompiled import (
     artifact_key,
@@ -80,21 +79,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
 
 def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | None:
     """The given rows of `lm_head.weight` from the checkpoint, or None when the head is tied to the embeddings."""
-    index_file = model_dir / "model.safetensors.index.json"
-    if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        if "lm_head.weight" not in weight_map:
-            return None
-        files = [model_dir / weight_map["lm_head.weight"]]
-    else:
-        files = [model_dir / "model.safetensors"]
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            if "lm_head.weight" not in handle.keys():
-                return None
-            head = handle.get_slice("lm_head.weight")
-            return torch.stack([head[i : i + 1][0] for i in token_ids])
-    return None
+    head = next((stored for stored in stored_tensors(model_dir) if stored.name == "lm_head.weight"), None)
+    return None if head is None else read_rows(head, token_ids)
 
 
 #: Architectures driven by our causal loop (packed segments, mask-free causal attention); others use transformers'
@@ -208,7 +194,7 @@ class TorchEncoder:
             log(f"CUDA context ready in {time.perf_counter() - started:.1f} s")
         self.precision, reasons = choose_precision(
             precision,  # type: ignore[arg-type]
-            Device(torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None),
+            Device(torch.cuda.get_device_capability(self.device) if cuda else None),
             ENGINE_PRECISIONS,
         )
         for reason in reasons:
@@ -220,16 +206,17 @@ class TorchEncoder:
             self.dtype = choose_dtype(dtype, self.device)
         else:
             self.dtype = _DTYPES[self.precision]
-        compiler_imported: list[Callable[[], float]] = []
+        compiler_imported: Callable[[], float] = lambda: 0.0  # noqa: E731
 
         def import_compiler() -> None:  # what loading the compiled layer imports (~2 s), while the checkpoint is read
-            if compile_model and cuda:
-                compiler_imported.append(import_compiler_in_background())
+            nonlocal compiler_imported
+            compiler_imported = import_compiler_in_background()
 
         if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
             self.model: torch.nn.Module = load_qwen3(
-                self.model_dir, self.device, self.dtype, self.precision == "fp8", log, fp8_cache_dir, import_compiler
-            )
+                self.model_dir, self.device, self.dtype, self.precision == "fp8", log, fp8_cache_dir,
+                import_compiler if compile_model and cuda else None,
+            )  # fmt: skip
         else:
             self.model = self._transformers_model(log)
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
@@ -243,7 +230,7 @@ class TorchEncoder:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if compile_model and cuda:  # fuses FP8 activation quantization into its producers
             if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
-                waited = compiler_imported[0]()
+                waited = compiler_imported()
                 self._layer_call = self._compile_layers(precompiled_dir or default_directory(), log, waited)
             else:
                 self.model = torch.compile(self.model, dynamic=True)
@@ -264,10 +251,8 @@ class TorchEncoder:
 
     def _transformers_model(self, log: Callable[[str], None]) -> torch.nn.Module:
         """A non-Qwen3 encoder (MiniLM in the tests): transformers' model, masked forward."""
-        from transformers import AutoModel
-
         started = time.perf_counter()
-        model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype, attn_implementation="sdpa")
+        model = self._read_transformers_model()
         read = time.perf_counter()
         model = model.to(self.device).eval()
         log(f"weights read in {read - started:.1f} s, on {self.device.type} in {time.perf_counter() - read:.1f} s")
@@ -282,10 +267,12 @@ class TorchEncoder:
         the ONNX export traces (our Qwen3 decoder only runs packed rows)."""
         if not self.causal:
             return self.model
+        return self._read_transformers_model().to(self.device).eval()
+
+    def _read_transformers_model(self) -> torch.nn.Module:
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype, attn_implementation="sdpa")
-        return model.to(self.device).eval()
+        return AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype, attn_implementation="sdpa")
 
     def _compile_layers(
         self, directory: Path, log: Callable[[str], None], waited: float
