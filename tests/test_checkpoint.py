@@ -5,8 +5,6 @@ copies) runs in tests/test_engine_cuda.py."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from triton_rag.engines.checkpoint import StoredTensor, _windows, load_tensors, read_rows, stored_tensors
 from triton_rag.engines.fp8 import Fp8Linear, convert_linears
-from triton_rag.engines.qwen3 import fp8_cache_file, load_qwen3
+from triton_rag.engines.qwen3 import load_qwen3
 
 CPU = torch.device("cpu")
 
@@ -140,43 +138,6 @@ def test_fp8_quantized_as_it_loads_equals_quantized_afterwards(tiny_rerank_dir: 
     for name, tensor in loaded.items():
         assert tensor.dtype == expected[name].dtype and torch.equal(tensor.float(), expected[name].float()), name
     assert sum(isinstance(module, Fp8Linear) for module in at_load.modules()) == 7 * at_load.shape.layers
-
-
-def test_an_fp8_copy_is_saved_then_read_instead_of_the_checkpoint(tiny_rerank_dir: Path, tmp_path: Path) -> None:
-    """The experimental FP8 cache: the first load saves the quantized decoder, the next reads it (about half the
-    bytes) and holds the same tensors bit for bit; a damaged copy is ignored and written again; a rewritten
-    checkpoint, or another dtype, gets a copy of its own."""
-    logs: list[str] = []
-
-    def load() -> dict[str, torch.Tensor]:
-        model = load_qwen3(tiny_rerank_dir, CPU, torch.bfloat16, fp8=True, log=logs.append, fp8_cache=tmp_path)
-        return model.state_dict()
-
-    first = load()
-    copy = fp8_cache_file(tiny_rerank_dir, tmp_path, torch.bfloat16)
-    assert copy.exists() and any("FP8 copy saved" in line for line in logs), logs
-    logs.clear()
-    second = load()
-    assert any(line.startswith(f"FP8 copy {copy.name} read onto cpu") for line in logs), logs
-    assert second.keys() == first.keys()
-    for name, tensor in second.items():
-        assert tensor.dtype == first[name].dtype and torch.equal(tensor.float(), first[name].float()), name
-    assert copy.stat().st_size < sum(t.stat().st_size for t in tiny_rerank_dir.glob("*.safetensors"))
-
-    copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 2])
-    logs.clear()
-    third = load()
-    assert any("unusable" in line for line in logs) and any("FP8 copy saved" in line for line in logs), logs
-    assert all(torch.equal(third[name].float(), first[name].float()) for name in first)
-    logs.clear()
-    load()
-    assert any(line.startswith(f"FP8 copy {copy.name} read") for line in logs), logs
-
-    assert fp8_cache_file(tiny_rerank_dir, tmp_path, torch.float16) != copy  # another dtype: another copy
-    changed = Path(shutil.copytree(tiny_rerank_dir, tmp_path / "changed"))
-    for file in changed.glob("*.safetensors"):
-        os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
-    assert fp8_cache_file(changed, tmp_path, torch.bfloat16) != copy  # a rewritten checkpoint: another copy
 
 
 def test_rows_are_read_alone_and_a_row_out_of_range_is_refused(tmp_path: Path) -> None:

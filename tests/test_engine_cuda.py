@@ -118,21 +118,3 @@ def test_the_checkpoint_read_through_pinned_buffers_equals_the_file(model_dir: P
     assert received.keys() == {stored.name for stored in stored_tensors(model_dir)}
     for stored_name, tensor in received.items():
         assert tensor.is_cuda and torch.equal(tensor.cpu(), expected[stored_name]), stored_name
-
-
-def test_an_fp8_copy_read_instead_of_the_checkpoint_answers_the_same(model_dir: Path, tmp_path: Path) -> None:
-    """The experimental FP8 cache on CUDA: the second load reads the quantized copy the first saved, and answers
-    exactly as the first (the same FP8 weights and scales)."""
-    logs: list[str] = []
-
-    def load() -> TorchEncoder:
-        return TorchEncoder(model_dir, "embed", precision="fp8", fp8_cache_dir=tmp_path / "fp8", log=logs.append)
-
-    first = load()
-    batch = pad_rows(ROWS, 0)
-    expected = first.forward(*batch)
-    del first
-    logs.clear()
-    second = load()
-    assert any(line.startswith("FP8 copy ") and " read onto cuda" in line for line in logs), logs
-    np.testing.assert_array_equal(second.forward(*batch), expected)

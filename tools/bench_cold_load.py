@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,32 +20,23 @@ from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
 
-#: name -> (Python statements run before the load: module constants of the loader, TorchEncoder keyword arguments)
+#: name -> Python statements run before the load (they change the loader's module constants or functions)
 VARIANTS = {
-    "default": ("", ""),
+    "default": "",
     "no-background-import": (
-        "import triton_rag.engines.torch_encoder as e; e.import_compiler_in_background = lambda: (lambda: 0.0)",
-        "",
+        "import triton_rag.engines.torch_encoder as e; e.import_compiler_in_background = lambda: (lambda: 0.0)"
     ),
     # the decoder's embedding built without its random init, which on the meta device imports torch._dynamo and
     # sympy in the main thread; the background import then does all of the compiler's imports
-    "no-random-init": ("import torch.nn as nn; nn.Embedding.reset_parameters = lambda self: None", ""),
-    "four-buffers-64MiB": (
-        "import triton_rag.engines.checkpoint as c; c.BUFFERS = 4; c.STAGING_BYTES = 64 * 2**20",
-        "",
-    ),
-    # the experimental FP8 copy of the checkpoint: the first run writes it, the second reads it
-    "fp8-copy-write": ("", ", fp8_cache_dir=FP8_COPIES"),
-    "fp8-copy-read": ("", ", fp8_cache_dir=FP8_COPIES"),
+    "no-random-init": "import torch.nn as nn; nn.Embedding.reset_parameters = lambda self: None",
+    "four-buffers-64MiB": "import triton_rag.engines.checkpoint as c; c.BUFFERS = 4; c.STAGING_BYTES = 64 * 2**20",
 }
 
 LOAD = """
 import time, sys
 {setup}
 from triton_rag.engines.torch_encoder import TorchEncoder
-from pathlib import Path
-FP8_COPIES = Path({copies!r})
-TorchEncoder({model!r}, "embed", precision="fp8", compile_model=True, sleepable=True{options},
+TorchEncoder({model!r}, "embed", precision="fp8", compile_model=True, sleepable=True,
              log=lambda m: print(f"  {{m}}", flush=True))
 from triton_rag.load_phases import process_age_seconds
 print(f"  loaded: process {{process_age_seconds():.2f}} s old", flush=True)
@@ -68,15 +58,12 @@ def main() -> int:
         "embed", cache / f"qwen3-{args.shape}-embed", cache, SHAPES[args.shape], print, "bfloat16", args.device
     )
     print(f"model ready in {time.perf_counter() - started:.1f} s", flush=True)
-    copies = cache / "fp8-copies"
-    runs = [("first load (fills the caches)", ("", ""))] + [
+    runs = [("first load (fills the caches)", "")] + [
         (name, VARIANTS[name]) for _ in range(args.repeats) for name in args.variants
     ]
-    for name, (setup, options) in runs:
+    for name, setup in runs:
         print(f"{name}:", flush=True)
-        if name == "fp8-copy-write":  # each repeat writes the copy afresh
-            shutil.rmtree(copies, ignore_errors=True)
-        code = LOAD.format(setup=setup, options=options, model=str(model), copies=str(copies))
+        code = LOAD.format(setup=setup, model=str(model))
         subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     return 0
 

@@ -12,5 +12,9 @@ python3 -m pip install -q --no-index --no-deps --break-system-packages .bench/nu
 python3 -m pip uninstall -q -y --break-system-packages scipy scikit-learn || true
 site_packages=$(python3 -c "import site; print(site.getsitepackages()[0])")
 printf '/tmp/site\n%s/backends\n' "$PWD" > "$site_packages/triton-rag-bench.pth"
+# The machine's site-packages hold no byte code and its Python writes none: every process (each Triton stub too)
+# would compile torch's sources again, 8-12 s (BENCHMARKS.md). A byte-code cache, filled by the first import, is one
+# of the warm caches a cold load is measured with.
+printf 'import sys; sys.dont_write_bytecode = False; sys.pycache_prefix = "/tmp/pycache"\n' >> "$site_packages/triton-rag-bench.pth"
 export PYTHONPATH=$PWD/tools:$PWD PYTHONUNBUFFERED=1
 set +e

@@ -1,13 +1,16 @@
 """Cold loads phase by phase, read back from a tritonserver log: what the encoder stub and the engine print while a
 model loads (`triton/encoder.py`, `engines/torch_encoder.py`, `engines/precompiled.py`, `engines/weight_arena.py`)
 and the router's `loaded ... in` line. tools/bench_router.py tabulates them, so a benchmark reports each step of a
-load, not just its total.
+load, not just its total. Also what a stub can tell about its own start: its age, and imports that ran from source.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 #: phase name -> pattern of the engine's log line after "<model>: " (first group: seconds)
@@ -15,8 +18,7 @@ PHASES: dict[str, re.Pattern[str]] = {
     "stub_start_s": re.compile(r"stub process ([\d.]+) s old at initialize"),
     "cuda_context_s": re.compile(r"CUDA context ready in ([\d.]+) s"),
     "decoder_setup_s": re.compile(r" read onto .*; modules set up before it in ([\d.]+) s"),
-    # the checkpoint (FP8 quantization included) or the FP8 copy of an earlier load
-    "checkpoint_s": re.compile(r"(?:checkpoint|FP8 copy \S+) read onto \w+: [\d.]+ GiB in ([\d.]+) s"),
+    "checkpoint_s": re.compile(r"checkpoint read onto \w+: [\d.]+ GiB in ([\d.]+) s"),  # FP8 quantization included
     "weights_read_s": re.compile(r"weights read in ([\d.]+) s"),
     "weights_to_device_s": re.compile(r"weights read in [\d.]+ s, on \w+ in ([\d.]+) s"),
     "fp8_s": re.compile(r"linear layers quantized rowwise in ([\d.]+) s"),
@@ -81,3 +83,24 @@ def process_age_seconds() -> float:
     with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
         started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
         return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+
+
+#: Imported by every encoder load; compiled from source they cost 8-12 s a load on the H200 host (BENCHMARKS.md).
+HEAVY_IMPORTS = ("torch", "torch._dynamo", "torch._inductor", "sympy")
+
+
+def imported_without_bytecode(names: Iterable[str] = HEAVY_IMPORTS) -> list[str]:
+    """The imported modules among `names` with no byte code cached: Python compiled their sources in this process and
+    every later process will again (PYTHONDONTWRITEBYTECODE set, or read-only site-packages without .pyc files)."""
+    missing = []
+    for name in names:
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if source is None or not source.endswith(".py"):
+            continue
+        try:
+            cached = importlib.util.cache_from_source(source)  # honours PYTHONPYCACHEPREFIX
+        except NotImplementedError:  # an interpreter without byte-code caching
+            continue
+        if not os.path.exists(cached):
+            missing.append(name)
+    return missing

@@ -13,9 +13,7 @@ Attention is over packed rows only (`packed_attention`): the engine lays every t
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from triton_rag.engines.checkpoint import StoredTensor, checkpoint_files, load_tensors, read_header, stored_tensors
+from triton_rag.engines.checkpoint import StoredTensor, load_tensors, stored_tensors
 from triton_rag.engines.fp8 import Fp8Linear
 from triton_rag.engines.packed_attention import attend_packed
 
@@ -175,36 +172,16 @@ class Qwen3Decoder(nn.Module):
         self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.rope_theta)
 
 
-def fp8_cache_file(model_dir: Path, directory: Path, dtype: torch.dtype) -> Path:
-    """Where the FP8 copy of this checkpoint goes: a digest of what its bytes depend on (the checkpoint files' names,
-    sizes and times, the config, the output dtype, torch, and the quantization and loading code)."""
-    digest = hashlib.sha256()
-    model_dir = Path(model_dir)
-    for part in ((model_dir / "config.json").read_text(), str(dtype), torch.__version__):
-        digest.update(part.encode() + b"\0")
-    for file in checkpoint_files(model_dir):
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
-    for source in (Path(__file__), Path(__file__).with_name("fp8.py"), Path(__file__).with_name("checkpoint.py")):
-        digest.update(source.read_bytes())
-    return directory / f"{digest.hexdigest()[:32]}.safetensors"
-
-
 def load_qwen3(
     model_dir: Path,
     device: torch.device,
     dtype: torch.dtype,
     fp8: bool = False,
     log: Callable[[str], None] = print,
-    fp8_cache: Path | None = None,
     on_modules_built: Callable[[], None] | None = None,
 ) -> Qwen3Decoder:
     """The checkpoint's decoder on `device` in `dtype`; with `fp8`, every linear layer quantized as its weight lands
     (`Fp8Linear`). ValueError when the checkpoint lacks a tensor the decoder needs or holds one it does not know.
-
-    `fp8_cache` (with `fp8`; experimental, off by default): a directory where the first load saves the quantized
-    decoder (about half the checkpoint's bytes) and later loads read it instead of the checkpoint. A copy that fails
-    to read is ignored (the checkpoint is read and the copy written again).
 
     `on_modules_built`: called once the modules exist, before any weight is read (the engine starts importing the
     compiler then, so that its imports overlap the read and no other import)."""
@@ -213,20 +190,9 @@ def load_qwen3(
     model = _empty_decoder(shape, dtype, fp8, device)
     if on_modules_built is not None:
         on_modules_built()
-    cached = fp8_cache_file(model_dir, fp8_cache, dtype) if fp8 and fp8_cache is not None else None
-    if cached is not None and cached.exists():
-        try:
-            expected = set(model.state_dict(keep_vars=True))
-            _read(model, read_header(cached), expected, device, dtype, f"FP8 copy {cached.name}", cached, began, log)
-            return model.eval()
-        except (OSError, ValueError) as error:
-            log(f"FP8 copy {cached.name} unusable ({error}); reading the checkpoint instead")
-            model = _empty_decoder(shape, dtype, fp8, device)  # some of its tensors may have been placed
     expected = {name for name, _ in model.named_parameters()}
     wanted = [t for t in stored_tensors(model_dir) if not t.name.removeprefix("model.").startswith(SKIPPED_PREFIXES)]
-    _read(model, wanted, expected, device, dtype, "checkpoint", model_dir, began, log)
-    if cached is not None:
-        _save_fp8_copy(model, cached, log)
+    _read(model, wanted, expected, device, dtype, model_dir, began, log)
     return model.eval()
 
 
@@ -247,18 +213,11 @@ def _empty_decoder(shape: Qwen3Shape, dtype: torch.dtype, fp8: bool, device: tor
 
 
 def _place(model: Qwen3Decoder, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    """One stored tensor into the decoder: a checkpoint's weight (converted to `dtype`, quantized for an FP8 layer)
-    or, from an FP8 copy, an FP8 weight or its scales as they were saved."""
+    """One checkpoint tensor into the decoder: converted to `dtype`, quantized for an FP8 layer."""
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    if leaf in owner._buffers:
-        owner._buffers[leaf] = tensor
-        return
     if isinstance(owner, Fp8Linear) and leaf == "weight":
-        if tensor.dtype == torch.float8_e4m3fn:
-            owner.weight = nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner.load_weight(tensor.to(dtype))
+        owner.load_weight(tensor.to(dtype))
         return
     target = owner.out_dtype if isinstance(owner, Fp8Linear) else dtype  # an FP8 layer's bias: its output dtype
     owner._parameters[leaf] = nn.Parameter(tensor.to(target), requires_grad=False)
@@ -270,7 +229,6 @@ def _read(
     expected: set[str],
     device: torch.device,
     dtype: torch.dtype,
-    source: str,
     where: Path,
     began: float,
     log: Callable[[str], None],
@@ -282,38 +240,22 @@ def _read(
     for tensor in stored:
         name = tensor.name.removeprefix("model.")
         if name not in expected:
-            raise ValueError(f"{where}: the {source}'s {tensor.name} is not part of a Qwen3 decoder")
+            raise ValueError(f"{where}: the checkpoint's {tensor.name} is not part of a Qwen3 decoder")
         if tensor.shape != shapes[name]:
             raise ValueError(
-                f"{where}: the {source}'s {tensor.name} is {list(tensor.shape)}, the config says {list(shapes[name])}"
+                f"{where}: the checkpoint's {tensor.name} is {list(tensor.shape)}, the config says {list(shapes[name])}"
             )
         names.add(name)
     if expected - names:
         missing = sorted(expected - names)
-        raise ValueError(f"{where}: the {source} lacks {len(missing)} decoder tensors, e.g. {missing[0]}")
+        raise ValueError(f"{where}: the checkpoint lacks {len(missing)} decoder tensors, e.g. {missing[0]}")
     set_up = time.perf_counter() - began
     started = time.perf_counter()
     total = load_tensors(stored, device, lambda t, tensor: _place(model, t.name.removeprefix("model."), tensor, dtype))
     seconds = time.perf_counter() - started
     layers = sum(isinstance(module, Fp8Linear) for module in model.modules())
-    quantized = f", {layers} linear layers quantized to FP8 as they landed" if layers and source == "checkpoint" else ""
+    quantized = f", {layers} linear layers quantized to FP8 as they landed" if layers else ""
     log(
-        f"{source} read onto {device.type}: {total / 2**30:.2f} GiB in {seconds:.1f} s "
+        f"checkpoint read onto {device.type}: {total / 2**30:.2f} GiB in {seconds:.1f} s "
         f"({total / 2**30 / max(seconds, 1e-9):.1f} GiB/s){quantized}; modules set up before it in {set_up:.1f} s"
     )
-
-
-def _save_fp8_copy(model: Qwen3Decoder, file: Path, log: Callable[[str], None]) -> None:
-    """Write the quantized decoder for the next load; whole or absent (a concurrent load never reads half a file). A
-    read-only or full disk costs only the next load's time."""
-    started = time.perf_counter()
-    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
-        save_file(tensors, str(partial))
-        os.replace(partial, file)
-        log(f"FP8 copy saved as {file} in {time.perf_counter() - started:.1f} s")
-    except (OSError, RuntimeError) as error:
-        partial.unlink(missing_ok=True)
-        log(f"FP8 copy not saved ({error})")

@@ -173,13 +173,10 @@ class TorchEncoder:
         max_batch_tokens: int = 32768,
         sleepable: bool = False,
         precompiled_dir: Path | None = None,
-        fp8_cache_dir: Path | None = None,
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
-        `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache).
-        `fp8_cache_dir` (experimental, FP8 Qwen3 only): where the quantized decoder is saved for the next load to read
-        instead of the checkpoint (`qwen3.load_qwen3`)."""
+        `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache)."""
         self.task = task
         self.pooling = pooling
         self.model_dir = Path(model_dir)
@@ -214,7 +211,7 @@ class TorchEncoder:
 
         if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
             self.model: torch.nn.Module = load_qwen3(
-                self.model_dir, self.device, self.dtype, self.precision == "fp8", log, fp8_cache_dir,
+                self.model_dir, self.device, self.dtype, self.precision == "fp8", log,
                 import_compiler if compile_model and cuda else None,
             )  # fmt: skip
         else:

@@ -16,7 +16,7 @@ from triton_rag import contract
 from triton_rag.admin import KEY_NAME, key_matches, server_key
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
-from triton_rag.load_phases import process_age_seconds
+from triton_rag.load_phases import imported_without_bytecode, process_age_seconds
 from triton_rag.triton.common import answer_each, model_parameters
 
 
@@ -54,6 +54,14 @@ class EncoderModel:
             f"hidden size {self.engine.hidden_size}; stub process {process_age_seconds():.1f} s old",
             flush=True,
         )
+        if uncached := imported_without_bytecode():
+            print(
+                f"{args['model_name']}: warning: no byte code is cached for {', '.join(uncached)}, so every load "
+                "compiles their sources again (8-12 s of an 8B load on the H200 host). Byte-compile site-packages "
+                "once (python -m compileall -q <site-packages>), or unset PYTHONDONTWRITEBYTECODE and point "
+                "PYTHONPYCACHEPREFIX at a writable directory",
+                flush=True,
+            )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return answer_each(requests, self._compute, "encoder failed")
