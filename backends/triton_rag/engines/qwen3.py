@@ -190,9 +190,8 @@ def load_qwen3(
     model = _empty_decoder(shape, dtype, fp8, device)
     if on_modules_built is not None:
         on_modules_built()
-    expected = {name for name, _ in model.named_parameters()}
     wanted = [t for t in stored_tensors(model_dir) if not t.name.removeprefix("model.").startswith(SKIPPED_PREFIXES)]
-    _read(model, wanted, expected, device, dtype, model_dir, began, log)
+    _read(model, wanted, device, dtype, model_dir, began, log)
     return model.eval()
 
 
@@ -205,7 +204,7 @@ def _empty_decoder(shape: Qwen3Shape, dtype: torch.dtype, fp8: bool, device: tor
     # On the meta device: no memory. The first build's random init imports sympy and torch's reference ops (~1 s),
     # which the compiler needs anyway; the engine starts its background import of the compiler after this, so that
     # two threads never import at once (concurrent imports of modules that import each other can fail with CPython's
-    # "deadlock detected by _ModuleLock"). Skipping the init measured no faster (BENCHMARKS.md, issue 13, run G).
+    # "deadlock detected by _ModuleLock"). Skipping the init measured no faster (BENCHMARKS.md, issue 13: G, H2, H3).
     with torch.device("meta"):
         model = Qwen3Decoder(shape, linear)
     model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.to(device)  # computed on the CPU, as transformers does
@@ -226,28 +225,26 @@ def _place(model: Qwen3Decoder, name: str, tensor: torch.Tensor, dtype: torch.dt
 def _read(
     model: Qwen3Decoder,
     stored: list[StoredTensor],
-    expected: set[str],
     device: torch.device,
     dtype: torch.dtype,
     where: Path,
     began: float,
     log: Callable[[str], None],
 ) -> None:
-    """`stored` into `model`; ValueError unless they are exactly the `expected` names (`model.` prefixes aside), each
-    of the decoder's shape."""
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
+    """`stored` into `model`; ValueError unless they are exactly the decoder's parameters (`model.` prefixes aside),
+    each of its shape."""
+    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
     names = set()
     for tensor in stored:
         name = tensor.name.removeprefix("model.")
-        if name not in expected:
+        if name not in shapes:
             raise ValueError(f"{where}: the checkpoint's {tensor.name} is not part of a Qwen3 decoder")
         if tensor.shape != shapes[name]:
             raise ValueError(
                 f"{where}: the checkpoint's {tensor.name} is {list(tensor.shape)}, the config says {list(shapes[name])}"
             )
         names.add(name)
-    if expected - names:
-        missing = sorted(expected - names)
+    if missing := sorted(shapes.keys() - names):
         raise ValueError(f"{where}: the checkpoint lacks {len(missing)} decoder tensors, e.g. {missing[0]}")
     set_up = time.perf_counter() - began
     started = time.perf_counter()
