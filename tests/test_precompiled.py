@@ -1,64 +1,118 @@
-"""The precompiled-function cache on the CPU (inductor's C++ backend): a save, a load that skips tracing and answers
-the same for other shapes, a damaged file compiled again, a call outside the saved guards still answered. The
-decoder layer itself goes through this path on the GPU (tests/test_engine_cuda.py)."""
+"""The compiled-function package on the CPU (AOTInductor's C++ backend): a save, a load that skips tracing and
+imports none of the compiler, one package serving modules of other weights and other shapes, a damaged file compiled
+again, a call below the traced sizes answered eagerly. The decoder layer itself goes through this path on the GPU
+(tests/test_engine_cuda.py)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from triton_rag.engines.precompiled import artifact_key, compile_once, import_compiler_in_background
+from triton_rag.engines.precompiled import (
+    PackagedFunction,
+    artifact_key,
+    compile_once,
+    import_compiler_in_background,
+)
 
 
-def gated_scale(x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-    """Depends on a tensor's length the way the decoder layer does on its longest segment."""
-    return torch.nn.functional.silu(x) * probe.shape[0]
+class Projection(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(5, 4, generator=generator), requires_grad=False)
+        self.shift: torch.Tensor
+        self.register_buffer("shift", torch.randn(5, generator=generator))
+
+
+def gated_projection(module: Projection, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """Uses a module's parameter and buffer, and a tensor's length the way the decoder layer uses its longest
+    segment's."""
+    return torch.nn.functional.silu(x @ module.weight.t() + module.shift) * probe.shape[0]
+
+
+DYNAMIC = [(0, 0), (1, 0)]
 
 
 def _compile(file: Path, logs: list[str]) -> Callable[..., torch.Tensor]:
-    x, probe = torch.randn(6, 4), torch.empty(3)
-    return compile_once(gated_scale, (x, probe), [(x, 0), (probe, 0)], file, logs.append)
+    return compile_once(
+        gated_projection, (Projection(0), torch.randn(6, 4), torch.empty(3)), DYNAMIC, file, logs.append
+    )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_inductor_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+@pytest.fixture(scope="module")
+def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("inductor")
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        yield cache
 
 
-def test_a_saved_function_is_loaded_and_serves_other_shapes(tmp_path: Path) -> None:
-    file, logs = tmp_path / "fn.bin", []
+@pytest.fixture(scope="module")
+def saved(inductor_cache: Path) -> Path:
+    """One package compiled for the module's tests (each compile runs a C++ compiler for tens of seconds)."""
+    file, logs = inductor_cache / "fn.pt2", []
     _compile(file, logs)
-    assert file.exists() and "compiled ahead of time" in logs[-1]
-    loaded = _compile(file, logs)
-    assert f"loaded from {file.name}" in logs[-1]
-    for rows, length in ((9, 5), (2, 7), (40, 2)):
-        x, probe = torch.randn(rows, 4), torch.empty(length)
-        torch.testing.assert_close(loaded(x, probe), gated_scale(x, probe))
+    assert file.exists() and "compiled ahead of time" in logs[-1] and "saved as fn.pt2" in logs[-1], logs
+    return file
 
 
-def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path: Path) -> None:
-    file, logs = tmp_path / "fn.bin", []
-    _compile(file, logs)
-    file.write_bytes(b"not a compiled function")
+def test_a_saved_function_is_loaded_and_serves_other_modules_and_shapes(saved: Path) -> None:
+    logs: list[str] = []
+    loaded = _compile(saved, logs)
+    assert isinstance(loaded, PackagedFunction) and "loaded from fn.pt2" in logs[-1], logs
+    for seed, rows, length in ((0, 9, 5), (1, 2, 7), (2, 40, 2)):  # other weights: the state is an input
+        module, x, probe = Projection(seed), torch.randn(rows, 4), torch.empty(length)
+        torch.testing.assert_close(loaded(module, x, probe), gated_projection(module, x, probe))
+    assert loaded.eager_calls == 0  # every call ran the package
+
+
+def test_loading_a_package_imports_none_of_the_compiler(saved: Path) -> None:
+    """What makes a cold load fast: a fresh process that loads and runs the package never imports dynamo, inductor,
+    Triton or sympy (the compiler's ~2.4 s of imports on the H200 host)."""
+    code = f"""
+import sys, torch
+from tests.test_precompiled import DYNAMIC, Projection, gated_projection
+from triton_rag.engines.precompiled import PackagedFunction
+packaged = PackagedFunction({str(saved)!r}, gated_projection, DYNAMIC, torch.device("cpu"))
+module, x, probe = Projection(3), torch.randn(7, 4), torch.empty(4)
+assert torch.allclose(packaged(module, x, probe), gated_projection(module, x, probe))  # (assert_close imports sympy)
+print(sorted(name for name in ("torch._dynamo", "torch._inductor", "triton", "sympy") if name in sys.modules))
+"""
+    root = Path(__file__).parent.parent
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), str(root / "backends")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_a_damaged_file_is_compiled_again_and_replaced(saved: Path, tmp_path: Path) -> None:
+    file, logs = tmp_path / "fn.pt2", []
+    file.write_bytes(saved.read_bytes()[:1000])
     again = _compile(file, logs)
-    assert any("unusable" in line for line in logs) and "compiled ahead of time" in logs[-1]
-    x, probe = torch.randn(3, 4), torch.empty(4)
-    torch.testing.assert_close(again(x, probe), gated_scale(x, probe))
+    assert any("unusable" in line for line in logs) and "compiled ahead of time" in logs[-1], logs
+    module, x, probe = Projection(4), torch.randn(3, 4), torch.empty(4)
+    torch.testing.assert_close(again(module, x, probe), gated_projection(module, x, probe))
     _compile(file, logs)
-    assert f"loaded from {file.name}" in logs[-1]
+    assert "loaded from fn.pt2" in logs[-1], logs
 
 
-def test_a_call_outside_the_saved_guards_is_still_answered(tmp_path: Path) -> None:
-    file, logs = tmp_path / "fn.bin", []
-    _compile(file, logs)
-    loaded = _compile(file, logs)
-    x, probe = torch.randn(1, 4), torch.empty(1)  # size 1: the saved code was specialised for sizes >= 2
-    torch.testing.assert_close(loaded(x, probe), gated_scale(x, probe))
-    assert loaded.fell_back  # type: ignore[attr-defined]  # answered by torch.compile, not the saved code
+def test_a_call_below_the_traced_sizes_runs_eagerly(saved: Path, tmp_path: Path) -> None:
+    """Sizes 0 and 1 specialise when traced, and the package checks no sizes: such a call must not reach it."""
+    copy = tmp_path / "fn.pt2"
+    shutil.copyfile(saved, copy)
+    loaded = _compile(copy, [])
+    module, x, probe = Projection(5), torch.randn(1, 4), torch.empty(6)
+    torch.testing.assert_close(loaded(module, x, probe), gated_projection(module, x, probe))
+    assert loaded.eager_calls == 1  # type: ignore[attr-defined]
 
 
 def test_the_key_follows_every_part_and_source(tmp_path: Path) -> None:
@@ -72,10 +126,10 @@ def test_the_key_follows_every_part_and_source(tmp_path: Path) -> None:
 
 
 def test_the_compiler_imports_in_the_background_and_the_switch_interval_comes_back() -> None:
-    """The cold load imports dynamo and inductor while the checkpoint is read, with a short switch interval for the
-    reader threads meanwhile; afterwards the interpreter's interval is what it was."""
+    """A load that must compile imports dynamo and inductor while the checkpoint is read, with a short switch
+    interval for the reader threads meanwhile; afterwards the interpreter's interval is what it was."""
     before = sys.getswitchinterval()
     wait = import_compiler_in_background()
     assert wait() >= 0
-    assert {"torch._dynamo", "torch._inductor.compile_fx"} <= set(sys.modules)
+    assert {"torch._dynamo", "torch._inductor.compile_fx", "torch.export"} <= set(sys.modules)
     assert sys.getswitchinterval() == before

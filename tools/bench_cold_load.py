@@ -20,26 +20,25 @@ from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
 
-#: name -> Python statements run before the load (they change the loader's module constants or functions)
+#: name -> Python statements run before the load (they change the loader's module constants, or COMPILE)
 VARIANTS = {
     "default": "",
-    "no-background-import": (
-        "import triton_rag.engines.torch_encoder as e; e.import_compiler_in_background = lambda: (lambda: 0.0)"
-    ),
-    # the decoder's embedding built without its random init, which on the meta device imports torch._dynamo and
-    # sympy in the main thread; the background import then does all of the compiler's imports
-    "no-random-init": "import torch.nn as nn; nn.Embedding.reset_parameters = lambda self: None",
+    # the layer not compiled at all: eager kernels in CUDA graphs, no package to load (the floor for a load's time)
+    "eager": "COMPILE = False",
     "four-buffers-64MiB": "import triton_rag.engines.checkpoint as c; c.BUFFERS = 4; c.STAGING_BYTES = 64 * 2**20",
 }
 
 LOAD = """
 import time, sys
+COMPILE = True
 {setup}
 from triton_rag.engines.torch_encoder import TorchEncoder
-TorchEncoder({model!r}, "embed", precision="fp8", compile_model=True, sleepable=True,
+TorchEncoder({model!r}, "embed", precision="fp8", compile_model=COMPILE, sleepable=True,
              log=lambda m: print(f"  {{m}}", flush=True))
 from triton_rag.load_phases import process_age_seconds
-print(f"  loaded: process {{process_age_seconds():.2f}} s old", flush=True)
+compiler = [name for name in ("torch._dynamo", "torch._inductor", "triton", "sympy") if name in sys.modules]
+print(f"  loaded: process {{process_age_seconds():.2f}} s old; compiler modules imported: {{compiler or 'none'}}",
+      flush=True)
 """
 
 

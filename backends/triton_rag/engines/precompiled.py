@@ -1,47 +1,60 @@
 """A compiled function that a later load reads from disk instead of compiling again.
 
-A cold load with a warm inductor cache still spends seconds in dynamo, which traces the decoder layer again in every
-new process before the cache can answer (~5 s for an 8B layer on an H200, BENCHMARKS.md). torch's ahead-of-time
-compile (`aot_compile`, `save_compiled_function`, `load_compiled_function`; experimental in torch 2.11-2.13) saves
-the traced and compiled function itself; loading it skips tracing. Anything that goes wrong on that path falls back
-to `torch.compile`, which is what ran before: the artifact only ever saves time.
+The first load traces the function once (`torch.export`) and compiles it with AOTInductor into a package (`.pt2`: a
+shared library with the host code and the GPU kernels). Later loads open the package with torch's C++ loader: no
+tracing, and none of the compiler's Python (dynamo, inductor, Triton, sympy), whose imports alone cost a cold load
+~2.4 s of the GIL on the H200 host even with byte code cached (BENCHMARKS.md, issue 13). The function's module (a
+decoder layer) is not compiled in: its parameters and buffers are inputs of the package, so one package serves every
+layer, and the weights stay where the engine put them (its arena can free and restore their memory under it).
 
-The file's name is a digest of everything the compiled code depends on (the torch, CUDA and Triton versions, the
-GPU, the model's config, precision, our engine sources: the layer is ours, `qwen3.py`), so a stale artifact is never
-loaded; a file that fails to load anyway is compiled again and replaced.
+Anything that goes wrong on the way falls back to `torch.compile`, which compiles on first use: the package only
+ever saves time. The file's name is a digest of everything the compiled code depends on (the torch, CUDA and Triton
+versions, the GPU, the model's config, precision, our engine sources), so a stale package is never loaded; a file
+that fails to load anyway is compiled again and replaced.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
 import platform
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-#: Where artifacts go when no directory is given: next to the inductor cache they depend on.
+#: Where packages go when no directory is given: next to the inductor cache they were compiled with.
 DIRECTORY_NAME = "triton-rag-precompiled"
+#: The package's file suffix (torch's name for an exported-program archive).
+SUFFIX = ".pt2"
+#: A dynamic dimension below this size runs eagerly: traced shapes are assumed >= 2 (sizes 0 and 1 specialise), and
+#: the package checks no input's size at run time.
+MIN_DYNAMIC_SIZE = 2
 
 
 def default_directory() -> Path:
-    from torch._inductor.runtime.runtime_utils import cache_dir
-
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()) / DIRECTORY_NAME
+    """Inductor's cache directory (`TORCHINDUCTOR_CACHE_DIR`, else its default under the temporary directory),
+    worked out here: asking inductor imports it, the ~1.3 s this module exists to save."""
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    )
+    return Path(root) / DIRECTORY_NAME
 
 
 def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
     """A digest of `parts` and the contents of `sources`, with what else compiled code depends on: the versions of
-    Python, torch, CUDA and Triton, the GPU, inductor's settings in the environment, and this module.
-    (torch also checks its own system facts when loading, and refuses a mismatch: a recompile, never a stale load.)"""
+    Python, torch, CUDA and Triton, the GPU, inductor's settings in the environment, and this module."""
     try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
+        triton_version = metadata.version("triton")  # not `import triton`: a cold load that finds its package never
+    except metadata.PackageNotFoundError:  # imports the compiler
         triton_version = "none"
     digest = hashlib.sha256()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -57,8 +70,8 @@ def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
     return digest.hexdigest()[:32]
 
 
-#: What loading a saved compiled function imports, ~2 s of a cold load (H200 host, 2026-12-02).
-COMPILER_MODULES = ("triton", "torch._dynamo", "torch._dynamo.aot_compile", "torch._inductor.compile_fx")
+#: What compiling the function imports, ~2.4 s of a first load (H200 host, byte code cached, 2026-12-02).
+COMPILER_MODULES = ("triton", "torch._dynamo", "torch._inductor.compile_fx", "torch.export")
 #: The interpreter's thread switch interval while they import: the checkpoint's reader threads hold the GIL for
 #: moments and would otherwise wait up to the default 5 ms for it each time (at 0.5 ms the read still ran at half
 #: speed, 6-8 GiB/s against 13-16 on the H200 host).
@@ -66,9 +79,9 @@ IMPORT_SWITCH_INTERVAL = 0.0001
 
 
 def import_compiler_in_background() -> Callable[[], float]:
-    """Start importing `COMPILER_MODULES` in a thread, so that their ~2 s overlap the checkpoint's read; the returned
-    function waits for the imports and returns the seconds it waited. A module that fails to import is left for the
-    real import to report."""
+    """Start importing `COMPILER_MODULES` in a thread, so that they overlap the checkpoint's read on a load that must
+    compile; the returned function waits for the imports and returns the seconds it waited. A module that fails to
+    import is left for the real import to report."""
     import importlib
     import sys
     import threading
@@ -97,33 +110,74 @@ def import_compiler_in_background() -> Callable[[], float]:
     return wait
 
 
-class _GuardedFallback:
-    """The precompiled function, and `fallback` (`torch.compile`) for the rare call outside its guards (a 1-token
-    packed pass specialises differently): a precompiled function would raise there instead of compiling again. Its
-    guards are checked here, once per call, so an error raised inside the model is never mistaken for a guard miss."""
+def _state(module: nn.Module) -> list[torch.Tensor]:
+    """The module's parameters and buffers in the order the package takes them."""
+    return [*module.parameters(), *module.buffers()]
 
-    def __init__(self, precompiled: Any, fallback: Callable[..., Any]) -> None:
-        self.precompiled = precompiled
-        self.fallback = fallback
-        self.fell_back = False  # whether any call went to `fallback`
-        self._check: Callable[..., bool] | None = getattr(precompiled, "guard_check", None)
-        if self._check is not None and hasattr(precompiled, "disable_guard_check"):
-            precompiled.disable_guard_check()  # checked by us instead
-        else:
-            self._check = None
 
-    def __call__(self, *args: Any) -> Any:
-        if self._check is not None:
-            if self._check(*args):
-                return self.precompiled(*args)
-        else:  # a torch without guard_check: its call raises on a guard miss, before running anything
-            try:
-                return self.precompiled(*args)
-            except RuntimeError as error:
-                if "GuardManager check failed" not in str(error):
-                    raise
-        self.fell_back = True
-        return self.fallback(*args)
+class _Bound(nn.Module):
+    """`function(module, *tensors)` as a module owning `module`, so `functional_call` can swap its state for inputs."""
+
+    def __init__(self, function: Callable[..., torch.Tensor], module: nn.Module) -> None:
+        super().__init__()
+        self.function, self.module = function, module
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.function(self.module, *tensors)
+
+
+class _StateAsInputs(nn.Module):
+    """What is exported: the function with the module's state as inputs. The module is held out of the registry, so
+    the export lifts none of its tensors into the package."""
+
+    def __init__(self, function: Callable[..., torch.Tensor], module: nn.Module) -> None:
+        super().__init__()
+        bound = _Bound(function, module)
+        object.__setattr__(self, "_bound", bound)
+        self._names = [f"module.{name}" for name, _ in (*module.named_parameters(), *module.named_buffers())]
+
+    def forward(self, tensors: list[torch.Tensor], state: list[torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(self._bound, dict(zip(self._names, state, strict=True)), tuple(tensors))
+
+
+def _expose_cxx_runtime() -> None:
+    """Put the loaded libstdc++ in the process's global symbol scope, as LD_PRELOAD would. A package's library binds
+    C++ runtime symbols (std::locale's facet ids) there; in a plain Python process libstdc++ is only torch's private
+    dependency, the library then keeps ids of its own, and the first std::regex it builds crashes the process (seen on
+    the H200 host, torch 2.11, g++ 13). A Triton stub, a C++ program, has it there already."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    except OSError:  # another C++ runtime: nothing to promote
+        pass
+
+
+class PackagedFunction:
+    """`function(module, *tensors)` run by a package's C++ runner, the module's state passed in; a call whose dynamic
+    dimension is below `MIN_DYNAMIC_SIZE` runs `function` eagerly instead (the same arithmetic, unfused)."""
+
+    def __init__(
+        self,
+        file: Path,
+        function: Callable[..., torch.Tensor],
+        dynamic: Sequence[tuple[int, int]],
+        device: torch.device,
+    ) -> None:
+        self.function, self.dynamic = function, list(dynamic)
+        self.eager_calls = 0  # calls that `function` answered
+        index = (
+            device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+        )
+        _expose_cxx_runtime()
+        # single-threaded: the runner's thread synchronisation would break CUDA-graph capture
+        self._runner = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", True, 1, index)
+
+    def __call__(self, module: nn.Module, *tensors: torch.Tensor) -> torch.Tensor:
+        if any(tensors[argument].shape[dim] < MIN_DYNAMIC_SIZE for argument, dim in self.dynamic):
+            self.eager_calls += 1
+            return self.function(module, *tensors)
+        return self._runner.run([*tensors, *_state(module)])[0]
 
 
 def _is_device_failure(error: BaseException) -> bool:
@@ -131,54 +185,78 @@ def _is_device_failure(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "CUDA error" in str(error)
 
 
-def compile_once(
-    function: Callable[..., Any],
+def _package(
+    function: Callable[..., torch.Tensor],
     example: tuple[Any, ...],
-    dynamic: Sequence[tuple[torch.Tensor, int]],
+    dynamic: Sequence[tuple[int, int]],
+    file: Path,
+) -> None:
+    """Export `function` on `example` (module first, then tensors; `dynamic`: (tensor index, dim) pairs left
+    symbolic) and compile it into the package `file`."""
+    from torch._inductor import aoti_compile_and_package
+    from torch.export import Dim
+
+    module, tensors = example[0], example[1:]
+    with torch.inference_mode(False), torch.no_grad():  # export traces normal tensors; an engine's are inference ones
+        inputs = [tensor.clone() for tensor in tensors]
+        state = [tensor.clone() for tensor in _state(module)]
+        shapes = [
+            {dim: Dim.DYNAMIC for argument, dim in dynamic if argument == index} or None for index in range(len(inputs))
+        ]
+        exported = torch.export.export(
+            _StateAsInputs(function, module), (inputs, state), dynamic_shapes=(shapes, [None] * len(state))
+        )
+        aoti_compile_and_package(exported, package_path=str(file))
+
+
+def compile_once(
+    function: Callable[..., torch.Tensor],
+    example: tuple[Any, ...],
+    dynamic: Sequence[tuple[int, int]],
     file: Path | None,
     log: Callable[[str], None],
     started: float | None = None,
-) -> Callable[..., Any]:
-    """`function` compiled for every shape: loaded from `file` when a usable artifact is there, else compiled ahead of
-    time from `example` (with the `dynamic` (tensor, dim) pairs left symbolic) and saved to `file`. With `file` None,
-    or a torch without ahead-of-time compile, plain `torch.compile`. Call under the inference mode it will serve in.
-    `function` must be a module-level function: a loaded artifact is bound to its module's globals. `started`: when
-    the caller's part of this phase began (the times logged count from it)."""
-    started = time.perf_counter() if started is None else started  # dynamo and inductor's imports (~2 s): counted
-    jit = torch.compile(function, dynamic=True)
-    if file is None or not hasattr(torch.compiler, "load_compiled_function"):
-        return jit
-    if file.exists():
+) -> Callable[..., torch.Tensor]:
+    """`function(module, *tensors)` compiled for every shape: the package `file` when a usable one is there, else
+    compiled ahead of time from `example` (the module, then the tensors; the `dynamic` (tensor index, dim) pairs left
+    symbolic) and saved to `file` (with `file` None, into a temporary directory). Call under the inference mode it
+    will serve in. `started`: when the caller's part of this phase began (the times logged count from it)."""
+    started = time.perf_counter() if started is None else started
+    device = example[1].device
+    if file is not None and file.exists():
         try:
-            with file.open("rb") as handle:
-                loaded = torch.compiler.load_compiled_function(handle, f_globals=function.__globals__)
-            guarded = _GuardedFallback(loaded, jit)
-            guarded(*example)  # fails now, at load, rather than on a request
-            if guarded.fell_back:
-                raise RuntimeError("its guards reject the example")
+            packaged = PackagedFunction(file, function, dynamic, device)
+            packaged(*example)  # fails now, at load, rather than on a request
             log(f"compiled layer loaded from {file.name} in {time.perf_counter() - started:.1f} s")
-            return guarded
+            return packaged
         except Exception as error:  # a torch that changed underneath, a truncated file: compile again
             if _is_device_failure(error):
                 raise
             log(f"precompiled layer {file.name} unusable ({type(error).__name__}: {error}); compiling it again")
+    scratch = Path(tempfile.mkdtemp(prefix="triton-rag-package-"))
     try:
-        for tensor, dim in dynamic:
-            torch._dynamo.mark_dynamic(tensor, dim)
-        with torch._dynamo.config.patch(enable_aot_compile=True, specialize_float=True):
-            compiled = torch.compile(function, fullgraph=True, dynamic=True).aot_compile((example, {}))
-    except Exception as error:
-        if _is_device_failure(error):
-            raise
-        log(f"ahead-of-time compilation failed ({type(error).__name__}: {error}); compiling on first use instead")
-        return jit
-    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        compiled.save_compiled_function(str(partial))
-        os.replace(partial, file)  # whole or absent: a concurrent load never reads half a file
-        log(f"layer compiled ahead of time in {time.perf_counter() - started:.1f} s, saved as {file.name}")
-    except Exception as error:  # a read-only or full cache: serve what was compiled, unsaved
-        partial.unlink(missing_ok=True)
-        log(f"layer compiled ahead of time in {time.perf_counter() - started:.1f} s, not saved ({error})")
-    return _GuardedFallback(compiled, jit)
+        built = scratch / f"layer{SUFFIX}"
+        try:
+            _package(function, example, dynamic, built)
+            packaged = PackagedFunction(built, function, dynamic, device)
+        except Exception as error:
+            if _is_device_failure(error):
+                raise
+            log(f"ahead-of-time compilation failed ({type(error).__name__}: {error}); compiling on first use instead")
+            return torch.compile(function, dynamic=True)
+        seconds = time.perf_counter() - started
+        if file is None:
+            log(f"layer compiled ahead of time in {seconds:.1f} s, not saved (no key for it)")
+            return packaged
+        partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(built, partial)
+            os.replace(partial, file)  # whole or absent: a concurrent load never reads half a file
+            log(f"layer compiled ahead of time in {seconds:.1f} s, saved as {file.name}")
+        except OSError as error:  # a read-only or full cache: serve what was compiled, unsaved
+            partial.unlink(missing_ok=True)
+            log(f"layer compiled ahead of time in {seconds:.1f} s, not saved ({error})")
+        return packaged
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the runner has extracted what it needs

@@ -75,6 +75,21 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "config.json").read_text())
 
 
+class Embedding(nn.Embedding):
+    """`nn.Embedding` without its random init, which on the meta device imports dynamo and sympy (~1 s of a cold
+    load) for values the checkpoint replaces anyway."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` without its random init (as `Embedding`)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -166,7 +181,7 @@ class Qwen3Decoder(nn.Module):
     def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
         super().__init__()
         self.shape = shape
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.embed_tokens = Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(shape, linear) for _ in range(shape.layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.rope_theta)
@@ -199,12 +214,9 @@ def _empty_decoder(shape: Qwen3Shape, dtype: torch.dtype, fp8: bool, device: tor
     def linear(inputs: int, outputs: int, bias: bool) -> nn.Module:
         if fp8:
             return Fp8Linear(inputs, outputs, bias, out_dtype=dtype)
-        return nn.Linear(inputs, outputs, bias=bias)
+        return Linear(inputs, outputs, bias=bias)
 
-    # On the meta device: no memory. The first build's random init imports sympy and torch's reference ops (~1 s),
-    # which the compiler needs anyway; the engine starts its background import of the compiler after this, so that
-    # two threads never import at once (concurrent imports of modules that import each other can fail with CPython's
-    # "deadlock detected by _ModuleLock"). Skipping the init measured no faster (BENCHMARKS.md, issue 13: G, H2, H3).
+    # On the meta device: no memory, and no init (a random init there imports the compiler's modules)
     with torch.device("meta"):
         model = Qwen3Decoder(shape, linear)
     model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.to(device)  # computed on the CPU, as transformers does

@@ -32,6 +32,7 @@ import torch
 from triton_rag.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.engines.checkpoint import read_rows, stored_tensors
 from triton_rag.engines.fp8 import convert_linears
+from triton_rag.engines.precompiled import SUFFIX as PACKAGE_SUFFIX
 from triton_rag.engines.precompiled import (
     artifact_key,
     compile_once,
@@ -204,15 +205,16 @@ class TorchEncoder:
         else:
             self.dtype = _DTYPES[self.precision]
         compiler_imported: Callable[[], float] = lambda: 0.0  # noqa: E731
+        package = self._package_file(precompiled_dir, log) if compile_model and cuda and self.causal else None
 
-        def import_compiler() -> None:  # what loading the compiled layer imports (~2 s), while the checkpoint is read
+        def import_compiler() -> None:  # what compiling the layer imports (~2.4 s), while the checkpoint is read
             nonlocal compiler_imported
             compiler_imported = import_compiler_in_background()
 
         if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
             self.model: torch.nn.Module = load_qwen3(
                 self.model_dir, self.device, self.dtype, self.precision == "fp8", log,
-                import_compiler if compile_model and cuda else None,
+                import_compiler if compile_model and cuda and not (package and package.exists()) else None,
             )  # fmt: skip
         else:
             self.model = self._transformers_model(log)
@@ -227,8 +229,7 @@ class TorchEncoder:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if compile_model and cuda:  # fuses FP8 activation quantization into its producers
             if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
-                waited = compiler_imported()
-                self._layer_call = self._compile_layers(precompiled_dir or default_directory(), log, waited)
+                self._layer_call = self._compile_layers(package, log, compiler_imported())
             else:
                 self.model = torch.compile(self.model, dynamic=True)
         self.use_graphs = self.causal and (cuda if use_graphs is None else use_graphs)
@@ -271,30 +272,35 @@ class TorchEncoder:
 
         return AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype, attn_implementation="sdpa")
 
-    def _compile_layers(
-        self, directory: Path, log: Callable[[str], None], waited: float
-    ) -> Callable[..., torch.Tensor]:
-        """`decoder_layer_call` compiled once for every layer and shape (the layers' weights are inputs of one graph),
-        read from `directory` when an earlier load saved it. `waited`: seconds spent waiting for the compiler's
-        imports, counted in the phase's time."""
-        log(f"compiler imports (in the background since the load began) waited for {waited:.1f} s")
-        started = time.perf_counter() - waited
-        tokens, segment = 160, 32  # distinct example sizes: equal ones would be guarded as equal
+    def _package_file(self, directory: Path | None, log: Callable[[str], None]) -> Path | None:
+        """Where the compiled layer for this model, precision and code is kept (None: no key, compile unsaved). Known
+        before the load starts: a load that finds it never imports the compiler."""
         try:
             key = artifact_key(
                 [self.precision, str(self.dtype), (self.model_dir / "config.json").read_text()], ENGINE_SOURCES
             )
-            file: Path | None = directory / f"{key}.bin"
         except OSError as error:  # sources not on disk (a zipped install): compile, nothing to save or load
             log(f"compiled layer not saved: its key needs the engine's sources ({error})")
-            file = None
+            return None
+        return (directory or default_directory()) / f"{key}{PACKAGE_SUFFIX}"
+
+    def _compile_layers(
+        self, file: Path | None, log: Callable[[str], None], waited: float
+    ) -> Callable[..., torch.Tensor]:
+        """`decoder_layer_call` compiled once for every layer and shape (the layer's weights are inputs), read from
+        `file` when an earlier load saved it. `waited`: seconds spent waiting for the compiler's imports (a load
+        that compiles), counted in the phase's time."""
+        if waited:
+            log(f"compiler imports (in the background since the read began) waited for {waited:.1f} s")
+        started = time.perf_counter() - waited
+        tokens, segment = 160, 32  # distinct example sizes: equal ones would be traced as equal
         with torch.inference_mode():
             hidden = torch.zeros(tokens, self.hidden_size, dtype=self.dtype, device=self.device)
             cos, sin = self.model.rotary_emb(self._positions[:tokens], self.dtype)
             bounds = torch.arange(0, tokens + 1, segment, dtype=torch.int32, device=self.device)
             probe = self._length_probe[:segment]
             example = (self.model.layers[0], hidden, cos, sin, bounds, probe)
-            dynamic = [(hidden, 0), (cos, 0), (sin, 0), (bounds, 0), (probe, 0)]
+            dynamic = [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)]  # tokens, segments and the longest: every size
             return compile_once(decoder_layer_call, example, dynamic, file, log, started)
 
     def warm_up(self, log: Callable[[str], None]) -> None:
