@@ -85,7 +85,8 @@ def process_age_seconds() -> float:
         return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
-#: Imported by every encoder load; compiled from source they cost 8-12 s a load on the H200 host (BENCHMARKS.md).
+#: Imported by an encoder load (the compiler's modules only by a load that builds its package); compiled from
+#: source, `import torch` alone took 3.4-4.6 s on the H200 host against 1.5-1.7 s with byte code (BENCHMARKS.md).
 HEAVY_IMPORTS = ("torch", "torch._dynamo", "torch._inductor", "sympy")
 
 
