@@ -239,6 +239,7 @@ def compile_once(
         try:
             _package(function, example, dynamic, built)
             packaged = PackagedFunction(built, function, dynamic, device)
+            packaged(*example)  # a package that cannot run is neither served nor saved
         except Exception as error:
             if _is_device_failure(error):
                 raise
