@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from triton_rag.engines import precompiled
 from triton_rag.engines.precompiled import (
     PackagedFunction,
     artifact_key,
@@ -110,9 +111,60 @@ def test_a_call_below_the_traced_sizes_runs_eagerly(saved: Path, tmp_path: Path)
     copy = tmp_path / "fn.pt2"
     shutil.copyfile(saved, copy)
     loaded = _compile(copy, [])
-    module, x, probe = Projection(5), torch.randn(1, 4), torch.empty(6)
-    torch.testing.assert_close(loaded(module, x, probe), gated_projection(module, x, probe))
-    assert loaded.eager_calls == 1  # type: ignore[attr-defined]
+    module = Projection(5)
+    for x, probe in ((torch.randn(1, 4), torch.empty(6)), (torch.randn(6, 4), torch.empty(1))):
+        torch.testing.assert_close(loaded(module, x, probe), gated_projection(module, x, probe))
+    assert loaded.eager_calls == 2  # type: ignore[attr-defined]
+
+
+def tanh_projection(module: Projection, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """Takes the same inputs as `gated_projection` and answers otherwise."""
+    return torch.tanh(x @ module.weight.t() + module.shift) * probe.shape[0]
+
+
+def test_a_package_that_answers_otherwise_than_the_function_is_compiled_again(saved: Path, tmp_path: Path) -> None:
+    """The runner checks only how many inputs it gets: a package of other code would run and answer wrong."""
+    file, logs = tmp_path / "fn.pt2", []
+    shutil.copyfile(saved, file)
+    again = compile_once(
+        tanh_projection, (Projection(0), torch.randn(6, 4), torch.empty(3)), DYNAMIC, file, logs.append
+    )
+    assert any("unusable" in line and "differs from the eager function" in line for line in logs), logs
+    assert "compiled ahead of time" in logs[-1], logs
+    module, x, probe = Projection(6), torch.randn(5, 4), torch.empty(3)
+    torch.testing.assert_close(again(module, x, probe), tanh_projection(module, x, probe))
+
+
+def test_a_load_that_died_inside_the_package_makes_the_next_compile_it_again(saved: Path, tmp_path: Path) -> None:
+    """A crash in native code cannot be caught: its marker, left behind, is what the next load sees."""
+    file, logs = tmp_path / "fn.pt2", []
+    shutil.copyfile(saved, file)
+    (tmp_path / "fn.pt2.loading").touch()
+    _compile(file, logs)
+    assert any("an earlier load died while it loaded this package" in line for line in logs), logs
+    assert "compiled ahead of time" in logs[-1] and not (tmp_path / "fn.pt2.loading").exists(), logs
+    _compile(file, logs)
+    assert "loaded from fn.pt2" in logs[-1] and not (tmp_path / "fn.pt2.loading").exists(), logs
+
+
+def test_a_failed_build_falls_back_to_torch_compile_and_is_not_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No C++ compiler, say: the load serves `torch.compile`, and later loads skip the build (tens of seconds)."""
+    attempts: list[Path] = []
+
+    def no_compiler(*args: object) -> None:
+        attempts.append(Path(str(args[-1])))
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(precompiled, "_package", no_compiler)
+    file, logs = tmp_path / "fn.pt2", []
+    first = _compile(file, logs)
+    assert not isinstance(first, PackagedFunction) and len(attempts) == 1
+    assert "no C++ compiler found" in (tmp_path / "fn.pt2.failed").read_text()
+    second = _compile(file, logs)
+    assert not isinstance(second, PackagedFunction) and len(attempts) == 1, logs
+    assert "failed on an earlier load" in logs[-1] and "fn.pt2.failed to try again" in logs[-1], logs
 
 
 def test_the_key_follows_every_part_and_source(tmp_path: Path) -> None:

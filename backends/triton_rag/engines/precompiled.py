@@ -15,6 +15,7 @@ that fails to load anyway is compiled again and replaced.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import os
@@ -22,6 +23,7 @@ import platform
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -43,19 +45,24 @@ MIN_DYNAMIC_SIZE = 2
 def default_directory() -> Path:
     """Inductor's cache directory (`TORCHINDUCTOR_CACHE_DIR`, else its default under the temporary directory),
     worked out here: asking inductor imports it, the ~1.3 s this module exists to save."""
-    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
-        tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
-    )
+    try:
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    except (KeyError, OSError):  # no passwd entry for the uid (a container's arbitrary user), as inductor handles it
+        user = f"uid_{os.getuid()}"
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
     return Path(root) / DIRECTORY_NAME
 
 
 def artifact_key(parts: Sequence[str | bytes], sources: Sequence[Path]) -> str:
     """A digest of `parts` and the contents of `sources`, with what else compiled code depends on: the versions of
     Python, torch, CUDA and Triton, the GPU, inductor's settings in the environment, and this module."""
-    try:
-        triton_version = metadata.version("triton")  # not `import triton`: a cold load that finds its package never
-    except metadata.PackageNotFoundError:  # imports the compiler
-        triton_version = "none"
+    triton_version = "none"
+    for distribution in ("triton", "pytorch-triton"):  # not `import triton`: a load that finds its package never
+        try:  # imports the compiler
+            triton_version = f"{distribution} {metadata.version(distribution)}"
+            break
+        except metadata.PackageNotFoundError:
+            continue
     digest = hashlib.sha256()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     inductor_env = sorted(
@@ -84,7 +91,6 @@ def import_compiler_in_background() -> Callable[[], float]:
     import is left for the real import to report."""
     import importlib
     import sys
-    import threading
 
     interval = sys.getswitchinterval()
 
@@ -170,14 +176,19 @@ class PackagedFunction:
             device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
         )
         _expose_cxx_runtime()
-        # single-threaded: the runner's thread synchronisation would break CUDA-graph capture
+        # single-threaded: the runner's thread synchronisation would break CUDA-graph capture; the lock stands in
+        # for it (it releases the GIL while it runs). It extracts the package to a temporary directory that it
+        # removes when it is destroyed.
         self._runner = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", True, 1, index)
+        self._lock = threading.Lock()
 
     def __call__(self, module: nn.Module, *tensors: torch.Tensor) -> torch.Tensor:
         if any(tensors[argument].shape[dim] < MIN_DYNAMIC_SIZE for argument, dim in self.dynamic):
             self.eager_calls += 1
             return self.function(module, *tensors)
-        return self._runner.run([*tensors, *_state(module)])[0]
+        inputs = [*tensors, *_state(module)]
+        with self._lock:
+            return self._runner.run(inputs)[0]
 
 
 def _is_device_failure(error: BaseException) -> bool:
@@ -209,6 +220,41 @@ def _package(
         aoti_compile_and_package(exported, package_path=str(file))
 
 
+#: A package must answer the example as the eager function does, to this cosine at least: loose, because fused
+#: kernels round FP8 activations differently from eager ones (the GPU tests hold the packaged 4-layer model to
+#: float32 within 0.98), while a package of other code answers far off (0.70 in tests/test_precompiled.py).
+MIN_COSINE = 0.95
+
+
+def _check_answers(packaged: PackagedFunction, function: Callable[..., torch.Tensor], example: tuple[Any, ...]) -> None:
+    """ValueError unless the package answers the example as `function` does eagerly: loading checks only the number
+    of inputs, so a package of another layout would otherwise run, and answer wrong, silently."""
+    got, want = packaged(*example).float().flatten(), function(*example).float().flatten()
+    cosine = float(torch.nn.functional.cosine_similarity(got, want, dim=0))
+    if not cosine >= MIN_COSINE:  # NaN fails too
+        raise ValueError(f"its answer to the example differs from the eager function's (cosine {cosine:.4f})")
+
+
+def _load_saved(
+    file: Path, function: Callable[..., torch.Tensor], example: tuple[Any, ...], dynamic: Sequence[tuple[int, int]]
+) -> PackagedFunction:
+    """The saved package, checked. A marker file stands while it loads: a process that dies inside the package's
+    native code (no exception to catch) leaves it behind, and the next load compiles the package again instead of
+    dying the same way."""
+    marker = file.with_name(f"{file.name}.loading")
+    if marker.exists():
+        marker.unlink(missing_ok=True)
+        raise RuntimeError("an earlier load died while it loaded this package")
+    with contextlib.suppress(OSError):  # a read-only cache: load without the marker
+        marker.touch()
+    try:
+        packaged = PackagedFunction(file, function, dynamic, example[1].device)
+        _check_answers(packaged, function, example)  # fails now, at load, rather than on a request
+    finally:  # (a process that dies in native code never gets here: the marker stays)
+        marker.unlink(missing_ok=True)
+    return packaged
+
+
 def compile_once(
     function: Callable[..., torch.Tensor],
     example: tuple[Any, ...],
@@ -218,32 +264,44 @@ def compile_once(
     started: float | None = None,
 ) -> Callable[..., torch.Tensor]:
     """`function(module, *tensors)` compiled for every shape: the package `file` when a usable one is there, else
-    compiled ahead of time from `example` (the module, then the tensors; the `dynamic` (tensor index, dim) pairs left
-    symbolic) and saved to `file` (with `file` None, into a temporary directory). Call under the inference mode it
+    compiled ahead of time from `example` (the module, then the tensors, with values: the package's answer is checked
+    against `function`'s; the `dynamic` (tensor index, dim) pairs left symbolic) and saved to `file` (with `file`
+    None, into a temporary directory). Where the package cannot be built, `torch.compile` (compiling on first use),
+    and a `<file>.failed` note so that later loads do not spend the build again. Call under the inference mode it
     will serve in. `started`: when the caller's part of this phase began (the times logged count from it)."""
     started = time.perf_counter() if started is None else started
-    device = example[1].device
     if file is not None and file.exists():
         try:
-            packaged = PackagedFunction(file, function, dynamic, device)
-            packaged(*example)  # fails now, at load, rather than on a request
+            packaged = _load_saved(file, function, example, dynamic)
             log(f"compiled layer loaded from {file.name} in {time.perf_counter() - started:.1f} s")
             return packaged
         except Exception as error:  # a torch that changed underneath, a truncated file: compile again
             if _is_device_failure(error):
                 raise
             log(f"precompiled layer {file.name} unusable ({type(error).__name__}: {error}); compiling it again")
+    failed = file.with_name(f"{file.name}.failed") if file is not None else None
+    if failed is not None and failed.exists():
+        log(
+            f"ahead-of-time compilation failed on an earlier load ({failed.read_text().strip()}); compiling on first "
+            f"use instead (delete {failed} to try again)"
+        )
+        return torch.compile(function, dynamic=True)
     scratch = Path(tempfile.mkdtemp(prefix="triton-rag-package-"))
     try:
         built = scratch / f"layer{SUFFIX}"
         try:
             _package(function, example, dynamic, built)
-            packaged = PackagedFunction(built, function, dynamic, device)
-            packaged(*example)  # a package that cannot run is neither served nor saved
+            packaged = PackagedFunction(built, function, dynamic, example[1].device)
+            _check_answers(packaged, function, example)  # a package that answers wrong is neither served nor saved
         except Exception as error:
             if _is_device_failure(error):
                 raise
-            log(f"ahead-of-time compilation failed ({type(error).__name__}: {error}); compiling on first use instead")
+            reason = f"{type(error).__name__}: {error}"
+            log(f"ahead-of-time compilation failed ({reason}); compiling on first use instead")
+            if failed is not None:
+                with contextlib.suppress(OSError):
+                    failed.parent.mkdir(parents=True, exist_ok=True)
+                    failed.write_text(reason[:2000] + "\n")
             return torch.compile(function, dynamic=True)
         seconds = time.perf_counter() - started
         if file is None:

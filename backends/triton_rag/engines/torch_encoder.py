@@ -109,9 +109,9 @@ def decoder_layer_call(
     length_probe: torch.Tensor,
 ) -> torch.Tensor:
     """One decoder layer over a packed sequence [tokens, hidden] (segments `bounds`, the longest no longer than
-    `length_probe` is). The function every layer and shape is compiled through: module-level, so a saved compiled
-    copy can be bound to every layer, and the longest segment as a tensor's length, which stays symbolic where a
-    plain int would be baked into the saved code."""
+    `length_probe` is). The function every layer and shape is compiled through, the layer's weights its inputs, and
+    the longest segment as a tensor's length, which stays symbolic where a plain int would be baked into the
+    compiled code."""
     return layer(hidden, cos, sin, bounds, length_probe.shape[0])
 
 
@@ -228,7 +228,7 @@ class TorchEncoder:
         if cuda:  # cuDNN's SDPA plans each new shape on the host (~0.9 ms a layer, BENCHMARKS.md); flash does not
             torch.backends.cuda.enable_cudnn_sdp(False)
         if compile_model and cuda:  # fuses FP8 activation quantization into its producers
-            if self.causal:  # one compiled layer serves all of them (regional compilation: seconds, not minutes)
+            if self.causal:  # one compiled layer serves all of them (regional compilation: one layer's build)
                 self._layer_call = self._compile_layers(package, log, compiler_imported())
             else:
                 self.model = torch.compile(self.model, dynamic=True)
@@ -295,7 +295,9 @@ class TorchEncoder:
         started = time.perf_counter() - waited
         tokens, segment = 160, 32  # distinct example sizes: equal ones would be traced as equal
         with torch.inference_mode():
-            hidden = torch.zeros(tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+            # small: the layer's output is then its attention and MLP, not the residual input, so the package's
+            # answer checked against the eager layer's tells a wrong package
+            hidden = torch.randn(tokens, self.hidden_size, dtype=self.dtype, device=self.device) * 0.01
             cos, sin = self.model.rotary_emb(self._positions[:tokens], self.dtype)
             bounds = torch.arange(0, tokens + 1, segment, dtype=torch.int32, device=self.device)
             probe = self._length_probe[:segment]
@@ -304,8 +306,9 @@ class TorchEncoder:
             return compile_once(decoder_layer_call, example, dynamic, file, log, started)
 
     def warm_up(self, log: Callable[[str], None]) -> None:
-        """Do at load what would otherwise stall the first requests for seconds each: compile the layers for one
-        row and for any shape, and capture every CUDA-graph shape."""
+        """Do at load what would otherwise stall the first requests: the first launches of every kernel (and with
+        `torch.compile` as the fallback, its compilation for one row and for any shape), and every CUDA-graph
+        shape's capture."""
         started = time.perf_counter()
         for rows, width in ((1, 16), (3, 40), (5, 300), (4, 400)):  # two graphs, two packed passes
             self.forward(np.full((rows, width), 100, dtype=np.int64), np.ones((rows, width), dtype=np.int64))
