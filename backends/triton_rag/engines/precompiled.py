@@ -10,7 +10,8 @@ layer, and the weights stay where the engine put them (its arena can free and re
 Anything that goes wrong on the way falls back to `torch.compile`, which compiles on first use: the package only
 ever saves time. The file's name is a digest of everything the compiled code depends on (the torch, CUDA and Triton
 versions, the GPU, the model's config, precision, our engine sources), so a stale package is never loaded; a file
-that fails to load anyway is compiled again and replaced.
+that fails to load anyway, answers an example otherwise than the eager function, or took its last loading process
+down with it is compiled again and replaced.
 """
 
 from __future__ import annotations
