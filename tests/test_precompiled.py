@@ -43,10 +43,10 @@ def gated_projection(module: Projection, x: torch.Tensor, probe: torch.Tensor) -
 DYNAMIC = [(0, 0), (1, 0)]
 
 
-def _compile(file: Path, logs: list[str]) -> Callable[..., torch.Tensor]:
-    return compile_once(
-        gated_projection, (Projection(0), torch.randn(6, 4), torch.empty(3)), DYNAMIC, file, logs.append
-    )
+def _compile(
+    file: Path, logs: list[str], function: Callable[..., torch.Tensor] = gated_projection
+) -> Callable[..., torch.Tensor]:
+    return compile_once(function, (Projection(0), torch.randn(6, 4), torch.empty(3)), DYNAMIC, file, logs.append)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ from triton_rag.engines.precompiled import PackagedFunction
 packaged = PackagedFunction({str(saved)!r}, gated_projection, DYNAMIC, torch.device("cpu"))
 module, x, probe = Projection(3), torch.randn(7, 4), torch.empty(4)
 assert torch.allclose(packaged(module, x, probe), gated_projection(module, x, probe))  # (assert_close imports sympy)
-print(sorted(name for name in ("torch._dynamo", "torch._inductor", "triton", "sympy") if name in sys.modules))
+from triton_rag.load_phases import compiler_packages_imported
+print(compiler_packages_imported())
 """
     root = Path(__file__).parent.parent
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), str(root / "backends")])}
@@ -126,9 +127,7 @@ def test_a_package_that_answers_otherwise_than_the_function_is_compiled_again(sa
     """The runner checks only how many inputs it gets: a package of other code would run and answer wrong."""
     file, logs = tmp_path / "fn.pt2", []
     shutil.copyfile(saved, file)
-    again = compile_once(
-        tanh_projection, (Projection(0), torch.randn(6, 4), torch.empty(3)), DYNAMIC, file, logs.append
-    )
+    again = _compile(file, logs, tanh_projection)
     assert any("unusable" in line and "differs from the eager function" in line for line in logs), logs
     assert "compiled ahead of time" in logs[-1], logs
     module, x, probe = Projection(6), torch.randn(5, 4), torch.empty(3)

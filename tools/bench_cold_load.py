@@ -35,10 +35,9 @@ COMPILE = True
 from triton_rag.engines.torch_encoder import TorchEncoder
 TorchEncoder({model!r}, "embed", precision="fp8", compile_model=COMPILE, sleepable=True,
              log=lambda m: print(f"  {{m}}", flush=True))
-from triton_rag.load_phases import process_age_seconds
-compiler = [name for name in ("torch._dynamo", "torch._inductor", "triton", "sympy") if name in sys.modules]
-print(f"  loaded: process {{process_age_seconds():.2f}} s old; compiler modules imported: {{compiler or 'none'}}",
-      flush=True)
+from triton_rag.load_phases import compiler_packages_imported, process_age_seconds
+print(f"  loaded: process {{process_age_seconds():.2f}} s old; compiler modules imported: "
+      f"{{compiler_packages_imported() or 'none'}}", flush=True)
 """
 
 

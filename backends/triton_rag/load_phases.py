@@ -85,6 +85,15 @@ def process_age_seconds() -> float:
         return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
+#: The compiler's top-level packages: a load that finds its compiled layer's package imports none of them.
+COMPILER_PACKAGES = ("torch._dynamo", "torch._inductor", "triton", "sympy")
+
+
+def compiler_packages_imported() -> list[str]:
+    """Which of `COMPILER_PACKAGES` this process has imported (none, after a load from a package)."""
+    return [name for name in COMPILER_PACKAGES if name in sys.modules]
+
+
 #: Imported by an encoder load (the compiler's modules only by a load that builds its package); compiled from
 #: source, `import torch` alone took 3.4-4.6 s on the H200 host against 1.5-1.7 s with byte code (BENCHMARKS.md).
 HEAVY_IMPORTS = ("torch", "torch._dynamo", "torch._inductor", "sympy")
