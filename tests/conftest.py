@@ -9,11 +9,11 @@ import hypothesis
 import pytest
 
 from tests.harness import CACHE_DIR, RunningServer, start_server
+from triton_rag.build.offline import build_tiny_qwen3
+from triton_rag.build.offline_docling import build_random_granite_docling
+from triton_rag.build.repository import prepare_repository
+from triton_rag.build.settings import EmbedSettings, RerankSettings, Settings
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.offline import build_tiny_qwen3
-from triton_rag.offline_docling import build_random_granite_docling
-from triton_rag.repository import prepare_repository
-from triton_rag.settings import EmbedSettings, RerankSettings, Settings
 
 # The properties do not depend on time: a scheduling stall of a loaded CI machine is not a failure.
 hypothesis.settings.register_profile(

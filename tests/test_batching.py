@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triton_rag.batching import (
+from triton_rag.core.batching import (
     graph_shape,
     graph_shapes,
     pad_rows,

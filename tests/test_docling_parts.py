@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 
 from tests.harness import CACHE_DIR
-from triton_rag.docling_prompt import GRANITE_CHAT, PagePrompts
+from triton_rag.build.footprint import estimate_vlm_bytes
+from triton_rag.build.offline_docling import build_granite_tokenizer
+from triton_rag.build.settings import SettingsError, load_settings
+from triton_rag.core.docling_prompt import GRANITE_CHAT, PagePrompts
+from triton_rag.core.idefics3 import ImageProcessorConfig, normalize, preprocess
+from triton_rag.core.pdf import Limits, open_image, render_pdf
+from triton_rag.core.text import InputError
 from triton_rag.engines.torch_vlm import PageInput, TorchVlm
-from triton_rag.footprint import estimate_vlm_bytes
-from triton_rag.idefics3 import ImageProcessorConfig, normalize, preprocess
-from triton_rag.offline_docling import build_granite_tokenizer
-from triton_rag.pdf import Limits, open_image, render_pdf
-from triton_rag.settings import SettingsError, load_settings
-from triton_rag.text import InputError
 
 #: sha256 of granite-docling-258M's own vocab.json (tokens by id) + merges.txt, as published on 2026-11-27.
 GRANITE_VOCAB_SHA256 = "7de6b917a76eeed7aa926fd72e200d95105952ff4d30c35a931890bd1b5a35be"

@@ -25,13 +25,13 @@ from tritonclient.utils import InferenceServerException
 from tests.harness import CACHE_DIR, RunningServer, start_server, strings
 from tests.test_docling_parts import PROMPT, empty_pdf, make_pdf, noise_page
 from triton_rag import contract
+from triton_rag.build.model_config import build_config, render
+from triton_rag.build.repository import prepare_repository
+from triton_rag.build.settings import DoclingSettings, Settings
 from triton_rag.client import RouterControl
-from triton_rag.docling_prompt import GRANITE_CHAT
-from triton_rag.doctags import PageTags, pages_to_document
-from triton_rag.model_config import build_config, render
-from triton_rag.pdf import Limits, render_pdf
-from triton_rag.repository import prepare_repository
-from triton_rag.settings import DoclingSettings, Settings
+from triton_rag.core.docling_prompt import GRANITE_CHAT
+from triton_rag.core.doctags import PageTags, pages_to_document
+from triton_rag.core.pdf import Limits, render_pdf
 
 NEW_TOKENS = 16
 MAX_PIXELS = 12_000_000

@@ -7,7 +7,7 @@ import pytest
 from docling_core.types.doc import CoordOrigin, DocItemLabel, DoclingDocument, TableItem, TextItem
 from PIL import Image
 
-from triton_rag.doctags import PageTags, pages_to_document
+from triton_rag.core.doctags import PageTags, pages_to_document
 
 PAGE_1 = (
     "<doctag>"

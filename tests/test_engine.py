@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from triton_rag.batching import pad_rows
+from triton_rag.build.offline import TINY_QWEN3
+from triton_rag.core.batching import pad_rows
 from triton_rag.engines.torch_encoder import TorchEncoder, last_real_positions, read_lm_head_rows
-from triton_rag.offline import TINY_QWEN3
 
 
 def test_last_real_position_for_left_and_right_padding() -> None:

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3Model
 
-from triton_rag.batching import pad_rows
+from triton_rag.build.offline import TINY_QWEN3
+from triton_rag.core.batching import pad_rows
 from triton_rag.engines.checkpoint import load_tensors, stored_tensors
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.offline import TINY_QWEN3
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""triton_rag.idefics3 against transformers' own Idefics3 preprocessing (the PIL backend, `Idefics3ImageProcessorPil`,
+"""triton_rag.core.idefics3 against transformers' own Idefics3 preprocessing (the PIL backend, `Idefics3ImageProcessorPil`,
 and `Idefics3Processor`'s prompt expansion): the same tiles to 1e-5 after normalize (bit-identical in practice), the
 same rows/cols and the same placeholder text, on pages, small, wide, tiny, transparent, grayscale, palette and CMYK
 images, with granite-docling's settings and a few others (no splitting, other sizes, other filter and mean/std).
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from triton_rag.idefics3 import (
+from triton_rag.build.offline_docling import PREPROCESSOR_CONFIG
+from triton_rag.core.idefics3 import (
     DEFAULT_CONFIG,
     ImageProcessorConfig,
     image_prompt,
@@ -21,7 +22,6 @@ from triton_rag.idefics3 import (
     number_of_images,
     preprocess,
 )
-from triton_rag.offline_docling import PREPROCESSOR_CONFIG
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ def _uncached_after_import(module_dir: Path, write_bytecode: bool) -> str:
     flags = [] if write_bytecode else ["-B"]  # -B: as PYTHONDONTWRITEBYTECODE=1
     code = (
         f"import sys; sys.path[:0] = [{str(module_dir)!r}, {str(BACKENDS)!r}]; import probe; "
-        "from triton_rag.load_phases import imported_without_bytecode; "
+        "from triton_rag.core.load_phases import imported_without_bytecode; "
         "print(imported_without_bytecode(['probe', 'json', 'not_imported']))"
     )
     done = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, check=True, env=env)

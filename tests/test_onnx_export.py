@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx
 import pytest
 
+from triton_rag.build.export.onnx_export import export_encoder, parity, sample_batches
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.onnx_export import export_encoder, parity, sample_batches
 
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])

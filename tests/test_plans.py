@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from triton_rag.plans import (
+from triton_rag.build.plans import (
     Host,
     Manifest,
     Profile,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from triton_rag.batching import pad_rows
+from triton_rag.core.batching import pad_rows
+from triton_rag.core.precision import Device, choose_precision
 from triton_rag.engines.fp8 import FP8_MAX, Fp8Linear, convert_linears, quantize_rowwise
 from triton_rag.engines.torch_encoder import ENGINE_PRECISIONS, TorchEncoder
-from triton_rag.precision import Device, choose_precision
 
 H100, RTX_5070_TI, A100, RTX_4090, T4, CPU = (
     Device((9, 0)),

@@ -86,7 +86,7 @@ from triton_rag.engines.precompiled import PackagedFunction
 packaged = PackagedFunction({str(saved)!r}, gated_projection, DYNAMIC, torch.device("cpu"))
 module, x, probe = Projection(3), torch.randn(7, 4), torch.empty(4)
 assert torch.allclose(packaged(module, x, probe), gated_projection(module, x, probe))  # (assert_close imports sympy)
-from triton_rag.load_phases import compiler_packages_imported
+from triton_rag.core.load_phases import compiler_packages_imported
 print(compiler_packages_imported())
 """
     root = Path(__file__).parent.parent

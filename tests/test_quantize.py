@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
+from triton_rag.build.export.onnx_export import export_encoder, sample_batches
+from triton_rag.build.export.quantize import agreement, float16_shortfall, quantize_fp8, run_onnx
+from triton_rag.build.export.trt_rtx import build_rtx_engine
+from triton_rag.build.plans import encoder_profiles
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.onnx_export import export_encoder, sample_batches
-from triton_rag.plans import encoder_profiles
-from triton_rag.quantize import agreement, float16_shortfall, quantize_fp8, run_onnx
-from triton_rag.trt_rtx import build_rtx_engine
 
 
 @pytest.fixture(scope="module")

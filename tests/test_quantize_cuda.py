@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import pytest
 
+from triton_rag.build.export.onnx_export import sample_batches
+from triton_rag.build.export.quantize import quantize_nvfp4
+from triton_rag.core.postprocess import row_cosine
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.onnx_export import sample_batches
-from triton_rag.postprocess import row_cosine
-from triton_rag.quantize import quantize_nvfp4
 
 pytestmark = pytest.mark.gpu
 

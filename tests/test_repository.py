@@ -16,13 +16,13 @@ from google.protobuf.text_format import ParseError
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tests.harness import CACHE_DIR, PROJECT_ROOT
-from triton_rag import admin, contract, contract_doc
-from triton_rag.model_config import parse
-from triton_rag.offline import OFFLINE_MARKER
-from triton_rag.plans import Host, Manifest, detect_host, encoder_profiles, engine_source, manifest_file
-from triton_rag.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
-from triton_rag.server import RESTRICTED_APIS, access_flags
-from triton_rag.settings import (
+from triton_rag import contract
+from triton_rag.build import contract_doc
+from triton_rag.build.model_config import parse
+from triton_rag.build.offline import OFFLINE_MARKER
+from triton_rag.build.plans import Host, Manifest, detect_host, encoder_profiles, engine_source, manifest_file
+from triton_rag.build.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
+from triton_rag.build.settings import (
     DoclingSettings,
     EmbedSettings,
     RerankSettings,
@@ -31,7 +31,9 @@ from triton_rag.settings import (
     load_settings,
     settings_file,
 )
-from triton_rag.sources import ModelSourceError, resolve_model
+from triton_rag.build.sources import ModelSourceError, resolve_model
+from triton_rag.core import admin
+from triton_rag.server import RESTRICTED_APIS, access_flags
 
 MODELS = (
     contract.EMBED_ENDPOINT,
@@ -249,7 +251,7 @@ def test_committed_model_py_files_are_what_the_generator_writes() -> None:
 
 def test_contract_doc_is_in_sync() -> None:
     assert (PROJECT_ROOT / "docs" / "CONTRACT.md").read_text() == contract_doc.render(), (
-        "run: python -m triton_rag.contract_doc > docs/CONTRACT.md"
+        "run: python -m triton_rag.build.contract_doc > docs/CONTRACT.md"
     )
 
 

@@ -10,17 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triton_rag.residency import (
+from triton_rag.core.residency import (
     ModelView,
     Policy,
-    PolicyError,
     decide,
-    format_bytes,
     host_occupied_bytes,
     occupied_bytes,
-    parse_bytes,
     victim_order,
 )
+from triton_rag.core.units import PolicyError, parse_bytes
 
 GIB = 2**30
 

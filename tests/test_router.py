@@ -22,9 +22,9 @@ from tritonclient.utils import InferenceServerException
 
 from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
 from triton_rag import contract
+from triton_rag.build.repository import prepare_repository, prepare_router, startup_models
+from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.client import RouterControl
-from triton_rag.repository import prepare_repository, prepare_router, startup_models
-from triton_rag.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 
 pytestmark = pytest.mark.server
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from triton_rag.footprint import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, estimate_bytes, safetensors_parameters
-from triton_rag.memory import MeasurementFile, alive, rss_bytes, stub_pids
-from triton_rag.model_config import parse
-from triton_rag.repository import prepare_router
-from triton_rag.server import grpc_endpoint
-from triton_rag.settings import RouterSettings, SettingsError, load_settings, router_settings
+from triton_rag.build.footprint import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, estimate_bytes, safetensors_parameters
+from triton_rag.build.model_config import parse
+from triton_rag.build.repository import prepare_router
+from triton_rag.build.settings import RouterSettings, SettingsError, load_settings, router_settings
+from triton_rag.contract.params import ManagedModel, RouterParameters
+from triton_rag.core.server_args import grpc_endpoint
+from triton_rag.triton.router.memory import MeasurementFile, alive, rss_bytes, stub_pids
 
 GIB = 2**30
 
@@ -66,9 +67,11 @@ def test_router_settings_round_trip_through_config_parameters(tmp_path: Path) ->
     prepare_router(settings, tmp_path, endpoints)
     config = parse((tmp_path / "router" / "config.pbtxt").read_text())
     params = {key: value.string_value for key, value in config.parameters.items()}
-    models = params.pop("models")
-    assert router_settings(params) == RouterSettings(**{**settings.__dict__, "enabled": True})
-    assert '"estimate_bytes_gpu": 5' in models and '"endpoints": ["ep"]' in models
+    parsed = RouterParameters.parse(params)
+    assert parsed.settings == RouterSettings(**{**settings.__dict__, "enabled": True})
+    assert parsed.models == (ManagedModel("enc", ("ep",), {"gpu": 5, "cpu": 7}),)
+    assert parsed.models[0].estimate("gpu") == 5 and parsed.models[0].weights("cpu") == 7
+    assert RouterParameters.parse(parsed.render()) == parsed
     assert config.max_batch_size == 0 and [i.name for i in config.input] == ["ACTION", "MODELS", "LEASE"]
 
 

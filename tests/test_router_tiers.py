@@ -23,12 +23,12 @@ from tritonclient.utils import InferenceServerException
 
 from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
 from triton_rag import contract
+from triton_rag.build.offline import TINY_QWEN3, build_random_qwen3
+from triton_rag.build.repository import prepare_repository
+from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.client import RouterControl
-from triton_rag.load_phases import cold_loads
-from triton_rag.memory import stub_pids
-from triton_rag.offline import TINY_QWEN3, build_random_qwen3
-from triton_rag.repository import prepare_repository
-from triton_rag.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
+from triton_rag.core.load_phases import cold_loads
+from triton_rag.triton.router.memory import stub_pids
 
 pytestmark = pytest.mark.server
 

@@ -16,9 +16,10 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import RunningServer, wait_until
-from triton_rag import admin, contract
+from triton_rag import contract
+from triton_rag.build.repository import startup_models
 from triton_rag.client import AdminHeader, RouterControl, default_key
-from triton_rag.repository import startup_models
+from triton_rag.core import admin
 from triton_rag.server import (
     GRPC_KEY_HEADER,
     LOOPBACK,

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import CACHE_DIR, PROJECT_ROOT, wait_until
-from triton_rag import admin
-from triton_rag.repository import prepare_repository
+from triton_rag.build.repository import prepare_repository
+from triton_rag.build.settings import EmbedSettings, Settings
+from triton_rag.core import admin
 from triton_rag.server import free_ports
-from triton_rag.settings import EmbedSettings, Settings
 
 pytestmark = pytest.mark.server
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from triton_rag.text import (
+from triton_rag.core.text import (
     EmbedTokenization,
     InputError,
     RerankTokenization,

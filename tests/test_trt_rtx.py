@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from triton_rag import contract
+from triton_rag.build.export.onnx_export import export_encoder
+from triton_rag.build.export.trt_rtx import build_rtx_engine, load_tensorrt_rtx
+from triton_rag.build.plans import Host, Manifest, choose_variant, encoder_profiles, incompatibility, manifest_file
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.onnx_export import export_encoder
-from triton_rag.plans import Host, Manifest, choose_variant, encoder_profiles, incompatibility, manifest_file
-from triton_rag.trt_rtx import build_rtx_engine, load_tensorrt_rtx
 
 
 @pytest.mark.parametrize(("task", "precision"), [("embed", "float32"), ("rerank", "float32"), ("embed", "float16")])

@@ -4,7 +4,7 @@ first, unmeasured load makes them). Variants of the load's knobs run in turn, so
 
     python tools/bench_cold_load.py --shape 8b --cache-dir .cache
 
-Prints each load's engine log (the phases `triton_rag.load_phases` reads) and its wall time from process start.
+Prints each load's engine log (the phases `triton_rag.core.load_phases` reads) and its wall time from process start.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
+from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
 
@@ -35,7 +35,7 @@ COMPILE = True
 from triton_rag.engines.torch_encoder import TorchEncoder
 TorchEncoder({model!r}, "embed", precision="fp8", compile_model=COMPILE, sleepable=True,
              log=lambda m: print(f"  {{m}}", flush=True))
-from triton_rag.load_phases import compiler_packages_imported, process_age_seconds
+from triton_rag.core.load_phases import compiler_packages_imported, process_age_seconds
 print(f"  loaded: process {{process_age_seconds():.2f}} s old; compiler modules imported: "
       f"{{compiler_packages_imported() or 'none'}}", flush=True)
 """

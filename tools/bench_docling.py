@@ -32,10 +32,10 @@ import torch
 from benchlib import markdown_table, timed
 from PIL import Image, ImageDraw
 
-from triton_rag.docling_prompt import GRANITE_CHAT
+from triton_rag.build.offline_docling import GRANITE_DOCLING_TEXT, GRANITE_DOCLING_VISION, build_random_granite_docling
+from triton_rag.core.docling_prompt import GRANITE_CHAT
+from triton_rag.core.idefics3 import ImageProcessorConfig, normalize, preprocess
 from triton_rag.engines.torch_vlm import PageInput, TorchVlm
-from triton_rag.idefics3 import ImageProcessorConfig, normalize, preprocess
-from triton_rag.offline_docling import GRANITE_DOCLING_TEXT, GRANITE_DOCLING_VISION, build_random_granite_docling
 
 
 def log(message: str) -> None:
@@ -92,7 +92,7 @@ def main() -> None:
     config = ImageProcessorConfig.from_preprocessor_config(
         json.loads((model_dir / "preprocessor_config.json").read_text())
     )
-    from triton_rag.idefics3 import image_prompt
+    from triton_rag.core.idefics3 import image_prompt
 
     pages = [synthetic_page(seed) for seed in range(args.pages)]
     before, after = GRANITE_CHAT.format(prompt="Convert this page to docling.").split("<image>")

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from benchlib import find_perf_analyzer, markdown_table, perf_analyzer, time_per_model, timed
 
-from triton_rag.batching import pad_rows
+from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
+from triton_rag.core.batching import pad_rows
+from triton_rag.core.postprocess import row_cosine
 from triton_rag.engines.torch_encoder import TorchEncoder, pool
-from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
-from triton_rag.postprocess import row_cosine
 
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
 PAD_ID = 151643
@@ -176,9 +176,9 @@ class DevicePeak:
 @contextmanager
 def served(task: str, model_dir: Path, precision: str, args: argparse.Namespace) -> Iterator[Any]:
     """tritonserver with our endpoint for `task` (router on), its encoder loaded and warm."""
-    from triton_rag.repository import prepare_repository
+    from triton_rag.build.repository import prepare_repository
+    from triton_rag.build.settings import EmbedSettings, RerankSettings, Settings
     from triton_rag.server import TritonServer, free_ports
-    from triton_rag.settings import EmbedSettings, RerankSettings, Settings
 
     repository = args.work / f"e2e-{model_dir.name}-{precision}"
     common = {"model": str(model_dir), "max_length": 1024, "precision": precision}
@@ -281,8 +281,8 @@ def end_to_end(
 
 def tokenized_short(tokenizer: Any, task: str, short: dict[str, list[str]]) -> list[int]:
     """The token ids the endpoint sends the encoder for the short request (its own tokenization code)."""
-    from triton_rag.settings import DEFAULT_RERANK_INSTRUCTION
-    from triton_rag.text import (
+    from triton_rag.build.settings import DEFAULT_RERANK_INSTRUCTION
+    from triton_rag.core.text import (
         QWEN3_POOL_TOKEN,
         EmbedTokenization,
         RerankTokenization,

@@ -26,8 +26,8 @@ import benchlib
 import numpy as np
 import torch
 
+from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
 QUERY = (np.full((1, 12), 1000, dtype=np.int64), np.ones((1, 12), dtype=np.int64))

@@ -34,12 +34,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from triton_rag import contract
+from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
+from triton_rag.build.repository import prepare_repository
+from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.client import RouterControl
-from triton_rag.load_phases import PHASES, cold_loads
-from triton_rag.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
-from triton_rag.repository import prepare_repository
+from triton_rag.core.load_phases import PHASES, cold_loads
 from triton_rag.server import TritonServer, free_ports
-from triton_rag.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 
 #: Real Qwen3 sizes, and the tiny test shape for a quick run on a CPU machine.
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
@@ -353,7 +353,7 @@ def rag_markdown(rag: dict[str, Any]) -> list[str]:
 
 
 def cold_load_markdown(loads: list[dict[str, Any]]) -> list[str]:
-    """Each load of that server, phase by phase from its log (triton_rag.load_phases)."""
+    """Each load of that server, phase by phase from its log (triton_rag.core.load_phases)."""
     if not loads:
         return []
     names = list(PHASES)

@@ -29,12 +29,12 @@ import torch
 from transformers import AutoTokenizer
 
 from triton_rag import contract
+from triton_rag.build.export.onnx_export import export_encoder, parity, sample_batches
+from triton_rag.build.export.quantize import agreement, float16_shortfall, quantize_fp8, quantize_nvfp4, run_onnx
+from triton_rag.build.plans import PLAN_CHAIN, configured_profiles, engine_source, plan_precision
+from triton_rag.build.settings import load_settings, settings_file
+from triton_rag.build.sources import resolve_model
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.onnx_export import export_encoder, parity, sample_batches
-from triton_rag.plans import PLAN_CHAIN, configured_profiles, engine_source, plan_precision
-from triton_rag.quantize import agreement, float16_shortfall, quantize_fp8, quantize_nvfp4, run_onnx
-from triton_rag.settings import load_settings, settings_file
-from triton_rag.sources import resolve_model
 
 PARITY_COSINE = 0.9999
 RTX_50 = (12, 0)
@@ -108,7 +108,7 @@ def main() -> int:
         if shortfall is None:
             built["float16"] = fp16
         if rtx:
-            from triton_rag.trt_rtx import build_rtx_engine
+            from triton_rag.build.export.trt_rtx import build_rtx_engine
 
             source = engine_source(encoder_settings.model, model.is_offline_stand_in)
 

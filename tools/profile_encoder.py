@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from triton_rag import contract
-from triton_rag.batching import pad_rows, plan_encoder_calls
+from triton_rag.build.offline import QWEN3_SHAPES, build_random_qwen3
+from triton_rag.core.batching import pad_rows, plan_encoder_calls
 from triton_rag.engines.torch_encoder import TorchEncoder
-from triton_rag.offline import QWEN3_SHAPES, build_random_qwen3
 
 PAD_ID = 151643
 

@@ -8,12 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from triton_rag import admin, contract
-from triton_rag.plans import Host, Manifest, configured_profiles, detect_host, manifest_file
-from triton_rag.repository import RepositoryError, prepare_repository, startup_models
+from triton_rag import contract
+from triton_rag.build.plans import Host, Manifest, configured_profiles, detect_host, manifest_file
+from triton_rag.build.repository import RepositoryError, prepare_repository, startup_models
+from triton_rag.build.settings import Settings, SettingsError, load_settings, settings_file
+from triton_rag.build.sources import ModelSourceError
+from triton_rag.core import admin
 from triton_rag.server import LOOPBACK, Ports, TritonServer, admin_key_file, resolve_admin_key
-from triton_rag.settings import Settings, SettingsError, load_settings, settings_file
-from triton_rag.sources import ModelSourceError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from triton_rag import admin, contract
-from triton_rag.server import GRPC_KEY_HEADER, admin_key_file
+from triton_rag import contract
+from triton_rag.core import admin
+from triton_rag.core.admin import GRPC_KEY_HEADER
+from triton_rag.server import admin_key_file
 
 #: `triton-rag serve`'s default --cache-dir, where it keeps the admin key it made
 PROJECT_CACHE = Path(__file__).resolve().parents[2] / ".cache"

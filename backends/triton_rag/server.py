@@ -10,7 +10,7 @@ The server runs in its own process group; stopping it (SIGTERM, then SIGKILL aft
 whole group down, so no python stub outlives it.
 
 Safe by default: it listens on loopback only, and the APIs that change the server (repository, shared memory, trace,
-logging) need the admin key (triton_rag.admin) in a header; see `access_flags`.
+logging) need the admin key (triton_rag.core.admin) in a header; see `access_flags`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from triton_rag import admin
+from triton_rag.core import admin
+from triton_rag.core.admin import GRPC_KEY_HEADER  # noqa: F401  (re-exported for the launcher's callers)
 
 #: Where tritonserver listens unless told otherwise: only processes of this machine can reach it.
 LOOPBACK = "127.0.0.1"
@@ -43,9 +44,6 @@ LOOPBACK = "127.0.0.1"
 #: among them), trace and logging settings name files the server writes. Health, metadata, inference, statistics
 #: and model-config (read-only; perf_analyzer reads it) stay open.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
-#: The header a restricted gRPC call must carry: tritonserver prefixes the configured name with this fixed
-#: "triton-grpc-protocol-" (HTTP checks admin.KEY_NAME as given).
-GRPC_KEY_HEADER = f"triton-grpc-protocol-{admin.KEY_NAME}"
 
 
 @dataclass(frozen=True)
@@ -193,26 +191,6 @@ def server_command(
     return command + list(extra_args)
 
 
-def grpc_endpoint(argv: Sequence[str]) -> str:
-    """Where a running tritonserver answers gRPC, from its command line (Triton's defaults where a flag is absent).
-
-    The router uses it to drive the repository API: pb_utils.load_model/unload_model/is_model_ready abort
-    tritonserver 2.51 when they fail on a thread other than the stub's main thread."""
-    flags: dict[str, str] = {}
-    items = list(argv[1:])
-    for index, item in enumerate(items):
-        if item.startswith("--"):
-            key, sep, value = item[2:].partition("=")
-            if not sep and index + 1 < len(items) and not items[index + 1].startswith("--"):
-                value = items[index + 1]
-            flags[key] = value
-    if flags.get("allow-grpc", "true").lower() in ("false", "0", "no"):
-        raise RuntimeError("tritonserver runs with --allow-grpc=false; the router needs its gRPC endpoint")
-    address = flags.get("grpc-address", "0.0.0.0")
-    host = "127.0.0.1" if address in ("0.0.0.0", "", "::", "[::]") else address
-    return f"{host}:{flags.get('grpc-port', '8001')}"
-
-
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if the launcher dies, so a killed launcher leaves no server behind."""
     os.setsid()
@@ -238,7 +216,7 @@ class TritonServer:
         """`load_models`: what to load at start-up; by default the prepared repository's light models (the router
         loads compute models on first use). `host`: the address to listen on (`0.0.0.0`: every interface).
         `admin_key`: by default `resolve_admin_key(cache_dir)`."""
-        from triton_rag.repository import startup_models
+        from triton_rag.build.repository import startup_models
 
         if load_models is None:
             load_models = startup_models(repository)

@@ -29,7 +29,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from triton_rag.batching import graph_shape, graph_shapes, plan_packed_passes
+from triton_rag.core.batching import graph_shape, graph_shapes, plan_packed_passes
+from triton_rag.core.precision import Device, choose_precision
 from triton_rag.engines.checkpoint import read_rows, stored_tensors
 from triton_rag.engines.fp8 import convert_linears
 from triton_rag.engines.precompiled import SUFFIX as PACKAGE_SUFFIX
@@ -41,7 +42,6 @@ from triton_rag.engines.precompiled import (
 )
 from triton_rag.engines.qwen3 import load_qwen3, read_config
 from triton_rag.engines.weight_arena import WeightArena
-from triton_rag.precision import Device, choose_precision
 
 #: What this engine has kernels for (NVFP4 GEMMs come with TensorRT plans, issue 6).
 ENGINE_PRECISIONS = frozenset({"fp8", "bfloat16", "float32"})

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from triton_rag.engines.torch_encoder import validate_encoder_inputs
-from triton_rag.trt_rtx import load_tensorrt_rtx
+
+
+def load_tensorrt_rtx() -> Any:
+    """The tensorrt_rtx module, or a RuntimeError that says how to install it."""
+    try:
+        import tensorrt_rtx
+    except ImportError as exc:
+        raise RuntimeError(
+            "TensorRT-RTX is not installed: pip install 'tensorrt-rtx-cu13==1.7.1.116' (or the `rtx` extra)"
+        ) from exc
+    return tensorrt_rtx
 
 
 class TrtRtxEncoder:

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triton_rag.admin import KEY_NAME, server_key
-from triton_rag.text import InputError, decode_utf8
+from triton_rag.core.admin import KEY_NAME, server_key
+from triton_rag.core.text import InputError, decode_utf8
 
 T = TypeVar("T")
 Row = TypeVar("Row")

@@ -22,11 +22,11 @@ from docling_core.types.doc import DoclingDocument
 from PIL import Image
 
 from triton_rag import contract
-from triton_rag.docling_prompt import PagePrompts
-from triton_rag.doctags import PageTags, pages_to_document
-from triton_rag.idefics3 import ImageProcessorConfig, Tiles, preprocess
-from triton_rag.pdf import Limits, RenderedPage, open_image, render_pdf
-from triton_rag.text import InputError
+from triton_rag.core.docling_prompt import PagePrompts
+from triton_rag.core.doctags import PageTags, pages_to_document
+from triton_rag.core.idefics3 import ImageProcessorConfig, Tiles, preprocess
+from triton_rag.core.pdf import Limits, RenderedPage, open_image, render_pdf
+from triton_rag.core.text import InputError
 from triton_rag.triton.common import (
     RouterClient,
     answer_each,

@@ -13,10 +13,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
-from triton_rag.admin import KEY_NAME, key_matches, server_key
+from triton_rag.core.admin import KEY_NAME, key_matches, server_key
+from triton_rag.core.load_phases import imported_without_bytecode, process_age_seconds
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
-from triton_rag.load_phases import imported_without_bytecode, process_age_seconds
 from triton_rag.triton.common import answer_each, model_parameters
 
 

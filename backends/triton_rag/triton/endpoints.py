@@ -16,9 +16,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
-from triton_rag.batching import pad_rows, plan_encoder_calls
-from triton_rag.postprocess import matryoshka_normalize, yes_probability
-from triton_rag.text import (
+from triton_rag.core.batching import pad_rows, plan_encoder_calls
+from triton_rag.core.postprocess import matryoshka_normalize, yes_probability
+from triton_rag.core.text import (
     EmbedTokenization,
     Encoded,
     InputError,

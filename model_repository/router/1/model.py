@@ -1,3 +1,3 @@
-"""Triton python model `router`; the implementation is triton_rag.triton.router.RouterModel."""
+"""Triton python model `router`; the implementation is triton_rag.triton.router.model.RouterModel."""
 
-from triton_rag.triton.router import RouterModel as TritonPythonModel  # noqa: F401
+from triton_rag.triton.router.model import RouterModel as TritonPythonModel  # noqa: F401

@@ -31,12 +31,21 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
-from triton_rag.admin import KEY_NAME, key_matches, server_key
-from triton_rag.memory import MeasurementFile, MemoryProbe, alive, dead_stubs, open_probe, ram_total, stub_pids
-from triton_rag.residency import ModelView, Policy, decide, format_bytes, host_occupied_bytes, occupied_bytes
-from triton_rag.server import GRPC_KEY_HEADER, grpc_endpoint
-from triton_rag.settings import router_settings
-from triton_rag.triton.common import error_response, read_strings
+from triton_rag.contract.params import RouterParameters
+from triton_rag.core.admin import GRPC_KEY_HEADER, KEY_NAME, key_matches, server_key
+from triton_rag.core.residency import ModelView, Policy, decide, host_occupied_bytes, occupied_bytes
+from triton_rag.core.server_args import grpc_endpoint
+from triton_rag.core.units import format_bytes
+from triton_rag.triton.common import error_response, model_parameters, read_strings
+from triton_rag.triton.router.memory import (
+    MeasurementFile,
+    MemoryProbe,
+    alive,
+    dead_stubs,
+    open_probe,
+    ram_total,
+    stub_pids,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 LOAD_BUCKETS = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
@@ -224,10 +233,8 @@ class RepositoryApi:
 
 class RouterModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        models = json.loads(params.pop("models", "{}"))
-        self.settings = router_settings(params)
+        parameters = RouterParameters.parse(model_parameters(args))
+        self.settings = parameters.settings
         self.probe: MemoryProbe = open_probe()
         self.policy = Policy(
             self.settings.budget_bytes(self.probe.device, self.probe.total),
@@ -238,14 +245,14 @@ class RouterModel:
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, str] = {}
         self.measurements = MeasurementFile(Path(args["model_repository"]) / self.settings.measurements_file)
-        for name, info in models.items():
-            estimate = int(info["estimate_bytes_" + self.probe.device])
-            weights = int(info.get("weight_bytes_" + self.probe.device, estimate))
+        for model in parameters.models:
+            name, estimate = model.name, model.estimate(self.probe.device)
+            weights = model.weights(self.probe.device)
             self.entries[name] = Entry(
                 name,
                 estimate,
-                list(info.get("endpoints", [])),
-                sleepable=bool(info.get("sleepable", False)),
+                list(model.endpoints),
+                sleepable=model.sleepable,
                 host_bytes=weights,
                 asleep_estimate=max(estimate - weights, 0),
             )
@@ -253,7 +260,7 @@ class RouterModel:
             if remembered is not None:
                 self.entries[name].measured, self.entries[name].measured_by = remembered, "remembered from a load"
             self.aliases[name] = name
-            for endpoint in info.get("endpoints", []):
+            for endpoint in model.endpoints:
                 self.aliases[endpoint] = name
         self.server_pid = os.getppid()
         self.key = server_key(self.server_pid)

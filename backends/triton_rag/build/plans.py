@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from triton_rag import contract
-from triton_rag.precision import Device, hardware_supports
-from triton_rag.settings import Settings
+from triton_rag.build.settings import Settings
+from triton_rag.core.precision import Device, hardware_supports
 
 PlanPrecision = Literal["nvfp4", "fp8", "float16"]
 #: TensorRT plans fall from NVFP4 to FP8 to FP16 (the notes' FP16 fallback; plans carry no bfloat16 path here).

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 from triton_rag import contract
-from triton_rag.contract import MIN_EMBED_DIM, ModelContract
-from triton_rag.footprint import estimate_bytes, estimate_vlm_bytes, weight_bytes
-from triton_rag.model_config import build_config, render
-from triton_rag.plans import Host, Variant, built_engines, choose_variant, detect_host, engine_source
-from triton_rag.settings import (
+from triton_rag.build.footprint import estimate_bytes, estimate_vlm_bytes, weight_bytes
+from triton_rag.build.model_config import build_config, render
+from triton_rag.build.plans import Host, Variant, built_engines, choose_variant, detect_host, engine_source
+from triton_rag.build.settings import (
     DoclingSettings,
     EmbedSettings,
     EncoderSettings,
@@ -36,8 +35,10 @@ from triton_rag.settings import (
     RouterSettings,
     Settings,
 )
-from triton_rag.sources import ResolvedModel, resolve_model
-from triton_rag.text import QWEN3_POOL_TOKEN
+from triton_rag.build.sources import ResolvedModel, resolve_model
+from triton_rag.contract import MIN_EMBED_DIM, ModelContract
+from triton_rag.contract.params import ManagedModel, RouterParameters
+from triton_rag.core.text import QWEN3_POOL_TOKEN
 
 Log = Callable[[str], None]
 
@@ -60,7 +61,7 @@ MODEL_PY = {
     contract.RERANK_ENDPOINT: ("triton_rag.triton.endpoints", "RerankEndpoint"),
     contract.EMBED_ENCODER: ("triton_rag.triton.encoder", "EncoderModel"),
     contract.RERANK_ENCODER: ("triton_rag.triton.encoder", "EncoderModel"),
-    contract.ROUTER: ("triton_rag.triton.router", "RouterModel"),
+    contract.ROUTER: ("triton_rag.triton.router.model", "RouterModel"),
     contract.DOCLING_ENDPOINT: ("triton_rag.triton.docling", "DoclingEndpoint"),
     contract.DOCLING_DOCUMENT_ENDPOINT: ("triton_rag.triton.docling", "DoclingDocumentEndpoint"),
     contract.DOCLING_VLM: ("triton_rag.triton.docling", "VlmModel"),
@@ -343,8 +344,8 @@ def prepare_docling(
     this host has a GPU and TensorRT."""
     from transformers import AutoTokenizer
 
-    from triton_rag.docling_prompt import PagePrompts
-    from triton_rag.idefics3 import ImageProcessorConfig
+    from triton_rag.core.docling_prompt import PagePrompts
+    from triton_rag.core.idefics3 import ImageProcessorConfig
 
     model = resolve_model(settings.model, "docling", cache_dir, fallback, log)
     max_new_tokens = settings.max_new_tokens
@@ -447,14 +448,17 @@ def prepare_docling(
 
 
 def prepare_router(settings: RouterSettings, repository: Path, endpoints: dict[str, dict]) -> None:
-    models = {
-        chosen["compute_model"]: {"estimate_bytes_" + device: size for device, size in chosen["estimate_bytes"].items()}
-        | {"weight_bytes_" + device: size for device, size in chosen.get("weight_bytes", {}).items()}
-        | {"endpoints": chosen.get("endpoints", [chosen["endpoint"]]), "sleepable": chosen.get("sleepable", False)}
+    models = tuple(
+        ManagedModel(
+            name=chosen["compute_model"],
+            endpoints=tuple(chosen.get("endpoints", [chosen["endpoint"]])),
+            estimate_bytes=dict(chosen["estimate_bytes"]),
+            weight_bytes=dict(chosen.get("weight_bytes", {})),
+            sleepable=bool(chosen.get("sleepable", False)),
+        )
         for chosen in endpoints.values()
-    }
-    parameters = settings.parameters() | {"models": json.dumps(models, sort_keys=True)}
-    parameters.pop("enabled")
+    )
+    parameters = RouterParameters(settings, models).render()
     config = build_config(contract.router(), backend="python", parameters=parameters)
     _write(repository / contract.ROUTER, contract.router(), render(config, GENERATED_HEADER), with_model_py=True)
 

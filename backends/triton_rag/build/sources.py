@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from triton_rag.offline import OFFLINE_MARKER, build_tiny_qwen3
-from triton_rag.offline_docling import build_random_granite_docling
+from triton_rag.build.offline import OFFLINE_MARKER, build_tiny_qwen3
+from triton_rag.build.offline_docling import build_random_granite_docling
 
 Origin = Literal["local", "hub", "offline"]
 Log = Callable[[str], None]

@@ -1,81 +1,23 @@
-"""Deployment settings: which models serve each endpoint and how. Read from `rag.toml`, the one configuration place."""
+"""Typed parameters of the models, as config.pbtxt carries them: one frozen dataclass per model kind, rendered into
+config.pbtxt string parameters at build time and parsed back in `initialize` by the same code (`render` / `parse`),
+so a default lives in one place and a typo fails where it is made.
+
+Also the parser rag.toml's sections share (`build_dataclass`): the same conversions and checks for a value read from
+TOML, from `--set section.key=value` or from config.pbtxt.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+import json
+from dataclasses import dataclass
+from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-from triton_rag.contract import DEFAULT_EMBED_DIM
-from triton_rag.residency import PolicyError, parse_bytes
-
-Overflow = Literal["reject", "truncate"]
-Pooling = Literal["auto", "last_token", "mean"]
-Engine = Literal["torch", "tensorrt_plan", "tensorrt_rtx"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-
-DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+from triton_rag.core.units import PolicyError, parse_bytes
 
 
 class SettingsError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class EncoderSettings:
-    #: Hub id (e.g. "Qwen/Qwen3-Embedding-8B") or a local directory in Hugging Face layout.
-    model: str
-    max_length: int = 8192
-    overflow: Overflow = "reject"
-    engine: Engine = "torch"
-    dtype: DType = "auto"
-    #: nvfp4 | fp8 | bfloat16 | float32 | auto (= `dtype`); a precision the GPU or engine cannot run falls back
-    #: down that chain, with the reason in the log (triton_rag.precision).
-    precision: str = "auto"
-    #: Largest padded batch (rows x longest row) sent to the encoder at once; the engine packs the real tokens into
-    #: passes of at most this many (its activation memory scales with it).
-    max_batch_tokens: int = 32768
-    #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
-    #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
-    compile: bool = True
-
-
-@dataclass(frozen=True)
-class EmbedSettings(EncoderSettings):
-    model: str = "Qwen/Qwen3-Embedding-0.6B"
-    dim: int = DEFAULT_EMBED_DIM
-    pooling: Pooling = "auto"
-
-
-@dataclass(frozen=True)
-class RerankSettings(EncoderSettings):
-    model: str = "Qwen/Qwen3-Reranker-0.6B"
-    default_instruction: str = DEFAULT_RERANK_INSTRUCTION
-
-
-@dataclass(frozen=True)
-class DoclingSettings:
-    """The document-conversion VLM and the limits of what one request may ask for (docs/DOCLING.md)."""
-
-    #: Hub id or a local directory: granite-docling-258M (or another Idefics3 DocTags model such as SmolDocling).
-    model: str = "ibm-granite/granite-docling-258M"
-    engine: Engine = "torch"
-    dtype: DType = "auto"
-    prompt: str = "Convert this page to docling."
-    #: Per page; docling's own setting. A page that reaches it ends with an unclosed element (empty text).
-    max_new_tokens: int = 8192
-    #: PDF render resolution (docling renders at 144); the model sees at most 2048 px on the long edge anyway.
-    dpi: float = 144.0
-    max_pages: int = 200
-    max_image_pixels: int = 40_000_000
-    max_document_bytes: int = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -155,16 +97,6 @@ class RouterSettings:
         return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
 
 
-@dataclass(frozen=True)
-class Settings:
-    embed: EmbedSettings = field(default_factory=EmbedSettings)
-    rerank: RerankSettings = field(default_factory=RerankSettings)
-    docling: DoclingSettings = field(default_factory=DoclingSettings)
-    router: RouterSettings = field(default_factory=RouterSettings)
-    #: Build tiny random-weight models of the real architecture when the hub cannot be reached.
-    offline_fallback: bool = True
-
-
 _CHOICES: dict[str, tuple[str, ...]] = {
     "overflow": ("reject", "truncate"),
     "pooling": ("auto", "last_token", "mean"),
@@ -177,7 +109,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _SECTION_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("docling", "engine"): ("torch", "tensorrt_plan")}
 
 
-def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
+def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -209,53 +141,71 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     return cls(**converted)
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
-    """`["embed.model=/models/x", ...]` -> `{"embed": {"model": "/models/x"}}`."""
-    result: dict[str, dict[str, str]] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise SettingsError(f"override {item!r} is not of the form section.key=value")
-        result.setdefault(section.strip(), {})[name.strip()] = value.strip()
-    return result
-
-
-def settings_file(given: Path | None, default: Path) -> Path | None:
-    """The settings file to read: the one asked for (a missing one is an error, not the defaults in silence), else
-    the default file where there is one, else None (the built-in defaults)."""
-    return given if given is not None else (default if default.is_file() else None)
-
-
-def load_settings(path: Path | None, overrides: list[str] | None = None) -> Settings:
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise SettingsError(f"configuration file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"{path} is not valid TOML: {exc}") from None
-    for section, values in parse_overrides(overrides or []).items():
-        data.setdefault(section, {}).update(values)
-    unknown = sorted(set(data) - {"embed", "rerank", "docling", "router", "offline"})
-    if unknown:
-        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, docling, router, offline")
-    offline = data.get("offline", {})
-    fallback = offline.get("fallback", True)
-    if isinstance(fallback, str):
-        fallback = fallback.lower() in ("1", "true", "yes", "on")
-    return Settings(
-        embed=_build(EmbedSettings, "embed", data.get("embed", {})),
-        rerank=_build(RerankSettings, "rerank", data.get("rerank", {})),
-        docling=_build(DoclingSettings, "docling", data.get("docling", {})),
-        router=router_settings(data.get("router", {})),
-        offline_fallback=bool(fallback),
-    )
-
-
 def router_settings(values: dict[str, Any]) -> RouterSettings:
     """From rag.toml's [router] table or the router's config.pbtxt parameters (all strings there)."""
-    return _build(
+    return build_dataclass(
         RouterSettings, "router", {key: str(value) if key in ("budget", "host_budget") else value for key, value in values.items()}
     )
+
+
+@dataclass(frozen=True)
+class ManagedModel:
+    """A compute model under the router, as `prepare` found it: which endpoints use it, whether its engine can
+    sleep, and what it is estimated to hold per device ("gpu", "cpu") before a load measures it."""
+
+    name: str
+    endpoints: tuple[str, ...]
+    estimate_bytes: dict[str, int]
+    #: Its weights alone (the host tier's copy when it sleeps); defaults to the whole estimate.
+    weight_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    sleepable: bool = False
+
+    def estimate(self, device: str) -> int:
+        if device not in self.estimate_bytes:
+            raise SettingsError(f"[router] model {self.name} has no size estimate for device {device!r}")
+        return int(self.estimate_bytes[device])
+
+    def weights(self, device: str) -> int:
+        return int(self.weight_bytes.get(device, self.estimate(device)))
+
+
+@dataclass(frozen=True)
+class RouterParameters:
+    """The `router` model's config.pbtxt parameters: its settings, and the compute models it manages (as JSON in
+    the parameter `models`)."""
+
+    settings: RouterSettings
+    models: tuple[ManagedModel, ...] = ()
+
+    def render(self) -> dict[str, str]:
+        models = {
+            m.name: {
+                "endpoints": list(m.endpoints),
+                "sleepable": m.sleepable,
+                "estimate_bytes": dict(m.estimate_bytes),
+                "weight_bytes": dict(m.weight_bytes),
+            }
+            for m in self.models
+        }
+        rendered = self.settings.parameters() | {"models": json.dumps(models, sort_keys=True)}
+        rendered.pop("enabled")  # a router that exists is enabled
+        return rendered
+
+    @classmethod
+    def parse(cls, parameters: dict[str, str]) -> RouterParameters:
+        values = dict(parameters)
+        try:
+            raw = json.loads(values.pop("models", "{}"))
+            models = tuple(
+                ManagedModel(
+                    name=name,
+                    endpoints=tuple(info.get("endpoints", ())),
+                    estimate_bytes={k: int(v) for k, v in info["estimate_bytes"].items()},
+                    weight_bytes={k: int(v) for k, v in info.get("weight_bytes", {}).items()},
+                    sleepable=bool(info.get("sleepable", False)),
+                )
+                for name, info in raw.items()
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SettingsError(f"[router] the parameter 'models' is not the JSON prepare writes: {exc!r}") from None
+        return cls(router_settings(values), models)

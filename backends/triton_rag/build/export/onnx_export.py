@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from triton_rag import contract
+from triton_rag.core.postprocess import row_cosine
 from triton_rag.engines.torch_encoder import TorchEncoder, pool
-from triton_rag.postprocess import row_cosine
 
 #: The legacy TorchScript exporter: no extra dependency (onnxscript), dynamic axes by name, opset 18.
 OPSET = 18

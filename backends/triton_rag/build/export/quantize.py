@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from triton_rag.postprocess import row_cosine
+from triton_rag.core.postprocess import row_cosine
 
 if TYPE_CHECKING:
     from triton_rag.engines.torch_encoder import TorchEncoder
@@ -131,7 +131,7 @@ def quantize_nvfp4(
     import torch
     from modelopt.torch._deploy.utils.torch_onnx import OnnxBytes, get_onnx_bytes_and_metadata
 
-    from triton_rag.onnx_export import contract_module, output_name
+    from triton_rag.build.export.onnx_export import contract_module, output_name
 
     if not torch.cuda.is_available():
         raise RuntimeError("NVFP4 calibration runs through ModelOpt's CUDA emulation: it needs a CUDA GPU")

@@ -74,7 +74,7 @@ class ImageProcessorConfig:
         rescale, normalize or RGB conversion, sizes given as height/width) raise instead of being silently ignored."""
         for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
             if not config.get(flag, True):
-                raise ValueError(f"{flag}=false is not supported by triton_rag.idefics3")
+                raise ValueError(f"{flag}=false is not supported by triton_rag.core.idefics3")
         size = config.get("size", {"longest_edge": cls.longest_edge})
         max_image_size = config.get("max_image_size", {"longest_edge": cls.tile_size})
         if "longest_edge" not in size or "longest_edge" not in max_image_size:

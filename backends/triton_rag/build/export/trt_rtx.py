@@ -10,22 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from triton_rag.plans import Manifest, Profile, manifest_file
+from triton_rag.build.plans import Manifest, Profile, manifest_file
+from triton_rag.engines.trt_rtx_encoder import load_tensorrt_rtx
 
 #: Targets TensorRT-RTX 1.7 can compile for, by compute capability (it has no SM90: H100/H200 engines need TensorRT).
 RTX_TARGETS = {(12, 0): "SM120", (12, 1): "SM121", (8, 9): "SM89", (8, 6): "SM86", (8, 0): "SM80", (7, 5): "SM75"}
-
-
-def load_tensorrt_rtx() -> Any:
-    try:
-        import tensorrt_rtx
-    except ImportError as exc:
-        raise RuntimeError(
-            "TensorRT-RTX is not installed: pip install 'tensorrt-rtx-cu13==1.7.1.116' (or the `rtx` extra)"
-        ) from exc
-    return tensorrt_rtx
 
 
 def build_rtx_engine(

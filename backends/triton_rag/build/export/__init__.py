@@ -1,0 +1,1 @@
+"""Engine exports: ONNX, ModelOpt Q/DQ, TensorRT-RTX builds (`make engines`)."""

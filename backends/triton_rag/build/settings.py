@@ -1,0 +1,130 @@
+"""Deployment settings: which models serve each endpoint and how. Read from `rag.toml`, the one configuration place."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from triton_rag.contract import DEFAULT_EMBED_DIM
+from triton_rag.contract.params import RouterSettings, SettingsError, build_dataclass, router_settings
+
+Overflow = Literal["reject", "truncate"]
+Pooling = Literal["auto", "last_token", "mean"]
+Engine = Literal["torch", "tensorrt_plan", "tensorrt_rtx"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    #: Hub id (e.g. "Qwen/Qwen3-Embedding-8B") or a local directory in Hugging Face layout.
+    model: str
+    max_length: int = 8192
+    overflow: Overflow = "reject"
+    engine: Engine = "torch"
+    dtype: DType = "auto"
+    #: nvfp4 | fp8 | bfloat16 | float32 | auto (= `dtype`); a precision the GPU or engine cannot run falls back
+    #: down that chain, with the reason in the log (triton_rag.core.precision).
+    precision: str = "auto"
+    #: Largest padded batch (rows x longest row) sent to the encoder at once; the engine packs the real tokens into
+    #: passes of at most this many (its activation memory scales with it).
+    max_batch_tokens: int = 32768
+    #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
+    #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
+    compile: bool = True
+
+
+@dataclass(frozen=True)
+class EmbedSettings(EncoderSettings):
+    model: str = "Qwen/Qwen3-Embedding-0.6B"
+    dim: int = DEFAULT_EMBED_DIM
+    pooling: Pooling = "auto"
+
+
+@dataclass(frozen=True)
+class RerankSettings(EncoderSettings):
+    model: str = "Qwen/Qwen3-Reranker-0.6B"
+    default_instruction: str = DEFAULT_RERANK_INSTRUCTION
+
+
+@dataclass(frozen=True)
+class DoclingSettings:
+    """The document-conversion VLM and the limits of what one request may ask for (docs/DOCLING.md)."""
+
+    #: Hub id or a local directory: granite-docling-258M (or another Idefics3 DocTags model such as SmolDocling).
+    model: str = "ibm-granite/granite-docling-258M"
+    engine: Engine = "torch"
+    dtype: DType = "auto"
+    prompt: str = "Convert this page to docling."
+    #: Per page; docling's own setting. A page that reaches it ends with an unclosed element (empty text).
+    max_new_tokens: int = 8192
+    #: PDF render resolution (docling renders at 144); the model sees at most 2048 px on the long edge anyway.
+    dpi: float = 144.0
+    max_pages: int = 200
+    max_image_pixels: int = 40_000_000
+    max_document_bytes: int = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Settings:
+    embed: EmbedSettings = field(default_factory=EmbedSettings)
+    rerank: RerankSettings = field(default_factory=RerankSettings)
+    docling: DoclingSettings = field(default_factory=DoclingSettings)
+    router: RouterSettings = field(default_factory=RouterSettings)
+    #: Build tiny random-weight models of the real architecture when the hub cannot be reached.
+    offline_fallback: bool = True
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
+    """`["embed.model=/models/x", ...]` -> `{"embed": {"model": "/models/x"}}`."""
+    result: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SettingsError(f"override {item!r} is not of the form section.key=value")
+        result.setdefault(section.strip(), {})[name.strip()] = value.strip()
+    return result
+
+
+def settings_file(given: Path | None, default: Path) -> Path | None:
+    """The settings file to read: the one asked for (a missing one is an error, not the defaults in silence), else
+    the default file where there is one, else None (the built-in defaults)."""
+    return given if given is not None else (default if default.is_file() else None)
+
+
+def load_settings(path: Path | None, overrides: list[str] | None = None) -> Settings:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{path} is not valid TOML: {exc}") from None
+    for section, values in parse_overrides(overrides or []).items():
+        data.setdefault(section, {}).update(values)
+    unknown = sorted(set(data) - {"embed", "rerank", "docling", "router", "offline"})
+    if unknown:
+        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, docling, router, offline")
+    offline = data.get("offline", {})
+    fallback = offline.get("fallback", True)
+    if isinstance(fallback, str):
+        fallback = fallback.lower() in ("1", "true", "yes", "on")
+    return Settings(
+        embed=build_dataclass(EmbedSettings, "embed", data.get("embed", {})),
+        rerank=build_dataclass(RerankSettings, "rerank", data.get("rerank", {})),
+        docling=build_dataclass(DoclingSettings, "docling", data.get("docling", {})),
+        router=router_settings(data.get("router", {})),
+        offline_fallback=bool(fallback),
+    )
+
+
