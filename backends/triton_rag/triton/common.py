@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag.core.admin import KEY_NAME, server_key
+from triton_rag.core.errors import RequestError, client_message
 from triton_rag.core.text import InputError, decode_utf8
 
 T = TypeVar("T")
@@ -39,6 +42,19 @@ def read_strings(request: Any, name: str, optional: bool = False) -> list[str] |
 
 def error_response(message: str, invalid_input: bool = True) -> Any:
     code = pb_utils.TritonError.INVALID_ARG if invalid_input else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def failure_response(error: BaseException, log: logging.LoggerAdapter | logging.Logger | None = None) -> Any:  # type: ignore[type-arg]
+    """The one place an exception becomes a client's error: a RequestError (core/errors.py) with its own status
+    code and message; anything else is INTERNAL with a reference to the log line that holds its traceback (never a
+    repr or a traceback to the client)."""
+    reference = ""
+    if not isinstance(error, RequestError):
+        reference = secrets.token_hex(4)
+        (log or logging.getLogger(__name__)).error("internal error %s", reference, exc_info=error)
+    code = getattr(pb_utils.TritonError, error.status if isinstance(error, RequestError) else "INTERNAL")
+    message = client_message(error, reference)
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
