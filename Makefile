@@ -26,7 +26,7 @@ SET += --set router.high_watermark=$(VRAM_HIGH_WATERMARK)
 endif
 SERVE_ARGS ?=
 
-.PHONY: install test-tools prepare serve test bench engines clean
+.PHONY: install test-tools prepare serve lint test bench engines clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,12 @@ prepare: install .env
 
 serve: install
 	$(PY) -m triton_rag serve $(SET) $(SERVE_ARGS)
+
+# Style (ruff), types (mypy on the package) and the layer contracts (lint-imports; docs/ARCHITECTURE.md)
+lint: install
+	$(VENV)/bin/ruff check backends tests tools
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: install test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)

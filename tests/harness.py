@@ -70,7 +70,8 @@ def router_metrics(server: RunningServer) -> dict[str, float]:
     """The router's series on Triton's metrics port, keyed by name and labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.server.ports.metrics}/metrics", timeout=10) as response:
         lines = response.read().decode().splitlines()
-    return {key: float(value) for key, value in (line.rsplit(" ", 1) for line in lines if line.startswith("rag_router_"))}
+    series = (line.rsplit(" ", 1) for line in lines if line.startswith("rag_router_"))
+    return {key: float(value) for key, value in series}
 
 
 def strings(name: str, values: list[str] | list[bytes]) -> grpcclient.InferInput:

@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from triton_rag.build.offline import TINY_QWEN3
 from triton_rag.core.batching import pad_rows
-from triton_rag.engines.torch_encoder import TorchEncoder, last_real_positions, read_lm_head_rows
+from triton_rag.engines.checkpoint import read_lm_head_rows
+from triton_rag.engines.encoder_common import last_real_positions
+from triton_rag.engines.torch_encoder import TorchEncoder
 
 
 def test_last_real_position_for_left_and_right_padding() -> None:

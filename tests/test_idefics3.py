@@ -1,6 +1,7 @@
-"""triton_rag.core.idefics3 against transformers' own Idefics3 preprocessing (the PIL backend, `Idefics3ImageProcessorPil`,
-and `Idefics3Processor`'s prompt expansion): the same tiles to 1e-5 after normalize (bit-identical in practice), the
-same rows/cols and the same placeholder text, on pages, small, wide, tiny, transparent, grayscale, palette and CMYK
+"""triton_rag.core.idefics3 against transformers' own Idefics3 preprocessing (the PIL backend,
+`Idefics3ImageProcessorPil`, and `Idefics3Processor`'s prompt expansion): the same tiles to 1e-5 after normalize
+(bit-identical in practice), the same rows/cols and the same placeholder text, on pages, small, wide, tiny,
+transparent, grayscale, palette and CMYK
 images, with granite-docling's settings and a few others (no splitting, other sizes, other filter and mean/std).
 CPU only, no hub: the prompt tests build a word-level tokenizer in place of granite's."""
 

@@ -20,7 +20,16 @@ from triton_rag import contract
 from triton_rag.build import contract_doc
 from triton_rag.build.model_config import parse
 from triton_rag.build.offline import OFFLINE_MARKER
-from triton_rag.build.plans import Host, Manifest, detect_host, encoder_profiles, engine_source, manifest_file
+from triton_rag.build.plans import (
+    Host,
+    Manifest,
+    Runtime,
+    detect_host,
+    encoder_profiles,
+    engine_source,
+    manifest_file,
+)
+from triton_rag.build.prepared import PreparedDocling, PreparedEmbed, PreparedRerank
 from triton_rag.build.repository import MODEL_PY, clamp_embed_dim, model_py_source, prepare_repository, startup_models
 from triton_rag.build.settings import (
     DoclingSettings,
@@ -32,6 +41,15 @@ from triton_rag.build.settings import (
     settings_file,
 )
 from triton_rag.build.sources import ModelSourceError, resolve_model
+from triton_rag.contract.params import (
+    DoclingDocumentParameters,
+    DoclingPageParameters,
+    EmbedEndpointParameters,
+    EncoderParameters,
+    RerankEndpointParameters,
+    RouterParameters,
+    VlmParameters,
+)
 from triton_rag.core import admin
 from triton_rag.server import RESTRICTED_APIS, access_flags
 
@@ -84,7 +102,7 @@ def fake_engine(
 ) -> None:
     """Stand-in engine files with real manifests, as if exported from `model_dirs` (the bytes are not an engine:
     nothing here loads them)."""
-    runtime = "tensorrt" if variant == "tensorrt_plan" else "tensorrt-rtx"
+    runtime: Runtime = "tensorrt" if variant == "tensorrt_plan" else "tensorrt-rtx"
     for name, source in ((contract.EMBED_ENCODER, model_dirs[0]), (contract.RERANK_ENCODER, model_dirs[1])):
         file = tmp_path / "engines" / name / ("model.plan" if runtime == "tensorrt" else "model.sm120.engine")
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +239,50 @@ def test_an_engine_that_cannot_load_here_falls_back_to_the_next_variant(
     assert config.backend == "python" and config.parameters["precision"].string_value == "auto"  # torch
     assert sum("falling back" in m and "_encoder" in m for m in messages) == 4  # two variants, for each encoder
     assert json.loads((repository / ".prepared.json").read_text())["endpoints"]["embed"]["engine"] == "torch"
+
+
+def test_prepare_returns_typed_records_that_match_the_configs(
+    tmp_path: Path, model_dirs: tuple[Path, Path, Path]
+) -> None:
+    """What prepare returns per section is what .prepared.json records, and what each config.pbtxt's typed
+    parameters say."""
+    embed_dir, rerank_dir, docling_dir = model_dirs
+    settings = Settings(
+        embed=EmbedSettings(model=str(embed_dir), dim=48),
+        rerank=RerankSettings(model=str(rerank_dir), max_length=512),
+        docling=DoclingSettings(model=str(docling_dir), max_pages=7),
+        offline_fallback=False,
+    )
+    repository = tmp_path / "repository"
+    prepared = prepare_repository(settings, repository, CACHE_DIR, lambda _: None, host=NO_GPU, engines_dir=tmp_path)
+    embed, rerank, docling = prepared["embed"], prepared["rerank"], prepared["docling"]
+    assert isinstance(embed, PreparedEmbed) and isinstance(rerank, PreparedRerank)
+    assert isinstance(docling, PreparedDocling)
+    recorded = json.loads((repository / ".prepared.json").read_text())["endpoints"]
+    assert recorded == json.loads(json.dumps({name: record.to_json() for name, record in prepared.items()}))
+    assert recorded["embed"]["endpoint"] == contract.EMBED_ENDPOINT and recorded["docling"]["path"] == str(docling_dir)
+
+    def parameters(name: str) -> dict[str, str]:
+        config = parse((repository / name / "config.pbtxt").read_text())
+        return {key: value.string_value for key, value in config.parameters.items()}
+
+    endpoint = EmbedEndpointParameters.parse(parameters(contract.EMBED_ENDPOINT))
+    encoder = EncoderParameters.parse(parameters(contract.EMBED_ENCODER))
+    assert endpoint.dim == embed.dim == 48 and endpoint.router == contract.ROUTER
+    assert encoder.pooling == embed.pooling == "last_token" and encoder.pytorch is not None
+    assert encoder.pytorch.sleepable and embed.sleepable and embed.engine == "torch"
+    assert RerankEndpointParameters.parse(parameters(contract.RERANK_ENDPOINT)).max_length == 512
+    assert EncoderParameters.parse(parameters(contract.RERANK_ENCODER)).yes_no_ids == rerank.yes_no_ids == (2152, 9693)
+    page = DoclingPageParameters.parse(parameters(contract.DOCLING_ENDPOINT))
+    document = DoclingDocumentParameters.parse(parameters(contract.DOCLING_DOCUMENT_ENDPOINT))
+    vlm = VlmParameters.parse(parameters(contract.DOCLING_VLM))
+    assert page.max_new_tokens == docling.max_new_tokens == 256  # the random stand-in's limit
+    assert document.limits().max_pages == 7 and document.page_model == contract.DOCLING_ENDPOINT
+    assert vlm.stop_ids == docling.stop_ids and vlm.vision_model is None and docling.also_load == ()
+    assert docling.endpoints == (contract.DOCLING_ENDPOINT, contract.DOCLING_DOCUMENT_ENDPOINT)
+    router = RouterParameters.parse(parameters(contract.ROUTER))
+    managed = sorted((record.managed_model() for record in prepared.values()), key=lambda model: model.name)
+    assert list(router.models) == managed  # by name, as the router's JSON has them
 
 
 def test_an_engine_of_another_model_is_not_served(tmp_path: Path, model_dirs: tuple[Path, Path, Path]) -> None:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triton_rag.core.residency import (
+    ModelState,
     ModelView,
     Policy,
     decide,
@@ -21,10 +22,11 @@ from triton_rag.core.residency import (
 from triton_rag.core.units import PolicyError, parse_bytes
 
 GIB = 2**30
+S = ModelState
 
 
 def ready(name: str, size: int, **kw: object) -> ModelView:
-    return ModelView(name, size, state="ready", **kw)  # type: ignore[arg-type]
+    return ModelView(name, size, state=S.READY, **kw)  # type: ignore[arg-type]
 
 
 def wanted(name: str, size: int, since: float = 0.0, **kw: object) -> ModelView:
@@ -64,7 +66,7 @@ def test_load_when_it_fits() -> None:
 
 
 def test_ready_model_with_waiters_is_granted() -> None:
-    decision = decide([ModelView("a", GIB, state="ready", waiting=3, oldest_wait=1)], Policy(4 * GIB), [], now=2)
+    decision = decide([ModelView("a", GIB, state=S.READY, waiting=3, oldest_wait=1)], Policy(4 * GIB), [], now=2)
     assert decision.grant == ("a",)
 
 
@@ -125,7 +127,7 @@ def test_idle_sleepable_victim_sleeps_and_wakes_within_its_asleep_bytes() -> Non
     a = ready("a", 10 * GIB, sleepable=True, host_bytes=9 * GIB, asleep_bytes=GIB)
     decision = decide([a, wanted("b", 10 * GIB)], host, [], now=0)
     assert decision.sleep == ("a",) and decision.unload == () and decision.load is None
-    asleep = dataclasses.replace(a, state="asleep", host_held=True)
+    asleep = dataclasses.replace(a, state=S.ASLEEP, host_held=True)
     assert occupied_bytes([asleep]) == GIB
     assert decide([asleep, wanted("b", 10 * GIB)], host, [], now=0).load == "b"
     woken = decide([dataclasses.replace(asleep, waiting=1, oldest_wait=0), ready("b", 10 * GIB)], host, [], now=1)
@@ -141,10 +143,10 @@ def test_host_budget_decides_between_sleep_and_unload() -> None:
     no_tier = decide([a, wanted("b", 10 * GIB)], Policy(16 * GIB), [], now=5)
     assert no_tier.unload == ("a",) and no_tier.sleep == ()
     # host room is made by unloading the least recently used asleep model
-    old = ModelView("old", 4 * GIB, state="asleep", sleepable=True, host_bytes=9 * GIB, host_held=True, last_access=0)
+    old = ModelView("old", 4 * GIB, state=S.ASLEEP, sleepable=True, host_bytes=9 * GIB, host_held=True, last_access=0)
     decision = decide([old, a, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=12 * GIB), [], now=5)
     assert decision.unload == ("old",) and decision.sleep == () and "host memory" in decision.reasons["b"]
-    unloading = dataclasses.replace(old, state="unloading", unloading_asleep=True)
+    unloading = dataclasses.replace(old, state=S.UNLOADING, unloading_asleep=True)
     assert decide([unloading, a, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=12 * GIB), [], now=6).sleep == ()
     gone = ModelView("old", 4 * GIB, sleepable=True, host_bytes=9 * GIB)
     assert decide([gone, a, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=12 * GIB), [], now=7).sleep == ("a",)
@@ -152,7 +154,7 @@ def test_host_budget_decides_between_sleep_and_unload() -> None:
 
 def test_asleep_models_are_unloaded_last_for_what_they_hold() -> None:
     asleep = [
-        ModelView(f"s{i}", 8 * GIB, state="asleep", sleepable=True, asleep_bytes=3 * GIB, host_held=True, last_access=i)
+        ModelView(f"s{i}", 8 * GIB, state=S.ASLEEP, sleepable=True, asleep_bytes=3 * GIB, host_held=True, last_access=i)
         for i in range(3)
     ]
     decision = decide([*asleep, wanted("b", 10 * GIB)], Policy(16 * GIB, host_budget=64 * GIB), [], now=5)
@@ -169,10 +171,10 @@ def test_unreleased_memory_counts_and_makes_the_load_wait() -> None:
 
 
 def test_one_load_at_a_time() -> None:
-    models = [ModelView("a", GIB, state="loading"), wanted("b", GIB)]
+    models = [ModelView("a", GIB, state=S.LOADING), wanted("b", GIB)]
     decision = decide(models, Policy(8 * GIB), [], now=0)
     assert decision.load is None and decision.reasons == {"b": "another model is loading or waking"}
-    waking = [ModelView("a", GIB, state="waking"), wanted("b", GIB)]
+    waking = [ModelView("a", GIB, state=S.WAKING), wanted("b", GIB)]
     assert decide(waking, Policy(8 * GIB), [], now=0).load is None
 
 
@@ -259,17 +261,17 @@ class World:
             m = self.models[name]
             assert m.in_flight == 0, f"unloading {name} with requests in flight"
             assert not m.pinned
-            self.models[name] = dataclasses.replace(m, state="unloading", unloading_asleep=m.state == "asleep")
+            self.models[name] = dataclasses.replace(m, state=S.UNLOADING, unloading_asleep=m.state == S.ASLEEP)
         for name in decision.sleep:
             m = self.models[name]
-            assert m.in_flight == 0 and m.sleepable and not m.pinned and m.state == "ready"
-            self.models[name] = dataclasses.replace(m, state="sleeping", host_held=True)
-        for name in (decision.load, decision.wake):
-            if name is not None:
-                m = self.models[name]
-                self.models[name] = dataclasses.replace(m, state="loading" if m.state == "unloaded" else "waking")
+            assert m.in_flight == 0 and m.sleepable and not m.pinned and m.state == S.READY
+            self.models[name] = dataclasses.replace(m, state=S.SLEEPING, host_held=True)
+        for started in (decision.load, decision.wake):
+            if started is not None:
+                m = self.models[started]
+                self.models[started] = dataclasses.replace(m, state=S.LOADING if m.state == S.UNLOADED else S.WAKING)
         views = list(self.models.values())
-        assert sum(m.state in ("loading", "waking") for m in views) <= 1
+        assert sum(m.state in (S.LOADING, S.WAKING) for m in views) <= 1
         occupying = [m for m in views if m.occupies]
         alone = len(occupying) == 1 and occupying[0].bytes > self.policy.budget
         assert alone or occupied_bytes(views) <= self.policy.budget
@@ -286,12 +288,12 @@ class World:
             self.models[name] = dataclasses.replace(m, waiting=m.waiting + 1, oldest_wait=min(m.oldest_wait, self.now))
         elif kind == "finish" and m.in_flight:
             self.models[name] = dataclasses.replace(m, in_flight=m.in_flight - 1)
-        elif kind == "loaded" and m.state in ("loading", "waking"):
-            self.models[name] = dataclasses.replace(m, state="ready", loaded_at=self.now)
-        elif kind == "loaded" and m.state == "sleeping":
-            self.models[name] = dataclasses.replace(m, state="asleep")
-        elif kind == "unloaded" and m.state == "unloading":
-            self.models[name] = dataclasses.replace(m, state="unloaded", host_held=False, unloading_asleep=False)
+        elif kind == "loaded" and m.state in (S.LOADING, S.WAKING):
+            self.models[name] = dataclasses.replace(m, state=S.READY, loaded_at=self.now)
+        elif kind == "loaded" and m.state == S.SLEEPING:
+            self.models[name] = dataclasses.replace(m, state=S.ASLEEP)
+        elif kind == "unloaded" and m.state == S.UNLOADING:
+            self.models[name] = dataclasses.replace(m, state=S.UNLOADED, host_held=False, unloading_asleep=False)
         elif kind == "tick":
             self.now += 0.5 + index % 4
         self.step()
@@ -300,17 +302,18 @@ class World:
         """Let every outstanding load, unload and request finish; time passes. Must end with nobody waiting."""
         for _ in range(200):
             for name, m in list(self.models.items()):
-                if m.state in ("loading", "waking"):
-                    self.models[name] = dataclasses.replace(m, state="ready", loaded_at=self.now)
-                elif m.state == "sleeping":
-                    self.models[name] = dataclasses.replace(m, state="asleep")
-                elif m.state == "unloading":
-                    self.models[name] = dataclasses.replace(m, state="unloaded", host_held=False, unloading_asleep=False)
+                if m.state in (S.LOADING, S.WAKING):
+                    self.models[name] = dataclasses.replace(m, state=S.READY, loaded_at=self.now)
+                elif m.state == S.SLEEPING:
+                    self.models[name] = dataclasses.replace(m, state=S.ASLEEP)
+                elif m.state == S.UNLOADING:
+                    gone = dataclasses.replace(m, state=S.UNLOADED, host_held=False, unloading_asleep=False)
+                    self.models[name] = gone
                 if self.models[name].in_flight:
                     self.models[name] = dataclasses.replace(self.models[name], in_flight=0)
             self.now += 1.0
             self.step()
-            moving = ("loading", "unloading", "sleeping", "waking")
+            moving = (S.LOADING, S.UNLOADING, S.SLEEPING, S.WAKING)
             if not any(m.waiting or m.in_flight or m.state in moving for m in self.models.values()):
                 return
         raise AssertionError(f"requests still waiting after settling: {self.models}")

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
 from triton_rag import contract
-from triton_rag.build.repository import prepare_repository, prepare_router, startup_models
+from triton_rag.build.repository import Prepared, prepare_repository, prepare_router, startup_models
 from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.client import RouterControl
 
@@ -86,8 +86,16 @@ def router_server(
     (repository / STUBBORN / "1").mkdir(parents=True)
     (repository / STUBBORN / "config.pbtxt").write_text(STUBBORN_CONFIG)
     (repository / STUBBORN / "1" / "model.py").write_text(STUBBORN_MODEL_PY)
-    stubborn = {"compute_model": STUBBORN, "endpoint": STUBBORN, "estimate_bytes": {"cpu": 2**28, "gpu": 2**28}}
-    prepare_router(router, repository, summary | {STUBBORN: stubborn})
+    stubborn = Prepared(
+        model=STUBBORN,
+        path=repository / STUBBORN,
+        origin="local",
+        engine="python",
+        compute_model=STUBBORN,
+        endpoints=(STUBBORN,),
+        estimate_bytes={"cpu": 2**28, "gpu": 2**28},
+    )
+    prepare_router(router, repository, [*summary.values(), stubborn])
     yield from start_server(repository, tmp_path_factory.mktemp("logs") / "router_server.log")
 
 

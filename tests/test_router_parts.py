@@ -1,22 +1,46 @@
 """The router's plain-data parts without a server: settings and budgets, the gRPC endpoint read from tritonserver's
-command line, the footprint estimate, remembered measurements, and finding a model's stub processes."""
+command line, the footprint estimate, remembered measurements, finding a model's stub processes, and the workers that
+carry out the ledger's blocking effects (against a fake repository API)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from triton_rag.build.footprint import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, estimate_bytes, safetensors_parameters
 from triton_rag.build.model_config import parse
-from triton_rag.build.repository import prepare_router
+from triton_rag.build.repository import Prepared, prepare_router
 from triton_rag.build.settings import RouterSettings, SettingsError, load_settings, router_settings
 from triton_rag.contract.params import ManagedModel, RouterParameters
+from triton_rag.core.ledger_events import (
+    Event,
+    Held,
+    Load,
+    Loaded,
+    LoadFailed,
+    QueryRepository,
+    QueryResidency,
+    RepositoryStatus,
+    ResidencyAnswer,
+    ResidencyFailed,
+    ResidencyStatus,
+    Sleep,
+    Slept,
+    Unload,
+    Unloaded,
+    Wake,
+    Work,
+)
 from triton_rag.core.server_args import grpc_endpoint
 from triton_rag.triton.router.memory import MeasurementFile, alive, rss_bytes, stub_pids
+from triton_rag.triton.router.repository_api import RepositoryApi
+from triton_rag.triton.router.workers import Workers
 
 GIB = 2**30
 
@@ -63,8 +87,11 @@ def test_bad_router_settings_are_refused_with_the_reason(key: str, value: str, m
 
 def test_router_settings_round_trip_through_config_parameters(tmp_path: Path) -> None:
     settings = RouterSettings(budget="15000MB", high_watermark=0.85, min_residency_seconds=2.0)
-    endpoints = {"embed": {"compute_model": "enc", "endpoint": "ep", "estimate_bytes": {"gpu": 5, "cpu": 7}}}
-    prepare_router(settings, tmp_path, endpoints)
+    prepared = Prepared(
+        model="m", path=tmp_path, origin="local", engine="torch", compute_model="enc", endpoints=("ep",),
+        estimate_bytes={"gpu": 5, "cpu": 7},
+    )  # fmt: skip
+    prepare_router(settings, tmp_path, [prepared])
     config = parse((tmp_path / "router" / "config.pbtxt").read_text())
     params = {key: value.string_value for key, value in config.parameters.items()}
     parsed = RouterParameters.parse(params)
@@ -151,3 +178,90 @@ def test_load_flags_name_the_light_models_only(qwen_repository: Path, tmp_path: 
     assert result.stdout.split() == ["--load-model=qwen_embed", "--load-model=qwen_rerank", "--load-model=router"]
     missing = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "make prepare" in missing.stderr
+
+
+class FakeApi:
+    """The repository API as the router's workers see it, without a server: `fail` makes every call raise."""
+
+    def __init__(self, ready: frozenset[str] = frozenset(), fail: bool = False) -> None:
+        self.ready_models, self.fail = set(ready), fail
+        self.load_timeout = 600.0
+
+    def _check(self) -> None:
+        if self.fail:
+            raise RuntimeError("server gone")
+
+    def ready(self, names: list[str]) -> dict[str, bool] | None:
+        return None if self.fail else {name: name in self.ready_models for name in names}
+
+    def load(self, name: str) -> None:
+        self._check()
+        self.ready_models.add(name)
+
+    def unload(self, name: str) -> None:
+        self._check()
+        self.ready_models.discard(name)
+
+    def residency(self, name: str, action: str) -> dict[str, object]:
+        self._check()
+        return {"state": "asleep" if action == "sleep" else "awake", "weight_bytes": 10, "host_bytes": 10}
+
+
+class FakeProbe:
+    """7 bytes per process; the device's use never changes."""
+
+    device, total, description = "cpu", 100 * GIB, "fake"
+
+    def process_bytes(self, pids: list[int]) -> int | None:
+        return 7 * len(pids)
+
+    def device_used(self) -> int:
+        return 0
+
+
+def run_workers(api: FakeApi, effects: list[Work], unload_timeout: float = 0.2) -> list[Event]:
+    """Each effect carried out on this thread (the router starts a thread per effect); the events they posted."""
+    events: list[Event] = []
+    log = logging.getLogger("test")
+    pool = Workers(cast(RepositoryApi, api), FakeProbe(), os.getpid(), unload_timeout, events.append, log)
+    for effect in effects:
+        pool._run(effect)
+    return events
+
+
+def test_router_workers_answer_every_effect_even_when_the_server_fails() -> None:
+    """Each blocking effect ends in an event: the ledger never waits for an answer that does not come."""
+    query = QueryRepository(1, (("enc", 0),), adopt=("enc",))
+    effects: list[Work] = [Load("enc"), Sleep("enc", ()), Wake("enc", ()), QueryResidency("enc", ()), query]
+    load, sleep, wake, status, repository = run_workers(FakeApi(fail=True), effects)
+    assert isinstance(load, LoadFailed) and load.error == "server gone" and load.model == "enc"
+    assert isinstance(sleep, ResidencyFailed) and sleep.action == "sleep" and sleep.error == "server gone"
+    assert isinstance(wake, ResidencyFailed) and wake.action == "wake"
+    assert isinstance(status, ResidencyStatus) and status.answer is None and status.error == "server gone"
+    assert isinstance(repository, RepositoryStatus) and repository.ready is None and repository.query is query
+    (unloaded,) = run_workers(FakeApi(fail=True), [Unload("enc", (), True, 123)])
+    assert isinstance(unloaded, Unloaded) and unloaded.error == "server gone"  # kept, and no longer evicted
+
+
+def test_router_workers_load_sleep_and_look_at_the_repository() -> None:
+    query = QueryRepository(2, (("enc", 1), ("outside", 1)), measure=(("enc", (5,)),), unreleased=(("gone", (2**22,)),))
+    # "outside" is READY before its load is sent: adopted, not loaded again
+    effects: list[Work] = [Load("outside"), Load("enc"), Sleep("enc", (1, 2)), query]
+    adopted, loaded, slept, repository = run_workers(FakeApi(ready=frozenset({"outside"})), effects)
+    assert isinstance(adopted, Loaded) and adopted.adopted and adopted.model == "outside"
+    assert isinstance(loaded, Loaded) and not loaded.adopted and loaded.device_delta == 0
+    assert isinstance(slept, Slept) and slept.answer == ResidencyAnswer(True, 10, 10) and slept.held == 14
+    assert isinstance(repository, RepositoryStatus) and repository.ready == {"enc": True, "outside": True}
+    assert repository.found == {"enc": Held((5,), 7)} and repository.unreleased == {"gone": Held((), 0)}
+
+
+def test_router_worker_unload_reports_what_processes_still_hold_after_the_timeout() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        api = FakeApi(ready=frozenset({"enc"}))
+        (unloaded,) = run_workers(api, [Unload("enc", (process.pid,), True, 123)], unload_timeout=0.3)
+        assert isinstance(unloaded, Unloaded) and unloaded.error == "" and unloaded.remaining == (process.pid,)
+        assert unloaded.unreleased == 7 and unloaded.seconds >= 0.3 and api.ready_models == set()
+    finally:
+        process.kill()
+        process.communicate()

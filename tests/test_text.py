@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from triton_rag.core.errors import BadInput, TooLarge
 from triton_rag.core.text import (
     EmbedTokenization,
     InputError,
@@ -43,7 +44,7 @@ def test_pool_token_is_appended_exactly_once(qwen_tokenizer) -> None:  # type: i
 
 def test_overflow_is_rejected_or_truncated_as_configured(qwen_tokenizer) -> None:  # type: ignore[no-untyped-def]
     long_text = "token " * 100
-    with pytest.raises(InputError, match=r"row 0: input is \d+ tokens, more than max_length 16"):
+    with pytest.raises(TooLarge, match=r"row 0: input is \d+ tokens, more than max_length 16"):
         EmbedTokenization(qwen_tokenizer, 16, "reject", ENDOFTEXT).encode([long_text])
     (cut,) = EmbedTokenization(qwen_tokenizer, 16, "truncate", ENDOFTEXT).encode([long_text])
     assert cut.truncated and len(cut.ids) == 16 and cut.ids[-1] == ENDOFTEXT
@@ -63,7 +64,7 @@ def test_rerank_ids_are_prefix_pair_suffix_and_truncate_the_pair(qwen_tokenizer)
     assert row.truncated and len(row.ids) == 200
     assert row.ids[: len(tokenization.prefix_ids)] == tokenization.prefix_ids
     assert row.ids[-len(tokenization.suffix_ids) :] == tokenization.suffix_ids
-    with pytest.raises(InputError, match="more than max_length 200"):
+    with pytest.raises(TooLarge, match="more than max_length 200"):
         RerankTokenization(qwen_tokenizer, 200, "reject").encode([pair])
 
 
@@ -83,10 +84,11 @@ def test_grouped_tokenization_equals_each_group_alone_and_keeps_errors_in_their_
     groups = [[short, short + " two"], [short, long, long], ["three " + short]]
     results = tokenization.encode_groups(groups)
     assert results[0] == tokenization.encode(groups[0]) and results[2] == tokenization.encode(groups[2])
-    assert isinstance(results[1], InputError) and str(results[1]).startswith("row 1:")
+    assert isinstance(results[1], TooLarge) and str(results[1]).startswith("row 1:")
 
 
 def test_utf8_and_empty_checks_name_the_row() -> None:
+    assert InputError is BadInput  # the request's own mistake: INVALID_ARG (core/errors.py)
     assert decode_utf8([b"ok", "caf\u00e9".encode()], "TEXT") == ["ok", "café"]
     with pytest.raises(InputError, match="TEXT row 1 is not valid UTF-8"):
         decode_utf8([b"ok", b"\xff"], "TEXT")

@@ -47,7 +47,8 @@ from benchlib import find_perf_analyzer, markdown_table, perf_analyzer, time_per
 from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 from triton_rag.core.batching import pad_rows
 from triton_rag.core.postprocess import row_cosine
-from triton_rag.engines.torch_encoder import TorchEncoder, pool
+from triton_rag.engines.encoder_common import pool
+from triton_rag.engines.torch_encoder import TorchEncoder
 
 SHAPES = QWEN3_SHAPES | {"tiny": TINY_QWEN3}
 PAD_ID = 151643

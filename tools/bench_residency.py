@@ -77,7 +77,10 @@ def bench_precision(model_dir: Path, precision: str, cycles: int, wakes: int) ->
     expected_query, expected_batch = encoder.forward(*QUERY), encoder.forward(*RERANK_BATCH)
     steady_query = median_seconds(lambda: encoder.forward(*QUERY), device, 30)
     steady_batch = median_seconds(lambda: encoder.forward(*RERANK_BATCH), device, 10)
-    log(f"{precision}: cold load {load_s:.2f} s; steady query {steady_query * 1e3:.2f} ms, 32x256 {steady_batch * 1e3:.1f} ms")
+    log(
+        f"{precision}: cold load {load_s:.2f} s; steady query {steady_query * 1e3:.2f} ms, "
+        f"32x256 {steady_batch * 1e3:.1f} ms"
+    )
 
     first_sleep = benchlib.timed(encoder.sleep, device)[1]  # includes making the pinned host copy (once per load)
     sleeps, wake_seconds, first_query, first_batch = [], [], [], []
@@ -126,10 +129,7 @@ def bench_precision(model_dir: Path, precision: str, cycles: int, wakes: int) ->
         "cycles_s": cycles_s,
         "free_drift_bytes": drift,
     }
-    del encoder
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    return result  # the engine goes with this frame; the caller empties the CUDA cache
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -203,6 +203,8 @@ def main() -> int:
     for precision in args.precisions:
         cycles = args.cycles if precision == args.precisions[0] else min(args.cycles, 50)
         report["results"].append(bench_precision(model_dir, precision, cycles, args.wakes))
+        if torch.cuda.is_available():  # the last engine's memory, freed with bench_precision's frame
+            torch.cuda.empty_cache()
         (args.out / "residency.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (args.out / "residency.md").write_text(table)

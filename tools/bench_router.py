@@ -35,9 +35,10 @@ import tritonclient.grpc as grpcclient
 
 from triton_rag import contract
 from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
-from triton_rag.build.repository import prepare_repository
+from triton_rag.build.repository import Prepared, prepare_repository
 from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.client import RouterControl
+from triton_rag.contract.params import Precision
 from triton_rag.core.load_phases import PHASES, cold_loads
 from triton_rag.server import TritonServer, free_ports
 
@@ -71,8 +72,8 @@ DOCUMENTS = [f"Document {n}: " + "Paris is the capital and largest city of Franc
 
 
 def prepare(
-    work: Path, cache: Path, shape: str, router: RouterSettings, precision: str = "auto", name: str = ""
-) -> tuple[Path, dict]:
+    work: Path, cache: Path, shape: str, router: RouterSettings, precision: Precision = "auto", name: str = ""
+) -> tuple[Path, dict[str, Prepared]]:
     import torch
 
     device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
@@ -346,7 +347,8 @@ def rag_markdown(rag: dict[str, Any]) -> list[str]:
         swaps = [row[f"{n}_{wake_or_load}"] for n in contract.ENCODERS]
         cells = ["-" if value is None else f"{value:.3f}" for value in swaps]
         lines.append(
-            f"| {index + 1} | {row['loop_s']:.2f} | {row['embed_s']:.3f} | {row['rerank_s']:.3f} | {cells[0]} | {cells[1]} |"
+            f"| {index + 1} | {row['loop_s']:.2f} | {row['embed_s']:.3f} | {row['rerank_s']:.3f} "
+            f"| {cells[0]} | {cells[1]} |"
         )
     lines.append(f"| p50 | {statistics.median(r['loop_s'] for r in loops):.2f} | | | | |")
     return lines + ["", *cold_load_markdown(rag.get("cold_loads", []))]
@@ -401,7 +403,8 @@ def main() -> int:
     if args.rag_loops:
         for host_tier, loops in ((True, args.rag_loops), (False, args.baseline_loops)):
             if loops:
-                report["rag"].append(bench_rag_loop(args.rag_shape, args.work, args.cache_dir, args.out, loops, host_tier))
+                loop = bench_rag_loop(args.rag_shape, args.work, args.cache_dir, args.out, loops, host_tier)
+                report["rag"].append(loop)
                 (args.out / "router.json").write_text(json.dumps(report, indent=2))
     if args.perf:
         overhead = bench_overhead(args.perf_shape, args.work, args.cache_dir, args.out, args.perf_analyzer)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,14 +14,22 @@ from triton_rag.build.plans import Host, Manifest, configured_profiles, detect_h
 from triton_rag.build.repository import RepositoryError, prepare_repository, startup_models
 from triton_rag.build.settings import Settings, SettingsError, load_settings, settings_file
 from triton_rag.build.sources import ModelSourceError
-from triton_rag.core import admin
+from triton_rag.core import admin, logs
 from triton_rag.server import LOOPBACK, Ports, TritonServer, admin_key_file, resolve_admin_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _log(message: str) -> None:
-    print(f"[triton-rag] {message}", file=sys.stderr, flush=True)
+_logger = logging.getLogger("triton_rag.cli")  # by name: `python -m triton_rag.cli` is __main__
+#: Progress and status lines (stderr, `[triton-rag] ` before each: logs.configure in main); a command's result goes
+#: to stdout through `_output`.
+_log = _logger.info
+
+
+def _output(text: str) -> None:
+    """A command's result (the key, the flags): stdout, for the caller to read or capture."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +58,7 @@ def _prepare(args: argparse.Namespace) -> None:
         _log(f"TensorRT version {args.tensorrt_version} as given (--tensorrt-version)")
     summary = prepare_repository(settings, args.repository, args.cache_dir, _log, host=host)
     for endpoint, chosen in summary.items():
-        _log(f"{endpoint}: {chosen['model']} -> {chosen['path']} ({chosen['origin']})")
+        _log(f"{endpoint}: {chosen.model} -> {chosen.path} ({chosen.origin})")
     router = settings.router
     if router.enabled:
         _log(f"router: budget {router.budget} (reserve {router.reserve}), high watermark {router.high_watermark}")
@@ -60,7 +69,7 @@ def _plan_shapes(args: argparse.Namespace) -> None:
     for name, profiles in configured_profiles(_settings(args)).items():
         shapes = [profile.trtexec() for profile in profiles]
         flags = [",".join(shape[i] for shape in shapes) for i in range(3)]
-        print(f"{name}: --minShapes={flags[0]} --optShapes={flags[1]} --maxShapes={flags[2]}")
+        _output(f"{name}: --minShapes={flags[0]} --optShapes={flags[1]} --maxShapes={flags[2]}")
 
 
 def _record_plan(args: argparse.Namespace) -> None:
@@ -109,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     key = commands.add_parser(
-        "admin-key", help=f"print the admin key serve uses (${admin.KEY_ENV}, else <cache-dir>/admin.key, made if missing)"
+        "admin-key",
+        help=f"print the admin key serve uses (${admin.KEY_ENV}, else <cache-dir>/admin.key, made if missing)",
     )
     key.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache")
     flags = commands.add_parser(
@@ -129,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     record.add_argument("--capability", help="the GPU's compute capability, e.g. 12.0 (default: detected)")
     record.add_argument("--tensorrt-version", help="e.g. 10.13.3.9 (default: the tensorrt package's)")
     args = parser.parse_args(argv)
+    logs.configure("stderr", fmt="[triton-rag] %(message)s")
     if args.command == "admin-key":
-        print(resolve_admin_key(args.cache_dir))
+        _output(resolve_admin_key(args.cache_dir))
         return 0
     if args.command == "load-flags":
         try:
-            print(" ".join(f"--load-model={name}" for name in startup_models(args.repository)))
+            _output(" ".join(f"--load-model={name}" for name in startup_models(args.repository)))
         except RepositoryError as exc:
-            _log(f"error: {exc}")
+            _logger.error(f"error: {exc}")
             return 2
         return 0
     try:
@@ -149,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare" or not args.no_prepare:
             _prepare(args)
     except (SettingsError, ModelSourceError, RepositoryError) as exc:
-        _log(f"error: {exc}")
+        _logger.error(f"error: {exc}")
         return 2
     if args.command == "serve":
         ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
         try:
             server = TritonServer(args.repository, args.cache_dir, ports, host=args.host)
         except ValueError as exc:  # an admin key that cannot be a header value
-            _log(f"error: {exc}")
+            _logger.error(f"error: {exc}")
             return 2
         key_source = admin.KEY_ENV if os.environ.get(admin.KEY_ENV, "").strip() else admin_key_file(args.cache_dir)
         _log(

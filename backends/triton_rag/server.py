@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
 import re
 import secrets
@@ -36,6 +37,8 @@ from typing import IO
 
 from triton_rag.core import admin
 from triton_rag.core.admin import GRPC_KEY_HEADER  # noqa: F401  (re-exported for the launcher's callers)
+
+_log = logging.getLogger(__name__)
 
 #: Where tritonserver listens unless told otherwise: only processes of this machine can reach it.
 LOOPBACK = "127.0.0.1"
@@ -309,7 +312,7 @@ class TritonServer:
         def on_signal(signum: int, _frame: object) -> None:
             if not stop_requested and self.process is not None:
                 stop_requested.append(time.monotonic())
-                print(f"\nreceived {signal.Signals(signum).name}: stopping tritonserver", file=sys.stderr, flush=True)
+                _log.info("received %s: stopping tritonserver", signal.Signals(signum).name)
                 os.kill(self.process.pid, signal.SIGTERM)
 
         signal.signal(signal.SIGINT, on_signal)

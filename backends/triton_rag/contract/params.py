@@ -1,9 +1,7 @@
 """Typed parameters of the models, as config.pbtxt carries them: one frozen dataclass per model kind, rendered into
-config.pbtxt string parameters at build time and parsed back in `initialize` by the same code (`render` / `parse`),
-so a default lives in one place and a typo fails where it is made.
-
-Also the parser rag.toml's sections share (`build_dataclass`): the same conversions and checks for a value read from
-TOML, from `--set section.key=value` or from config.pbtxt.
+config.pbtxt string parameters at build time and parsed back in `initialize` by the same code (`render` / `parse`,
+contract.fields), so a default lives in one place and a typo fails where it is made. The router's settings and
+parameters too (`RouterSettings`, `RouterParameters`), and the parser of rag.toml's [router] (`router_settings`).
 """
 
 from __future__ import annotations
@@ -11,13 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from triton_rag.contract.fields import TOKEN_ID, Parameters, SettingsError, build_dataclass, render_parameters
+from triton_rag.contract.tensors import (
+    DEFAULT_EMBED_DIM,
+    DOCLING_DOCUMENT_ENDPOINT,
+    DOCLING_ENDPOINT,
+    DOCLING_VLM,
+    EMBED_ENCODER,
+    EMBED_ENDPOINT,
+    RERANK_ENCODER,
+    RERANK_ENDPOINT,
+)
+from triton_rag.core.limits import Limits
 from triton_rag.core.units import PolicyError, parse_bytes
-
-
-class SettingsError(ValueError):
-    """A configuration value that cannot work; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -93,59 +99,13 @@ class RouterSettings:
 
     def parameters(self) -> dict[str, str]:
         """As config.pbtxt string parameters (read back by `router_settings`)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "overflow": ("reject", "truncate"),
-    "pooling": ("auto", "last_token", "mean"),
-    "engine": ("torch", "tensorrt_plan", "tensorrt_rtx"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "precision": ("auto", "nvfp4", "fp8", "bfloat16", "float32"),
-}
-
-#: Narrower choices of one section: the VLM has no TensorRT-RTX variant (only its vision tower can be a plan).
-_SECTION_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("docling", "engine"): ("torch", "tensorrt_plan")}
-
-
-def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise SettingsError(f"[{section}] has unknown keys {unknown}; known keys: {sorted(known)}")
-    converted: dict[str, Any] = {}
-    for key, value in values.items():
-        default = known[key].default
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                value = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, float):
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise SettingsError(f"[{section}] {key} must be a number, got {value!r}") from None
-            if not value >= 0:
-                raise SettingsError(f"[{section}] {key} must be zero or more, got {value}")
-        elif isinstance(default, int):
-            try:
-                value = int(value)
-            except (TypeError, ValueError):
-                raise SettingsError(f"[{section}] {key} must be an integer, got {value!r}") from None
-            if value <= 0:
-                raise SettingsError(f"[{section}] {key} must be positive, got {value}")
-        choices = _SECTION_CHOICES.get((section, key), _CHOICES.get(key))
-        if choices is not None and value not in choices:
-            raise SettingsError(f"[{section}] {key} must be one of {choices}, got {value!r}")
-        converted[key] = value
-    return cls(**converted)
+        return render_parameters(self)
 
 
 def router_settings(values: dict[str, Any]) -> RouterSettings:
     """From rag.toml's [router] table or the router's config.pbtxt parameters (all strings there)."""
-    return build_dataclass(
-        RouterSettings, "router", {key: str(value) if key in ("budget", "host_budget") else value for key, value in values.items()}
-    )
+    values = {key: str(value) if key in ("budget", "host_budget") else value for key, value in values.items()}
+    return build_dataclass(RouterSettings, "router", values)
 
 
 @dataclass(frozen=True)
@@ -209,3 +169,155 @@ class RouterParameters:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SettingsError(f"[router] the parameter 'models' is not the JSON prepare writes: {exc!r}") from None
         return cls(router_settings(values), models)
+
+
+# --- the models' parameters ----------------------------------------------------------------------------------------
+
+Overflow = Literal["reject", "truncate"]
+#: How an embedder's token states become one row (rag.toml's "auto" is resolved at build time).
+Pooling = Literal["last_token", "mean"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+#: auto (= dtype) or a precision that falls back where the GPU or engine cannot run it (triton_rag.core.precision).
+Precision = Literal["auto", "nvfp4", "fp8", "bfloat16", "float32"]
+Task = Literal["embed", "rerank"]
+
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextEndpointParameters(Parameters):
+    """What `qwen_embed` and `qwen_rerank` share: their encoder, the router, and the limits of a request."""
+
+    encoder: str
+    #: The router model's name; empty: the encoder is called directly (no memory budget).
+    router: str = ""
+    #: Tokens per text, prompt included.
+    max_length: int = 8192
+    overflow: Overflow = "reject"
+    #: Largest padded batch (rows x longest row) sent to the encoder at once; the engine packs the real tokens into
+    #: passes of at most this many (its activation memory scales with it).
+    max_batch_tokens: int = 32768
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedEndpointParameters(TextEndpointParameters):
+    """`qwen_embed` (triton_rag.triton.endpoints.EmbedEndpoint)."""
+
+    SECTION: ClassVar[str] = EMBED_ENDPOINT
+
+    encoder: str = EMBED_ENCODER
+    #: The Matryoshka size returned (the encoder's pooled row cut to this and normalised).
+    dim: int = DEFAULT_EMBED_DIM
+    #: Appended to each text for last-token pooling (the end-of-text token); empty: the tokenizer's own specials.
+    pool_token: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RerankEndpointParameters(TextEndpointParameters):
+    """`qwen_rerank` (triton_rag.triton.endpoints.RerankEndpoint)."""
+
+    SECTION: ClassVar[str] = RERANK_ENDPOINT
+
+    encoder: str = RERANK_ENCODER
+    #: The instruction of a pair whose request gives none.
+    default_instruction: str = DEFAULT_RERANK_INSTRUCTION
+
+
+@dataclass(frozen=True, kw_only=True)
+class TorchEncoderOptions(Parameters):
+    """How the PyTorch engine runs an encoder (triton_rag.engines.torch_encoder.TorchEncoder)."""
+
+    SECTION: ClassVar[str] = "encoder"
+
+    dtype: DType = "auto"
+    precision: Precision = "auto"
+    #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
+    #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
+    compile: bool = True
+    max_batch_tokens: int = TextEndpointParameters.max_batch_tokens
+    #: Weights the engine can give back and take again (the router's host tier; the RESIDENCY output).
+    sleepable: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderParameters(Parameters):
+    """`qwen_embed_encoder` / `qwen_rerank_encoder` as a python model (triton_rag.triton.encoder.EncoderModel): the
+    PyTorch engine (`pytorch`), or a built TensorRT-RTX engine (`engine_file`); exactly one of the two."""
+
+    SECTION: ClassVar[str] = "encoder"
+
+    task: Task
+    #: embed on the PyTorch engine (a built engine has its pooling inside).
+    pooling: Pooling | None = None
+    #: rerank on the PyTorch engine: the token ids of "no" and "yes" (the two LM-head rows read).
+    yes_no_ids: tuple[int, int] | None = dataclasses.field(default=None, metadata=TOKEN_ID)
+    pytorch: TorchEncoderOptions | None = None
+    #: The TensorRT-RTX engine, relative to the model's version directory.
+    engine_file: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.pytorch is None) == (self.engine_file is None):
+            raise SettingsError(
+                f"[{self.SECTION}] needs either the PyTorch engine's parameters or engine_file "
+                f"({'both' if self.pytorch is not None else 'neither'} given)"
+            )
+        if self.pytorch is not None and self.task == "embed" and self.pooling is None:
+            raise SettingsError(f"[{self.SECTION}] pooling is missing: an embedder on the PyTorch engine needs it")
+        if self.pytorch is not None and self.task == "rerank" and self.yes_no_ids is None:
+            raise SettingsError(f"[{self.SECTION}] yes_no_ids is missing: a reranker on the PyTorch engine needs it")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoclingPageParameters(Parameters):
+    """`docling`, one page image (triton_rag.triton.docling.DoclingEndpoint)."""
+
+    SECTION: ClassVar[str] = DOCLING_ENDPOINT
+
+    vlm: str = DOCLING_VLM
+    router: str = ""
+    prompt: str = "Convert this page to docling."
+    #: Per page; docling's own setting. A page that reaches it ends with an unclosed element (empty text).
+    max_new_tokens: int = 8192
+    #: From the model's config; None: the tokenizer's.
+    eos_token_id: int | None = dataclasses.field(default=None, metadata=TOKEN_ID)
+    max_document_bytes: int = Limits.max_document_bytes
+    max_image_pixels: int = Limits.max_image_pixels
+
+    def limits(self) -> Limits:
+        return Limits(max_document_bytes=self.max_document_bytes, max_image_pixels=self.max_image_pixels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoclingDocumentParameters(Parameters):
+    """`docling_document`, a PDF (triton_rag.triton.docling.DoclingDocumentEndpoint)."""
+
+    SECTION: ClassVar[str] = DOCLING_DOCUMENT_ENDPOINT
+
+    #: The model each rendered page is sent to.
+    page_model: str = DOCLING_ENDPOINT
+    max_document_bytes: int = Limits.max_document_bytes
+    max_image_pixels: int = Limits.max_image_pixels
+    max_pages: int = Limits.max_pages
+    dpi: float = Limits.dpi
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_document_bytes=self.max_document_bytes,
+            max_pages=self.max_pages,
+            max_image_pixels=self.max_image_pixels,
+            dpi=self.dpi,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class VlmParameters(Parameters):
+    """`docling_vlm` on the PyTorch engine (triton_rag.triton.docling.VlmModel)."""
+
+    SECTION: ClassVar[str] = DOCLING_VLM
+
+    dtype: DType = "auto"
+    #: Token ids that end a page's generation.
+    stop_ids: tuple[int, ...] = dataclasses.field(default=(), metadata=TOKEN_ID)
+    #: A TensorRT plan of the vision tower computes the image embeddings; None: the tower runs here in PyTorch.
+    vision_model: str | None = None

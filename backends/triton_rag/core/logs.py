@@ -15,18 +15,41 @@ ROOT = "triton_rag"
 _configured = False
 
 
-class _ModelPrefix(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _ModelPrefix(logging.LoggerAdapter):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"{self.extra['model'] if self.extra else ''}: {msg}", kwargs
 
 
-def configure(stream: Any = None, level: int = logging.INFO) -> None:
-    """One handler on the package's root logger (idempotent): plain messages, flushed per line."""
+#: What the helpers of a stub or a command take to write their lines with (a model_logger, or a module's logger).
+Logger = logging.Logger | logging.LoggerAdapter
+
+
+class _StandardStream(logging.StreamHandler):
+    """Writes to sys.stdout or sys.stderr as they are at each line (a redirect or a test's capture made later)."""
+
+    def __init__(self, name: str) -> None:
+        self._stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure(stream: Any = "stderr", level: int = logging.INFO, fmt: str = "%(message)s") -> None:
+    """One handler on the package's root logger (idempotent): plain messages (`fmt`), flushed per line, to `stream`
+    ("stdout", "stderr": whatever sys.stdout or sys.stderr is when a line is written; or a file object). The
+    launcher calls it once (cli.main: stderr, `[triton-rag] ` before each line); a stub through model_logger
+    (stdout)."""
     global _configured
     if _configured:
         return
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler = _StandardStream(stream) if isinstance(stream, str) else logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger(ROOT)
     root.addHandler(handler)
     root.setLevel(level)
@@ -34,7 +57,7 @@ def configure(stream: Any = None, level: int = logging.INFO) -> None:
     _configured = True
 
 
-def model_logger(model_name: str, module: str = ROOT) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+def model_logger(model_name: str, module: str = ROOT) -> logging.LoggerAdapter:
     """A logger whose lines start with `<model_name>: ` and go to stdout: inside a Triton stub, the server log."""
-    configure(sys.stdout)
+    configure("stdout")
     return _ModelPrefix(logging.getLogger(module), {"model": model_name})

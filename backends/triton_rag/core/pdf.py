@@ -14,24 +14,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from triton_rag.core.text import InputError
+from triton_rag.core.errors import BadInput, TooLarge
+from triton_rag.core.limits import Limits as Limits  # the limits and their defaults live in core.limits
 
 _PDFIUM_LOCK = threading.Lock()
 _EMPTY_PAGE_TREE = re.compile(rb"/Type\s*/Pages\b[^>]*?/Count\s+0\b|/Count\s+0\b[^>]*?/Type\s*/Pages\b")
 #: Pillow refuses images above this many pixels (decompression bombs); ours is explicit and configurable.
 Image.MAX_IMAGE_PIXELS = None
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; each has a setting in rag.toml [docling] (docs/DOCLING.md)."""
-
-    max_document_bytes: int = 64 * 2**20
-    max_pages: int = 200
-    #: A page image (or a rendered page) larger than this is refused (images) or rendered smaller (PDF pages).
-    max_image_pixels: int = 40_000_000
-    #: PDF render resolution: 144 dpi is what docling renders for granite-docling.
-    dpi: float = 144.0
 
 
 @dataclass(frozen=True)
@@ -45,22 +34,22 @@ class RenderedPage:
 def open_image(data: bytes, limits: Limits) -> Image.Image:
     """Decode one page image; refuses what is not an image or is larger than the limit, before decoding pixels."""
     if not data:
-        raise InputError("IMAGE is empty")
+        raise BadInput("IMAGE is empty")
     if len(data) > limits.max_document_bytes:
-        raise InputError(f"IMAGE has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
+        raise TooLarge(f"IMAGE has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
     try:
         image = Image.open(io.BytesIO(data))
     except Exception:
-        raise InputError("IMAGE is not an image Pillow can read (PNG, JPEG, TIFF, BMP, WebP, ...)") from None
+        raise BadInput("IMAGE is not an image Pillow can read (PNG, JPEG, TIFF, BMP, WebP, ...)") from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
-        raise InputError(
+        raise TooLarge(
             f"IMAGE is {width}x{height} = {width * height} pixels, more than the limit of {limits.max_image_pixels}"
         )
     try:
         image.load()
     except Exception as exc:
-        raise InputError(f"IMAGE cannot be decoded: {exc}") from None
+        raise BadInput(f"IMAGE cannot be decoded: {exc}") from None
     return image
 
 
@@ -73,13 +62,14 @@ def _render_scale(size: tuple[float, float], limits: Limits) -> float:
 
 
 def render_pdf(data: bytes, limits: Limits) -> list[RenderedPage]:
-    """Every page of a PDF as an RGB image; InputError for what is not a PDF, is empty, encrypted or too large."""
+    """Every page of a PDF as an RGB image; BadInput for what is not a PDF, is empty or encrypted, TooLarge for
+    what is over a limit."""
     import pypdfium2 as pdfium
 
     if not data:
-        raise InputError("DOCUMENT is empty")
+        raise BadInput("DOCUMENT is empty")
     if len(data) > limits.max_document_bytes:
-        raise InputError(f"DOCUMENT has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
+        raise TooLarge(f"DOCUMENT has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
     with _PDFIUM_LOCK:
         try:
             document = pdfium.PdfDocument(data)
@@ -87,16 +77,16 @@ def render_pdf(data: bytes, limits: Limits) -> list[RenderedPage]:
             # PDFium refuses a well-formed PDF whose page tree is empty without setting its last error, so the
             # error code then belongs to an earlier failure: recognise an empty page tree by its declaration.
             if data.startswith(b"%PDF") and _EMPTY_PAGE_TREE.search(data):
-                raise InputError("DOCUMENT is a PDF with no pages") from None
+                raise BadInput("DOCUMENT is a PDF with no pages") from None
             if getattr(exc, "err_code", None) == pdfium.raw.FPDF_ERR_PASSWORD:
-                raise InputError("DOCUMENT is an encrypted PDF (a password is needed)") from None
-            raise InputError(f"DOCUMENT is not a readable PDF ({exc})") from None
+                raise BadInput("DOCUMENT is an encrypted PDF (a password is needed)") from None
+            raise BadInput(f"DOCUMENT is not a readable PDF ({exc})") from None
         try:
             count = len(document)
             if count == 0:
-                raise InputError("DOCUMENT is a PDF with no pages")
+                raise BadInput("DOCUMENT is a PDF with no pages")
             if count > limits.max_pages:
-                raise InputError(f"DOCUMENT has {count} pages, more than the limit of {limits.max_pages}")
+                raise TooLarge(f"DOCUMENT has {count} pages, more than the limit of {limits.max_pages}")
             pages = []
             for index in range(count):
                 pages.append(_render_page(document, index, limits))

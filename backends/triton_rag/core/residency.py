@@ -1,8 +1,9 @@
+# Over 400 lines: decide() and the helpers it alone uses are one policy, read (and property-tested) together.
 """Which compute models to load, evict, grant or fail: the router's policy as a pure function of plain data.
 
-The router (triton/router.py) keeps the ledger and talks to Triton; after every event it hands a snapshot to
-`decide()` and carries out the returned `Decision`. Nothing here sleeps, locks or calls a server, so every rule
-below is unit- and property-tested on its own (tests/test_residency.py).
+The router's ledger (core/ledger.py) hands a snapshot to `decide()` after every event and turns the returned
+`Decision` into effects that the router (triton/router/) carries out. Nothing here sleeps, locks or calls a server,
+so every rule below is unit- and property-tested on its own (tests/test_residency.py).
 
 Two tiers below the GPU: a *sleepable* model (the PyTorch engine) is evicted by putting it to sleep: its weights
 leave the device for a host-RAM copy while its process, compiled code and CUDA graphs stay, and waking it is one
@@ -19,13 +20,14 @@ Rules, in the order `decide()` applies them:
    them after its queue timeout).
 3. The next model to load (the *contender*) is the unloaded model with the oldest waiting request (FIFO across
    models, so nothing starves).
-4. Making room evicts idle models first (to the host tier where they can sleep and the host budget allows, making
-   host room by unloading the least recently used asleep models; else a full unload) (no request in flight, none waiting), in victim order: models absent from
-   the plan, least recently used first; then models in the plan, the one whose next use is furthest away first
-   (Belady). Busy models are evicted only if idle ones are not enough, and only after they have been resident for
-   `min_residency` seconds: such a model is *closed* (it takes no new requests, which wait for its next turn), and is
-   unloaded as soon as its requests in flight finish. A model with requests in flight is never unloaded; a pinned
-   model is never evicted. Asleep models are unloaded last, for what they still hold on the device.
+4. Making room evicts idle models first (no request in flight, none waiting; to the host tier where they can sleep
+   and the host budget allows, making host room by unloading the least recently used asleep models; else a full
+   unload), in victim order: models absent from the plan, least recently used first; then models in the plan, the
+   one whose next use is furthest away first (Belady). Busy models are evicted only if idle ones are not enough, and
+   only after they have been resident for `min_residency` seconds: such a model is *closed* (it takes no new
+   requests, which wait for its next turn), and is unloaded as soon as its requests in flight finish. A model with
+   requests in flight is never unloaded; a pinned model is never evicted. Asleep models are unloaded last, for what
+   they still hold on the device.
 5. Thrashing bound: while two models contend for room that fits one, residency switches at most once per
    `min_residency` (plus the load time), and each switch serves every request that queued for the new model.
 6. Plan prefetch: with no contender and no load running, the first planned model that is not resident is loaded if
@@ -39,15 +41,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import Enum
 
 from triton_rag.core.units import PolicyError, format_bytes
 
-ResidencyState = Literal["unloaded", "loading", "ready", "unloading", "sleeping", "asleep", "waking"]
+
+class ModelState(str, Enum):
+    """Where a compute model is (STATUS `state`: the values); a str, so it compares and serializes as its value."""
+
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    SLEEPING = "sleeping"
+    ASLEEP = "asleep"
+    WAKING = "waking"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 #: States in which a model holds its full `bytes` on the device.
-OCCUPYING: tuple[ResidencyState, ...] = ("loading", "ready", "unloading", "sleeping", "waking")
+OCCUPYING = (ModelState.LOADING, ModelState.READY, ModelState.UNLOADING, ModelState.SLEEPING, ModelState.WAKING)
 #: States that hold the device while they last: one at a time.
-TRANSITIONS: tuple[ResidencyState, ...] = ("loading", "waking")
+TRANSITIONS = (ModelState.LOADING, ModelState.WAKING)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -76,7 +94,7 @@ class ModelView:
     name: str
     #: Measured bytes when the model has been measured, else the estimate (weights plus workspace).
     bytes: int
-    state: ResidencyState = "unloaded"
+    state: ModelState = ModelState.UNLOADED
     in_flight: int = 0
     waiting: int = 0
     #: Arrival time of the oldest waiting request (only meaningful when waiting > 0).
@@ -101,13 +119,13 @@ class ModelView:
 
     @property
     def occupies(self) -> int:
-        asleep = self.state == "asleep" or (self.state == "unloading" and self.unloading_asleep)
+        asleep = self.state == ModelState.ASLEEP or (self.state == ModelState.UNLOADING and self.unloading_asleep)
         resident = self.asleep_bytes if asleep else self.bytes if self.state in OCCUPYING else 0
         return resident + self.unreleased
 
     @property
     def host_occupies(self) -> int:
-        return self.host_bytes if self.host_held and self.state != "unloaded" else 0
+        return self.host_bytes if self.host_held and self.state != ModelState.UNLOADED else 0
 
     @property
     def idle(self) -> bool:
@@ -147,7 +165,7 @@ def host_occupied_bytes(models: Sequence[ModelView]) -> int:
 def need_bytes(model: ModelView, policy: Policy) -> int:
     """Device bytes loading or waking `model` adds; a model larger than the budget needs the whole budget (it is
     served alone)."""
-    return min(model.bytes, policy.budget) - (model.asleep_bytes if model.state == "asleep" else 0)
+    return min(model.bytes, policy.budget) - (model.asleep_bytes if model.state == ModelState.ASLEEP else 0)
 
 
 def next_use(plan: Sequence[str]) -> dict[str, int]:
@@ -168,13 +186,13 @@ def victim_order(candidates: Sequence[ModelView], plan: Sequence[str]) -> list[M
 
 
 def _evictable(model: ModelView) -> bool:
-    return model.state == "ready" and model.evictable and not model.pinned
+    return model.state == ModelState.READY and model.evictable and not model.pinned
 
 
 def _cold_evictable(model: ModelView) -> bool:
     """An asleep model that a full unload may take (for what it holds on the device, or for host room); requests
     waiting for it do not keep it (it is not the contender, and it can be loaded again)."""
-    return model.state == "asleep" and model.evictable and not model.pinned
+    return model.state == ModelState.ASLEEP and model.evictable and not model.pinned
 
 
 class _Evictions:
@@ -193,7 +211,7 @@ class _Evictions:
             (m for m in models if _cold_evictable(m) and m.name not in keep), key=lambda m: (m.last_access, m.name)
         )
         #: Host bytes that unloads under way will free.
-        self.host_pending = sum(m.host_occupies for m in models if m.state == "unloading")
+        self.host_pending = sum(m.host_occupies for m in models if m.state == ModelState.UNLOADING)
         self.waiting_for_host = False
         self.sleep: list[str] = []
         self.unload: list[str] = []
@@ -232,7 +250,7 @@ class _Evictions:
 
 def _held(model: ModelView) -> bool:
     """Resident (or about to be) and out of eviction's reach: pinned, or the server will not unload it."""
-    return model.state in ("loading", "ready") and (model.pinned or not model.evictable)
+    return model.state in (ModelState.LOADING, ModelState.READY) and (model.pinned or not model.evictable)
 
 
 def _impossible(model: ModelView, models: Sequence[ModelView], policy: Policy) -> str | None:
@@ -311,7 +329,7 @@ def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now
 
     contenders = []
     for model in models:
-        if model.waiting and model.state in ("unloaded", "asleep"):
+        if model.waiting and model.state in (ModelState.UNLOADED, ModelState.ASLEEP):
             message = _impossible(model, models, policy)
             if message is None:
                 contenders.append(model)
@@ -328,7 +346,8 @@ def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now
     if contender is not None and moving:
         reasons[contender.name] = "another model is loading or waking"
     elif contender is not None:
-        alone = f"larger than the budget ({format_bytes(contender.bytes)} > {format_bytes(policy.budget)}): served alone"
+        sizes = f"{format_bytes(contender.bytes)} > {format_bytes(policy.budget)}"
+        alone = f"larger than the budget ({sizes}): served alone"
         shortfall = occupied + need_bytes(contender, policy) - policy.budget
         if shortfall <= 0:
             start = contender
@@ -351,7 +370,8 @@ def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now
 
     positions = next_use(plan)
     if contender is None and not moving:
-        planned = [name for name in positions if name in by_name and by_name[name].state in ("unloaded", "asleep")]
+        away = (ModelState.UNLOADED, ModelState.ASLEEP)
+        planned = [name for name in positions if name in by_name and by_name[name].state in away]
         if planned and _impossible(by_name[planned[0]], models, policy) is None:
             target = by_name[planned[0]]
             shortfall = occupied + need_bytes(target, policy) - policy.budget
@@ -373,7 +393,7 @@ def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now
 
     if start is None and not (evictions.sleep or evictions.unload):
         excess = occupied - policy.high_watermark * policy.budget
-        ready = [m for m in models if m.state == "ready"]
+        ready = [m for m in models if m.state == ModelState.READY]
         most_recent = max(ready, key=lambda m: (m.last_access, m.name)).name if ready else None
         sweepable = [m for m in ready if _evictable(m) and m.idle and m.name not in positions and m.name != most_recent]
         for victim in victim_order(sweepable, plan):
@@ -386,13 +406,13 @@ def decide(models: Sequence[ModelView], policy: Policy, plan: Sequence[str], now
             evictions.unload.append(victim.name)
             host_excess -= victim.host_occupies
 
-    grant = tuple(m.name for m in models if m.waiting and m.state == "ready" and m.name not in closed)
+    grant = tuple(m.name for m in models if m.waiting and m.state == ModelState.READY and m.name not in closed)
     return Decision(
         grant=grant,
         unload=tuple(dict.fromkeys(evictions.unload)),
         sleep=tuple(dict.fromkeys(n for n in evictions.sleep if n not in evictions.unload)),
-        load=start.name if start is not None and start.state == "unloaded" else None,
-        wake=start.name if start is not None and start.state == "asleep" else None,
+        load=start.name if start is not None and start.state == ModelState.UNLOADED else None,
+        wake=start.name if start is not None and start.state == ModelState.ASLEEP else None,
         fail=tuple(fail),
         closed=frozenset(closed),
         wake_at=wake_at,

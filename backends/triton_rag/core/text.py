@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from triton_rag.core.errors import BadInput, TooLarge
+
 EMBED_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
 
 RERANK_PREFIX = (
@@ -22,8 +24,9 @@ RERANK_PAIR_TEMPLATE = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>:
 QWEN3_POOL_TOKEN = "<|endoftext|>"
 
 
-class InputError(ValueError):
-    """Bad client input; the message is returned to the client as the request's error."""
+#: Bad client input; the message is returned to the client as the request's error (INVALID_ARG). The name of
+#: core/errors.py's BadInput that this module and its callers grew up with.
+InputError = BadInput
 
 
 class Tokenizer(Protocol):
@@ -51,8 +54,8 @@ def format_rerank_pair(query: str, document: str, instruction: str) -> str:
     return RERANK_PAIR_TEMPLATE.format(instruction=instruction, query=query, document=document)
 
 
-def _overflow_error(row: int, length: int, limit: int) -> InputError:
-    return InputError(
+def _overflow_error(row: int, length: int, limit: int) -> TooLarge:
+    return TooLarge(
         f"row {row}: input is {length} tokens, more than max_length {limit}; split it into smaller chunks "
         f'or deploy with overflow = "truncate"'
     )

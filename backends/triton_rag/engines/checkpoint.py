@@ -170,7 +170,7 @@ def load_tensors(
     A pipeline: the reads of `BUFFERS - 1` buffers are in flight while the oldest is copied."""
     pinned = device.type == "cuda"
     buffers = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(BUFFERS)]
-    views = [memoryview(buffer.numpy()) for buffer in buffers]
+    views = [buffer.numpy().data for buffer in buffers]
     events = [torch.cuda.Event() if pinned else None for _ in buffers]
     files = list(dict.fromkeys(tensor.file for tensor in tensors))
     descriptors = {file: os.open(file, os.O_RDONLY) for file in files}
@@ -228,3 +228,9 @@ def load_tensors(
     if pinned:
         torch.cuda.synchronize(device)
     return total
+
+
+def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | None:
+    """The given rows of `lm_head.weight` from the checkpoint, or None when the head is tied to the embeddings."""
+    head = next((stored for stored in stored_tensors(model_dir) if stored.name == "lm_head.weight"), None)
+    return None if head is None else read_rows(head, token_ids)

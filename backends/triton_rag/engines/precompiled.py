@@ -137,6 +137,8 @@ class _StateAsInputs(nn.Module):
     """What is exported: the function with the module's state as inputs. The module is held out of the registry, so
     the export lifts none of its tensors into the package."""
 
+    _bound: _Bound
+
     def __init__(self, function: Callable[..., torch.Tensor], module: nn.Module) -> None:
         super().__init__()
         bound = _Bound(function, module)

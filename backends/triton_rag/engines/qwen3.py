@@ -14,6 +14,7 @@ Attention is over packed rows only (`packed_attention`): the engine lays every t
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from torch import nn
 from triton_rag.engines.checkpoint import StoredTensor, load_tensors, stored_tensors
 from triton_rag.engines.fp8 import Fp8Linear
 from triton_rag.engines.packed_attention import attend_packed
+
+_log = logging.getLogger(__name__)
 
 #: Checkpoint tensors the decoder does not hold.
 SKIPPED_PREFIXES = ("lm_head.",)
@@ -192,7 +195,7 @@ def load_qwen3(
     device: torch.device,
     dtype: torch.dtype,
     fp8: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log.info,
     on_modules_built: Callable[[], None] | None = None,
 ) -> Qwen3Decoder:
     """The checkpoint's decoder on `device` in `dtype`; with `fp8`, every linear layer quantized as its weight lands

@@ -16,22 +16,36 @@ run transformers' own modules. What is ours besides is how the layers are driven
 
 Only pooling and the reranker head are fully ours, and they keep the output small: the reranker reads just the two
 LM-head rows it needs instead of the whole vocabulary.
+
+(~430 lines, over the package's ~400: one engine class whose load, graph captures and packed passes share its state;
+the helpers it shares with the other engines are in encoder_common.py.)
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from triton_rag.contract.params import TextEndpointParameters
 from triton_rag.core.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.core.precision import Device, choose_precision
-from triton_rag.engines.checkpoint import read_rows, stored_tensors
+from triton_rag.engines.checkpoint import read_lm_head_rows
+from triton_rag.engines.encoder_common import (
+    DTYPES,
+    Pooling,
+    choose_device,
+    choose_dtype,
+    pool,
+    real_spans,
+    validate_encoder_inputs,
+)
 from triton_rag.engines.fp8 import convert_linears
 from triton_rag.engines.precompiled import SUFFIX as PACKAGE_SUFFIX
 from triton_rag.engines.precompiled import (
@@ -43,47 +57,12 @@ from triton_rag.engines.precompiled import (
 from triton_rag.engines.qwen3 import load_qwen3, read_config
 from triton_rag.engines.weight_arena import WeightArena
 
+_log = logging.getLogger(__name__)
+
 #: What this engine has kernels for (NVFP4 GEMMs come with TensorRT plans, issue 6).
 ENGINE_PRECISIONS = frozenset({"fp8", "bfloat16", "float32"})
 
 Task = Literal["embed", "rerank"]
-Pooling = Literal["last_token", "mean"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def choose_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[requested]
-
-
-def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token; works for left and right padding alike."""
-    width = mask.shape[1]
-    return (width - 1) - torch.argmax(torch.flip(mask, dims=[1]), dim=1)
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    if pooling == "last_token":
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_real_positions(mask)]
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-
-
-def read_lm_head_rows(model_dir: Path, token_ids: list[int]) -> torch.Tensor | None:
-    """The given rows of `lm_head.weight` from the checkpoint, or None when the head is tied to the embeddings."""
-    head = next((stored for stored in stored_tensors(model_dir) if stored.name == "lm_head.weight"), None)
-    return None if head is None else read_rows(head, token_ids)
-
-
 #: Architectures driven by our causal loop (packed segments, mask-free causal attention); others use transformers'
 #: forward with the mask.
 CAUSAL_DECODERS = frozenset({"qwen3"})
@@ -115,36 +94,6 @@ def decoder_layer_call(
     return layer(hidden, cos, sin, bounds, length_probe.shape[0])
 
 
-def validate_encoder_inputs(
-    input_ids: np.ndarray, attention_mask: np.ndarray, vocab_size: int, max_positions: int | None = None
-) -> None:
-    """Reject what would otherwise fail deep inside an engine (or trip a device assert on CUDA)."""
-    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-        raise ValueError(
-            f"INPUT_IDS {list(input_ids.shape)} and ATTENTION_MASK {list(attention_mask.shape)} "
-            "must both be [rows, tokens] of the same shape"
-        )
-    if input_ids.size == 0:
-        raise ValueError("empty batch")
-    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size})")
-    if not np.isin(attention_mask, (0, 1)).all():
-        raise ValueError("ATTENTION_MASK must hold only 0 and 1")
-    if (attention_mask.sum(axis=1) == 0).any():
-        raise ValueError("every row needs at least one real token")
-    if max_positions is not None and input_ids.shape[1] > max_positions:
-        raise ValueError(f"rows longer than the model's {max_positions} positions")
-
-
-def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(start, length) of each row's real tokens; ValueError unless they are one contiguous run (left or right
-    padding, as every tokenizer pads)."""
-    starts = mask[:, 0] + (np.diff(mask, axis=1) == 1).sum(axis=1)
-    if (starts != 1).any():
-        raise ValueError("ATTENTION_MASK must mark one contiguous run of real tokens per row (left or right padding)")
-    return np.argmax(mask, axis=1), mask.sum(axis=1)
-
-
 @dataclass
 class _Captured:
     """One static shape: its input buffers, its output, and (on CUDA) the graph that fills the output."""
@@ -168,10 +117,10 @@ class TorchEncoder:
         device: str = "auto",
         yes_no_ids: tuple[int, int] | None = None,
         precision: str = "auto",
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] = _log.info,
         compile_model: bool = False,
         use_graphs: bool | None = None,
-        max_batch_tokens: int = 32768,
+        max_batch_tokens: int = TextEndpointParameters.max_batch_tokens,
         sleepable: bool = False,
         precompiled_dir: Path | None = None,
     ) -> None:
@@ -203,7 +152,7 @@ class TorchEncoder:
         elif precision == "auto":
             self.dtype = choose_dtype(dtype, self.device)
         else:
-            self.dtype = _DTYPES[self.precision]
+            self.dtype = DTYPES[self.precision]
         compiler_imported: Callable[[], float] = lambda: 0.0  # noqa: E731
         package = self._package_file(precompiled_dir, log) if compile_model and cuda and self.causal else None
 
@@ -212,7 +161,8 @@ class TorchEncoder:
             compiler_imported = import_compiler_in_background()
 
         if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
-            self.model: torch.nn.Module = load_qwen3(
+            # our Qwen3 decoder, or transformers' model for other architectures: their attributes differ (Any)
+            self.model: Any = load_qwen3(
                 self.model_dir, self.device, self.dtype, self.precision == "fp8", log,
                 import_compiler if compile_model and cuda and not (package and package.exists()) else None,
             )  # fmt: skip

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from triton_rag.core.idefics3 import ImageProcessorConfig
-from triton_rag.engines.torch_encoder import choose_device, choose_dtype
+from triton_rag.engines.encoder_common import choose_device, choose_dtype
 
 
 @dataclass(frozen=True)

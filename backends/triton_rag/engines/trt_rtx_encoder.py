@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from triton_rag.engines.torch_encoder import validate_encoder_inputs
+from triton_rag.engines.encoder_common import validate_encoder_inputs
 
 
 def load_tensorrt_rtx() -> Any:

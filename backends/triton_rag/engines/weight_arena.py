@@ -19,12 +19,15 @@ still holds, and the router measures it.
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+_log = logging.getLogger(__name__)
 
 #: Offsets of tensors in the arena are multiples of this (vectorized kernels want aligned operands).
 ALIGNMENT = 256
@@ -156,7 +159,7 @@ def _view(arena: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
 class WeightArena:
     """The weights of `model`, moved into one arena; `sleep()` frees their device memory, `wake()` restores it."""
 
-    def __init__(self, model: nn.Module, device: torch.device, log: Callable[[str], None] = print) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, log: Callable[[str], None] = _log.info) -> None:
         self.device = device
         self.asleep = False
         self._host: torch.Tensor | None = None

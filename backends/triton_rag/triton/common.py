@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -14,15 +13,51 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag.core.admin import KEY_NAME, server_key
-from triton_rag.core.errors import RequestError, client_message
+from triton_rag.core.errors import (
+    UNAVAILABLE_CODES,
+    BadInput,
+    Internal,
+    RequestError,
+    StatusCode,
+    client_message,
+    from_model,
+)
+from triton_rag.core.logs import Logger, model_logger
 from triton_rag.core.text import InputError, decode_utf8
 
 T = TypeVar("T")
 Row = TypeVar("Row")
 
+#: The log of this stub's model, the default of the helpers below: `stub_logger` sets it from initialize() (a stub
+#: process serves one model, so its lines carry that model's name).
+_log: Logger = logging.getLogger(__name__)
 
-class ComputeError(RuntimeError):
-    """A compute model failed or is unavailable; every request that needed it gets this message."""
+#: pb_utils.TritonError's codes by name.
+_CODES = "UNKNOWN INTERNAL NOT_FOUND INVALID_ARG UNAVAILABLE UNSUPPORTED ALREADY_EXISTS CANCELLED".split()
+
+
+def stub_logger(args: Mapping[str, str]) -> Logger:
+    """The model's logger (`<model>: ...` lines on stdout: the server log), for its initialize(); the helpers of
+    this module log with it too."""
+    global _log
+    _log = model_logger(args["model_name"])
+    return _log
+
+
+def code_name(code: Any) -> str:
+    """A pb_utils.TritonError code's name (INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, ...)."""
+    return next((name for name in _CODES if getattr(pb_utils.TritonError, name, None) == code), "UNKNOWN")
+
+
+def answer_code(model_name: str, error: Any) -> str:
+    """The code of a BLS answer's error (a pb_utils.TritonError) from `model_name`, by name. Triton 2.51's python
+    backend answers a request to a model that is not loaded (never loaded, unloaded, not in the repository) with
+    INTERNAL ("Model 'x' is not ready": its readiness check runs before the request exists and drops the code), so
+    an INTERNAL answer from a model that Triton says is not ready is UNAVAILABLE: Triton's state decides, not words."""
+    code = code_name(error.code())
+    if code == "INTERNAL" and not pb_utils.is_model_ready(model_name):
+        return "UNAVAILABLE"
+    return code
 
 
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
@@ -40,22 +75,38 @@ def read_strings(request: Any, name: str, optional: bool = False) -> list[str] |
     return decode_utf8(tensor.as_numpy().reshape(-1).tolist(), name)
 
 
-def error_response(message: str, invalid_input: bool = True) -> Any:
-    code = pb_utils.TritonError.INVALID_ARG if invalid_input else pb_utils.TritonError.INTERNAL
+def _response(status: StatusCode, message: str) -> Any:
+    code = getattr(pb_utils.TritonError, status)
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
-def failure_response(error: BaseException, log: logging.LoggerAdapter | logging.Logger | None = None) -> Any:  # type: ignore[type-arg]
+def failure(error: BaseException, log: Logger | None = None) -> tuple[StatusCode, str]:
+    """(status code, client message) for an exception; what the client is not told goes to the log. A RequestError
+    keeps its code and message (an Internal one is logged too, without a traceback: it names the failure already);
+    anything else is INTERNAL with a fresh reference, and the log line of that reference holds its traceback."""
+    log = log or _log
+    if isinstance(error, RequestError):
+        if isinstance(error, Internal):
+            log.warning("%s", error)
+        return error.status, str(error)
+    reference = secrets.token_hex(4)
+    log.error("internal error %s: %s", reference, type(error).__name__, exc_info=error)
+    return "INTERNAL", client_message(error, reference)
+
+
+def failure_response(error: BaseException, log: Logger | None = None) -> Any:
     """The one place an exception becomes a client's error: a RequestError (core/errors.py) with its own status
     code and message; anything else is INTERNAL with a reference to the log line that holds its traceback (never a
     repr or a traceback to the client)."""
-    reference = ""
-    if not isinstance(error, RequestError):
-        reference = secrets.token_hex(4)
-        (log or logging.getLogger(__name__)).error("internal error %s", reference, exc_info=error)
-    code = getattr(pb_utils.TritonError, error.status if isinstance(error, RequestError) else "INTERNAL")
-    message = client_message(error, reference)
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+    return _response(*failure(error, log))
+
+
+def _fail_all(responses: list[Any], jobs: list[tuple[int, Any]], error: BaseException, log: Logger | None) -> list[Any]:
+    """Every job's request fails with the same error (logged once)."""
+    status, message = failure(error, log)
+    for index, _ in jobs:
+        responses[index] = _response(status, message)
+    return responses
 
 
 def execute_jointly(
@@ -63,38 +114,33 @@ def execute_jointly(
     parse: Callable[[Any], Sequence[Any]],
     compute: Callable[[list[Row]], Any],
     respond: Callable[[Sequence[Row], Any], Any],
-    prepare: Callable[[list[Sequence[Any]]], list[Sequence[Row] | InputError]] | None = None,
+    prepare: Callable[[list[Sequence[Any]]], Sequence[Sequence[Row] | RequestError]] | None = None,
+    log: Logger | None = None,
 ) -> list[Any]:
-    """The endpoints' execute(): parse every request into rows (a bad request gets its own INVALID_ARG error),
-    optionally `prepare` the parsed rows of all good requests in one go (tokenization: one call for the batch; it
-    returns each request's rows or its own error), one `compute` over the good rows of all requests together (a
-    sequence or array, one result per row), then one response per request from its share of the results. A compute
-    failure fails the requests that needed it; nothing takes the model down."""
+    """The endpoints' execute(): parse every request into rows (a bad request gets its own error), optionally
+    `prepare` the parsed rows of all good requests in one go (tokenization: one call for the batch; it returns each
+    request's rows or its own error), one `compute` over the good rows of all requests together (a sequence or
+    array, one result per row), then one response per request from its share of the results. A compute failure
+    fails the requests that needed it, with its own code (failure_response); nothing takes the model down."""
     responses: list[Any] = [None] * len(requests)
     jobs: list[tuple[int, Sequence[Any]]] = []
     for index, request in enumerate(requests):
         try:
             rows = parse(request)
             if not rows:
-                raise InputError("the request has no rows")
+                raise BadInput("the request has no rows")
             jobs.append((index, rows))
-        except InputError as exc:
-            responses[index] = error_response(str(exc))
         except Exception as exc:
-            traceback.print_exc()
-            responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+            responses[index] = failure_response(exc, log)
     if jobs and prepare is not None:
         try:
             prepared = prepare([rows for _, rows in jobs])
         except Exception as exc:
-            traceback.print_exc()
-            for index, _ in jobs:
-                responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
-            return responses
+            return _fail_all(responses, jobs, exc, log)
         kept = []
         for (index, _), result in zip(jobs, prepared, strict=True):
-            if isinstance(result, InputError):
-                responses[index] = error_response(str(result))
+            if isinstance(result, RequestError):
+                responses[index] = failure_response(result, log)
             else:
                 kept.append((index, result))
         jobs = kept
@@ -103,35 +149,31 @@ def execute_jointly(
     try:
         results = compute([row for _, rows in jobs for row in rows])
     except Exception as exc:
-        if not isinstance(exc, ComputeError):
-            traceback.print_exc()
-        message = str(exc) if isinstance(exc, ComputeError) else f"internal error: {exc!r}"
-        for index, _ in jobs:
-            responses[index] = error_response(message, invalid_input=False)
-        return responses
+        return _fail_all(responses, jobs, exc, log)
     offset = 0
     for index, rows in jobs:
         try:
             responses[index] = respond(rows, results[offset : offset + len(rows)])
         except Exception as exc:
-            traceback.print_exc()
-            responses[index] = error_response(f"internal error: {exc!r}", invalid_input=False)
+            responses[index] = failure_response(exc, log)
         offset += len(rows)
     return responses
 
 
-def answer_each(requests: list[Any], compute: Callable[[Any], list[Any]], failure: str) -> list[Any]:
+def answer_each(requests: list[Any], compute: Callable[[Any], list[Any]], log: Logger | None = None) -> list[Any]:
     """The compute models' execute(): one response per request from its output tensors. A ValueError is the
-    request's own bad input; anything else (out of memory, say) is reported and the model keeps serving."""
+    request's own bad input (INVALID_ARG); a RequestError keeps its code; anything else (out of memory, say) is
+    INTERNAL with a log reference, and the model keeps serving."""
     responses = []
     for request in requests:
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=compute(request)))
+        except RequestError as exc:
+            responses.append(failure_response(exc, log))
         except ValueError as exc:
-            responses.append(error_response(str(exc)))
+            responses.append(failure_response(BadInput(str(exc)), log))
         except Exception as exc:
-            traceback.print_exc()
-            responses.append(error_response(f"{failure}: {exc!r}", invalid_input=False))
+            responses.append(failure_response(exc, log))
     return responses
 
 
@@ -141,7 +183,9 @@ def call_model(
     outputs: list[str],
     parameters: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One BLS request; the seam where the router (load-before-call) sits between endpoints and compute models."""
+    """One BLS request; the seam where the router (load-before-call) sits between endpoints and compute models. An
+    error answer raises the error class of its code (core.errors.from_model: INVALID_ARG -> BadInput, NOT_FOUND or
+    UNAVAILABLE -> Unavailable, else Internal), with `.model` and `.code` saying who answered what."""
     request = pb_utils.InferenceRequest(
         model_name=model_name,
         requested_output_names=outputs,
@@ -150,16 +194,14 @@ def call_model(
     )
     response = request.exec()
     if response.has_error():
-        raise ComputeError(f"{model_name}: {response.error().message()}")
+        raise from_model(model_name, answer_code(model_name, response.error()), response.error().message())
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
-#: Words in Triton's BLS error when the target model is not loaded (unloaded behind the router's back).
-_NOT_LOADED = ("is not found", "unknown model", "is not ready", "no available versions")
-
-
-def is_not_loaded(error: ComputeError) -> bool:
-    return any(phrase in str(error).lower() for phrase in _NOT_LOADED)
+def vanished(error: RequestError, model: str) -> bool:
+    """Whether a call to `model` failed because the model cannot be had (not loaded: unloaded behind the router's
+    back), by the code of its answer (call_model), not by its words."""
+    return error.model == model and error.code in UNAVAILABLE_CODES
 
 
 class RouterClient:
@@ -196,8 +238,8 @@ class RouterClient:
         finally:
             try:
                 self._call("RELEASE", lease=lease)
-            except ComputeError as exc:  # the result stands; the router takes the lease back after its timeout
-                print(f"could not release lease {lease} on {model}: {exc}", flush=True)
+            except RequestError as exc:  # the result stands; the router takes the lease back after its timeout
+                _log.warning("could not release lease %s on %s: %s", lease, model, exc)
 
     def reconcile(self) -> None:
         if self.router:
@@ -209,9 +251,10 @@ class RouterClient:
         try:
             with self.lease(model):
                 return work()
-        except ComputeError as exc:
-            if not (self.router and is_not_loaded(exc)):
+        except RequestError as exc:
+            if not (self.router and vanished(exc, model)):
                 raise
+            _log.info("%s was not loaded (%s); the router reconciles and loads it again", model, exc.code)
         self.reconcile()
         with self.lease(model):
             return work()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,29 +21,25 @@ from docling_core.types.doc import DoclingDocument
 from PIL import Image
 
 from triton_rag import contract
+from triton_rag.contract.params import DoclingDocumentParameters, DoclingPageParameters, VlmParameters
 from triton_rag.core.docling_prompt import PagePrompts
 from triton_rag.core.doctags import PageTags, pages_to_document
+from triton_rag.core.errors import RequestError, kind_of
 from triton_rag.core.idefics3 import ImageProcessorConfig, Tiles, preprocess
-from triton_rag.core.pdf import Limits, RenderedPage, open_image, render_pdf
+from triton_rag.core.logs import Logger
+from triton_rag.core.pdf import RenderedPage, open_image, render_pdf
 from triton_rag.core.text import InputError
 from triton_rag.triton.common import (
     RouterClient,
+    answer_code,
     answer_each,
     call_model,
-    error_response,
     execute_jointly,
+    failure,
+    failure_response,
     model_parameters,
+    stub_logger,
 )
-
-
-def _limits(params: dict[str, str]) -> Limits:
-    defaults = Limits()
-    return Limits(
-        max_document_bytes=int(params.get("max_document_bytes", defaults.max_document_bytes)),
-        max_pages=int(params.get("max_pages", defaults.max_pages)),
-        max_image_pixels=int(params.get("max_image_pixels", defaults.max_image_pixels)),
-        dpi=float(params.get("dpi", defaults.dpi)),
-    )
 
 
 def _raw_rows(request: Any, name: str) -> list[bytes]:
@@ -90,20 +85,20 @@ def pack_pages(pages: list[_Page], max_new_tokens: int) -> dict[str, np.ndarray]
 
 class DoclingEndpoint:
     def initialize(self, args: dict[str, str]) -> None:
+        self.log = stub_logger(args)
         from transformers import AutoTokenizer
 
-        params = model_parameters(args)
-        self.vlm = params["vlm"]
-        self.router = RouterClient(params.get("router", ""))
-        self.max_new_tokens = int(params["max_new_tokens"])
-        self.limits = _limits(params)
+        params = DoclingPageParameters.parse(model_parameters(args))
+        self.vlm = params.vlm
+        self.router = RouterClient(params.router)
+        self.max_new_tokens = params.max_new_tokens
+        self.limits = params.limits()
         tokenizer_dir = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.image_config = ImageProcessorConfig.from_preprocessor_config(
             json.loads((tokenizer_dir / "preprocessor_config.json").read_text())
         )
-        eos = params.get("eos_token_id", "")
-        self.prompts = PagePrompts(tokenizer, params["prompt"], self.image_config, int(eos) if eos else None)
+        self.prompts = PagePrompts(tokenizer, params.prompt, self.image_config, params.eos_token_id)
         self.max_pages_per_call = contract.docling_vlm().max_batch_size
 
     def _read_pages(self, request: Any) -> list[_Page]:
@@ -112,8 +107,8 @@ class DoclingEndpoint:
         for row, data in enumerate(_raw_rows(request, "IMAGE")):
             try:
                 image = open_image(data, self.limits)
-            except InputError as exc:
-                raise InputError(f"row {row}: {exc}") from None
+            except RequestError as exc:  # the same kind (TooLarge stays TooLarge), naming the row
+                raise type(exc)(f"row {row}: {exc}") from None
             tiles = preprocess(image, self.image_config)
             pages.append(_Page(image, tiles, self.prompts.encode(tiles), want_json))
         return pages
@@ -128,7 +123,7 @@ class DoclingEndpoint:
         return generated
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return execute_jointly(requests, self._read_pages, self._run_vlm, self._respond)
+        return execute_jointly(requests, self._read_pages, self._run_vlm, self._respond, log=self.log)
 
     def _run_vlm(self, pages: list[_Page]) -> list[list[int]]:
         return self.router.run(self.vlm, lambda: self._generate(pages))
@@ -155,9 +150,10 @@ class DoclingDocumentEndpoint:
     PAGES_IN_FLIGHT = 16
 
     def initialize(self, args: dict[str, str]) -> None:
-        params = model_parameters(args)
-        self.page_model = params["page_model"]
-        self.limits = _limits(params)
+        self.log = stub_logger(args)
+        params = DoclingDocumentParameters.parse(model_parameters(args))
+        self.page_model = params.page_model
+        self.limits = params.limits()
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         return [await self._convert(request) for request in requests]
@@ -168,25 +164,24 @@ class DoclingDocumentEndpoint:
             if len(rows) != 1:
                 raise InputError(f"DOCUMENT must hold exactly one PDF, got {len(rows)}")
             pages = render_pdf(rows[0], self.limits)
-        except InputError as exc:
-            return error_response(str(exc))
         except Exception as exc:
-            traceback.print_exc()
-            return error_response(f"internal error: {exc!r}", invalid_input=False)
+            return failure_response(exc, self.log)
         errors = {page.number: page.error for page in pages if page.image is None}
+        #: each failed page's status code: a page PDFium cannot render is the document's own fault
+        codes = dict.fromkeys(errors, "INVALID_ARG")
         rendered = [page for page in pages if page.image is not None]
         in_flight = asyncio.Semaphore(self.PAGES_IN_FLIGHT)
         results = await asyncio.gather(*(self._page(page.image, in_flight) for page in rendered))  # type: ignore[arg-type]
         doctags: dict[int, str] = {}
-        for page, (tags, error) in zip(rendered, results, strict=True):
+        for page, (tags, error, code) in zip(rendered, results, strict=True):
             if error:
-                errors[page.number] = error
+                errors[page.number], codes[page.number] = error, code
             else:
                 doctags[page.number] = tags
         if not doctags:
             reasons = "; ".join(f"page {n}: {e}" for n, e in sorted(errors.items()))
-            return error_response(f"no page could be converted ({reasons})", invalid_input=False)
-        document = _merge(pages, doctags, errors)
+            return failure_response(kind_of(_overall(codes))(f"no page could be converted ({reasons})"), self.log)
+        document = _merge(pages, doctags, errors, self.log)
         page_errors = json.dumps({str(n): e for n, e in sorted(errors.items())})
         return pb_utils.InferenceResponse(
             output_tensors=[
@@ -195,12 +190,13 @@ class DoclingDocumentEndpoint:
             ]
         )
 
-    async def _page(self, image: Image.Image, in_flight: asyncio.Semaphore) -> tuple[str, str]:
-        """(DocTags, "") or ("", the reason the page failed): a failed page is reported, never raised."""
+    async def _page(self, image: Image.Image, in_flight: asyncio.Semaphore) -> tuple[str, str, str]:
+        """(DocTags, "", "") or ("", the reason the page failed, its status code): a failed page is reported, never
+        raised."""
         async with in_flight:
             return await self._convert_page(image)
 
-    async def _convert_page(self, image: Image.Image) -> tuple[str, str]:
+    async def _convert_page(self, image: Image.Image) -> tuple[str, str, str]:
         try:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG", compress_level=1)  # lossless, fast
@@ -211,19 +207,29 @@ class DoclingDocumentEndpoint:
             )
             response = await request.async_exec()
             if response.has_error():
-                return "", response.error().message()
-            return pb_utils.get_output_tensor_by_name(response, "DOCTAGS").as_numpy().reshape(-1)[0].decode(), ""
+                return "", response.error().message(), answer_code(self.page_model, response.error())
+            doctags = pb_utils.get_output_tensor_by_name(response, "DOCTAGS").as_numpy().reshape(-1)[0].decode()
+            return doctags, "", ""
         except Exception as exc:
-            traceback.print_exc()
-            return "", f"internal error: {exc!r}"
+            code, message = failure(exc, self.log)
+            return "", message, code
 
     def finalize(self) -> None:
         pass
 
 
-def _merge(pages: list[RenderedPage], doctags: dict[int, str], errors: dict[int, str]) -> DoclingDocument:
+def _overall(codes: dict[int, str]) -> str:
+    """The status code of a document none of whose pages could be converted: the pages' code when they agree;
+    else UNAVAILABLE when a retry may help one of them, else INTERNAL."""
+    distinct = set(codes.values())
+    if len(distinct) == 1:
+        return distinct.pop()
+    return "UNAVAILABLE" if any(kind_of(code).status == "UNAVAILABLE" for code in distinct) else "INTERNAL"
+
+
+def _merge(pages: list[RenderedPage], doctags: dict[int, str], errors: dict[int, str], log: Logger) -> DoclingDocument:
     """One document in page order; a page without DocTags keeps its number and size and has no content. DocTags
-    that docling-core cannot read fail their own page only (recorded in `errors`)."""
+    that docling-core cannot read fail their own page only (recorded in `errors`; the details in the log)."""
     blank = Image.new("RGB", (1, 1), "white")
 
     def tags(page: RenderedPage) -> PageTags:
@@ -237,7 +243,7 @@ def _merge(pages: list[RenderedPage], doctags: dict[int, str], errors: dict[int,
                 try:
                     pages_to_document([tags(page)])
                 except Exception as exc:
-                    errors[page.number] = f"its DocTags cannot be decoded: {exc!r}"
+                    errors[page.number] = f"its DocTags cannot be decoded: {failure(exc, log)[1]}"
                     del doctags[page.number]
         return pages_to_document([tags(p) for p in pages], name="document")
 
@@ -248,17 +254,16 @@ class VlmModel:
     def initialize(self, args: dict[str, str]) -> None:
         from triton_rag.engines.torch_vlm import TorchVlm
 
-        params = model_parameters(args)
-        self.stop_ids = tuple(int(x) for x in params["stop_ids"].split(",") if x)
+        self.log = stub_logger(args)
+        params = VlmParameters.parse(model_parameters(args))
+        self.stop_ids = params.stop_ids
         #: A separate vision model (a TensorRT plan of the tower) computes the image embeddings when configured.
-        self.vision_model = params.get("vision_model", "")
-        self.engine = TorchVlm(
-            Path(args["model_repository"]) / args["model_version"] / "hf", params.get("dtype", "auto")
-        )
-        print(f"{args['model_name']}: VLM engine on {self.engine.device} in {self.engine.dtype}", flush=True)
+        self.vision_model = params.vision_model
+        self.engine = TorchVlm(Path(args["model_repository"]) / args["model_version"] / "hf", params.dtype)
+        self.log.info(f"VLM engine on {self.engine.device} in {self.engine.dtype}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return answer_each(requests, self._compute, "docling_vlm failed")
+        return answer_each(requests, self._compute, self.log)
 
     def _compute(self, request: Any) -> list[Any]:
         inputs = {

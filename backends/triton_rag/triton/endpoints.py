@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rag import contract
+from triton_rag.contract.params import EmbedEndpointParameters, RerankEndpointParameters, TextEndpointParameters
 from triton_rag.core.batching import pad_rows, plan_encoder_calls
 from triton_rag.core.postprocess import matryoshka_normalize, yes_probability
 from triton_rag.core.text import (
@@ -33,31 +34,37 @@ from triton_rag.triton.common import (
     execute_jointly,
     model_parameters,
     read_strings,
+    stub_logger,
 )
 
+P = TypeVar("P", bound=TextEndpointParameters)
 
-class _TextEndpoint:
+
+class _TextEndpoint(Generic[P]):
     """Shared flow: validate per request, tokenize all good rows at once, one encoder pass, split the results."""
 
+    #: The endpoint's typed config.pbtxt parameters.
+    parameters: type[P]
     encoder_output: str
     max_rows: int
     tokenization: EmbedTokenization | RerankTokenization
 
     def initialize(self, args: dict[str, str]) -> None:
+        self.log = stub_logger(args)
         from transformers import AutoTokenizer
 
-        params = model_parameters(args)
-        self.encoder = params["encoder"]
-        self.max_length = int(params["max_length"])
-        self.overflow = params["overflow"]
-        self.max_batch_tokens = int(params["max_batch_tokens"])
-        self.router = RouterClient(params.get("router", ""))
+        params = self.parameters.parse(model_parameters(args))
+        self.encoder = params.encoder
+        self.max_length = params.max_length
+        self.overflow = params.overflow
+        self.max_batch_tokens = params.max_batch_tokens
+        self.router = RouterClient(params.router)
         tokenizer_dir = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.setup(params, tokenizer)
 
-    def setup(self, params: dict[str, str], tokenizer: Any) -> None:
+    def setup(self, params: P, tokenizer: Any) -> None:
         raise NotImplementedError
 
     def read_request(self, request: Any) -> list[str]:
@@ -86,7 +93,12 @@ class _TextEndpoint:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return execute_jointly(
-            requests, self.read_request, self.run_encoder, self._respond, prepare=self.tokenization.encode_groups
+            requests,
+            self.read_request,
+            self.run_encoder,
+            self._respond,
+            prepare=self.tokenization.encode_groups,
+            log=self.log,
         )
 
     def _respond(self, encoded: Sequence[Encoded], outputs: Any) -> Any:
@@ -105,15 +117,15 @@ def _rows_match(name: str, values: list[str], rows: int) -> None:
         raise InputError(f"{name} has {len(values)} rows but the request has {rows}")
 
 
-class EmbedEndpoint(_TextEndpoint):
+class EmbedEndpoint(_TextEndpoint[EmbedEndpointParameters]):
+    parameters = EmbedEndpointParameters
     encoder_output = "POOLED"
     max_rows = contract.embed_encoder(1).max_batch_size
 
-    def setup(self, params: dict[str, str], tokenizer: Any) -> None:
-        self.dim = int(params["dim"])
-        pool_token = params.get("pool_token", "")
-        append_id = tokenizer.convert_tokens_to_ids(pool_token) if pool_token else None
-        self.tokenization = EmbedTokenization(tokenizer, self.max_length, self.overflow, append_id)  # type: ignore[arg-type]
+    def setup(self, params: EmbedEndpointParameters, tokenizer: Any) -> None:
+        self.dim = params.dim
+        append_id = tokenizer.convert_tokens_to_ids(params.pool_token) if params.pool_token else None
+        self.tokenization = EmbedTokenization(tokenizer, self.max_length, self.overflow, append_id)
 
     def read_request(self, request: Any) -> list[str]:
         texts = read_strings(request, "TEXT")
@@ -128,13 +140,14 @@ class EmbedEndpoint(_TextEndpoint):
         return pb_utils.InferenceResponse(output_tensors=[embedding, _truncated(encoded)])
 
 
-class RerankEndpoint(_TextEndpoint):
+class RerankEndpoint(_TextEndpoint[RerankEndpointParameters]):
+    parameters = RerankEndpointParameters
     encoder_output = "LOGITS"
     max_rows = contract.rerank_encoder().max_batch_size
 
-    def setup(self, params: dict[str, str], tokenizer: Any) -> None:
-        self.default_instruction = params["default_instruction"]
-        self.tokenization = RerankTokenization(tokenizer, self.max_length, self.overflow)  # type: ignore[arg-type]
+    def setup(self, params: RerankEndpointParameters, tokenizer: Any) -> None:
+        self.default_instruction = params.default_instruction
+        self.tokenization = RerankTokenization(tokenizer, self.max_length, self.overflow)
 
     def read_request(self, request: Any) -> list[str]:
         queries = read_strings(request, "QUERY")

@@ -10,6 +10,7 @@ engine's own packed decoder to the exported graph.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from torch import nn
 
 from triton_rag import contract
 from triton_rag.core.postprocess import row_cosine
-from triton_rag.engines.torch_encoder import TorchEncoder, pool
+from triton_rag.engines.encoder_common import pool
+from triton_rag.engines.torch_encoder import TorchEncoder
+
+_log = logging.getLogger(__name__)
 
 #: The legacy TorchScript exporter: no extra dependency (onnxscript), dynamic axes by name, opset 18.
 OPSET = 18
@@ -54,7 +58,7 @@ class _Contract(nn.Module):
         mask = additive_causal_mask(ATTENTION_MASK, self.dtype) if self.additive_mask else ATTENTION_MASK
         hidden = self.model(input_ids=INPUT_IDS, attention_mask=mask).last_hidden_state
         # pooled in float32, the contract's output type (a float16 mean over thousands of tokens could overflow)
-        pooled = pool(hidden.float(), ATTENTION_MASK, self.pooling)  # type: ignore[arg-type]
+        pooled = pool(hidden.float(), ATTENTION_MASK, self.pooling)
         return pooled if self.head is None else pooled @ self.head.T
 
 
@@ -67,7 +71,7 @@ def output_name(engine: TorchEncoder) -> str:
     return "POOLED" if engine.task == "embed" else "LOGITS"
 
 
-def export_encoder(engine: TorchEncoder, path: Path, log: Callable[[str], None] = print) -> Path:
+def export_encoder(engine: TorchEncoder, path: Path, log: Callable[[str], None] = _log.info) -> Path:
     """Write `engine` (float32 or float16, CPU) as ONNX at `path`; the input and output names and types are the
     encoder contract's. A float16 engine gives the FP16 graph of the plan chain's last step: the model's own code
     keeps its float32 islands (RMSNorm's variance), which a blanket float32 -> float16 graph conversion would not."""

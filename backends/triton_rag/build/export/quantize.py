@@ -25,6 +25,8 @@ import numpy as np
 
 from triton_rag.core.postprocess import row_cosine
 
+_log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from triton_rag.engines.torch_encoder import TorchEncoder
 
@@ -44,7 +46,7 @@ def quantize_fp8(
     onnx_path: Path,
     out_path: Path,
     calibration: dict[str, np.ndarray] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log.info,
 ) -> Path:
     """Write `out_path`: `onnx_path` with FP8 Q/DQ around every MatMul's inputs, scales calibrated on the CPU."""
     import modelopt.onnx.quantization as modelopt_quantization
@@ -119,7 +121,7 @@ def quantize_nvfp4(
     out_path: Path,
     batches: Sequence[tuple[np.ndarray, np.ndarray]],
     calibration: dict[str, np.ndarray] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log.info,
 ) -> tuple[Path, np.ndarray, np.ndarray]:
     """Write `out_path`, the NVFP4 Q/DQ ONNX of `engine` (a float32 CPU engine, left as it is); return it with the
     rows of `batches` by `engine` and by the emulated NVFP4 model (for `agreement`). Needs CUDA (ModelOpt's NVFP4

@@ -8,11 +8,14 @@ engine needs that GPU; nothing here runs it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from triton_rag.build.plans import Manifest, Profile, manifest_file
 from triton_rag.engines.trt_rtx_encoder import load_tensorrt_rtx
+
+_log = logging.getLogger(__name__)
 
 #: Targets TensorRT-RTX 1.7 can compile for, by compute capability (it has no SM90: H100/H200 engines need TensorRT).
 RTX_TARGETS = {(12, 0): "SM120", (12, 1): "SM121", (8, 9): "SM89", (8, 6): "SM86", (8, 0): "SM80", (7, 5): "SM75"}
@@ -26,7 +29,7 @@ def build_rtx_engine(
     contract: str,
     precision: str,
     capability: tuple[int, int] = (12, 0),
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log.info,
 ) -> Manifest:
     """Build the engine for `capability` and write it with `<engine>.manifest.json` beside it; `precision` is what
     the ONNX carries (an unquantized export is float32; Q/DQ nodes make FP8/NVFP4), since TensorRT-RTX builds are

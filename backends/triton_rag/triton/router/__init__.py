@@ -1,2 +1,2 @@
-"""The `router` python model: the ledger's effects executed against Triton (model), its repository API client,
-metrics and memory probe."""
+"""The `router` python model: the shell (model) that carries out core/ledger.py's effects against Triton, on worker
+threads where they block (workers), with its repository API client (repository_api), metrics and memory probe."""
