@@ -185,7 +185,6 @@ class FakeApi:
 
     def __init__(self, ready: frozenset[str] = frozenset(), fail: bool = False) -> None:
         self.ready_models, self.fail = set(ready), fail
-        self.load_timeout = 600.0
 
     def _check(self) -> None:
         if self.fail:
@@ -232,7 +231,7 @@ def run_workers(api: FakeApi, effects: list[Work], unload_timeout: float = 0.2) 
 def test_router_workers_answer_every_effect_even_when_the_server_fails() -> None:
     """Each blocking effect ends in an event: the ledger never waits for an answer that does not come."""
     query = QueryRepository(1, (("enc", 0),), adopt=("enc",))
-    effects: list[Work] = [Load("enc"), Sleep("enc", ()), Wake("enc", ()), QueryResidency("enc", ()), query]
+    effects: list[Work] = [Load("enc"), Sleep("enc", ()), Wake("enc"), QueryResidency("enc", ()), query]
     load, sleep, wake, status, repository = run_workers(FakeApi(fail=True), effects)
     assert isinstance(load, LoadFailed) and load.error == "server gone" and load.model == "enc"
     assert isinstance(sleep, ResidencyFailed) and sleep.action == "sleep" and sleep.error == "server gone"

@@ -33,6 +33,7 @@ from benchlib import markdown_table, timed
 from PIL import Image, ImageDraw
 
 from triton_rag.build.offline_docling import GRANITE_DOCLING_TEXT, GRANITE_DOCLING_VISION, build_random_granite_docling
+from triton_rag.core import logs
 from triton_rag.core.docling_prompt import GRANITE_CHAT
 from triton_rag.core.idefics3 import ImageProcessorConfig, normalize, preprocess
 from triton_rag.engines.torch_vlm import PageInput, TorchVlm
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    logs.configure()  # the library's progress lines (model builds, tokenizer download) on stderr
     from transformers import Idefics3ForConditionalGeneration
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -45,6 +45,7 @@ import torch
 from benchlib import find_perf_analyzer, markdown_table, perf_analyzer, time_per_model, timed
 
 from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
+from triton_rag.core import logs
 from triton_rag.core.batching import pad_rows
 from triton_rag.core.postprocess import row_cosine
 from triton_rag.engines.encoder_common import pool
@@ -365,6 +366,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--append", type=Path, help="append the table to this file (make bench: BENCHMARKS.md)")
     args = parser.parse_args()
+    logs.configure()  # the library's progress lines (model builds, tokenizer download) on stderr
     # one process compiles the layers of several models (shapes, precisions); a server process holds one, so only
     # here can dynamo's per-code recompile limit be reached, and past it a layer would silently run eagerly
     torch._dynamo.config.recompile_limit = 64

@@ -34,6 +34,7 @@ from triton_rag.build.export.quantize import agreement, float16_shortfall, quant
 from triton_rag.build.plans import PLAN_CHAIN, configured_profiles, engine_source, plan_precision
 from triton_rag.build.settings import load_settings, settings_file
 from triton_rag.build.sources import resolve_model
+from triton_rag.core import logs
 from triton_rag.engines.torch_encoder import TorchEncoder
 
 PARITY_COSINE = 0.9999
@@ -53,6 +54,7 @@ def main() -> int:
     parser.add_argument("--no-rtx", action="store_true", help="skip the TensorRT-RTX SM120 engines")
     parser.add_argument("--no-quantize", action="store_true", help="skip the FP8 Q/DQ ONNX (ModelOpt)")
     args = parser.parse_args()
+    logs.configure()  # the library's progress lines (model builds, tokenizer download) on stderr
     rtx = not args.no_rtx and importlib.util.find_spec("tensorrt_rtx") is not None
     if not args.no_rtx and not rtx:
         log("TensorRT-RTX is not installed (pip install -e '.[rtx]'): ONNX only")

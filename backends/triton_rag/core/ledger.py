@@ -32,12 +32,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from triton_rag.core.errors import BadInput, Internal, TimedOut, Unavailable
-from triton_rag.core.ledger_entry import Entry, LedgerConfig, ModelSpec, Waiter
+from triton_rag.core.errors import Internal, TimedOut, Unavailable
+from triton_rag.core.ledger_entry import TIER_NAMES, Entry, LedgerConfig, ModelSpec, Waiter
 from triton_rag.core.ledger_events import (
     AbandonedLoadEnded,
     Action,
-    Count,
     Effect,
     Event,
     GrantLease,
@@ -117,10 +116,13 @@ class Ledger:
         """Apply `event`, let the policy decide, and return what to do. A bug is logged, not raised: the shell's
         loop must outlive any one bad event, and a request that was neither answered nor queued is answered."""
         self.now = max(self.now, event.now)
+        #: Every request this event could answer (a Stop, a repository answer and a grant take several off the
+        #: books before answering them): after a bug, whichever of them is neither answered nor pending gets one.
+        owed = self.pending() | ({event.request} if isinstance(event, Request) else set())
         try:
             if self.stopped:
                 if isinstance(event, Request):
-                    self._reply(SendError(event.request, Unavailable(STOPPING)))
+                    self._emit(SendError(event.request, Unavailable(STOPPING)))
                 return self._take()
             self._dispatch(event)
             if not self.stopped:
@@ -130,9 +132,9 @@ class Ledger:
                 self._decide()
         except Exception:
             self._log(f"internal error on {type(event).__name__}:\n{traceback.format_exc()}", logging.ERROR)
-            answered = any(isinstance(e, Reply) and e.request == getattr(event, "request", None) for e in self._out)
-            if isinstance(event, Request) and not answered and event.request not in self.pending():
-                self._reply(SendError(event.request, Internal("internal error in the router; see the server log")))
+            answered = {e.request for e in self._out if isinstance(e, Reply)}
+            for request in sorted(owed - answered - self.pending()):
+                self._emit(SendError(request, Internal("internal error in the router; see the server log")))
         return self._take()
 
     def pending(self) -> set[int]:
@@ -165,13 +167,11 @@ class Ledger:
     def _emit(self, effect: Effect) -> None:
         self._out.append(effect)
 
-    _reply = _emit
-
     def _log(self, text: str, level: int = logging.INFO) -> None:
         self._out.append(Log(text, level))
 
     def _send_status(self, request: int) -> None:
-        self._reply(SendStatus(request, json.dumps(self.status())))
+        self._emit(SendStatus(request, json.dumps(self.status())))
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, Request):
@@ -203,10 +203,7 @@ class Ledger:
     # --- requests -----------------------------------------------------------------------------------------------
 
     def _on_request(self, event: Request) -> None:
-        unknown = [m for m in event.models if m not in self.entries]
-        if unknown:
-            self._reply(SendError(event.request, BadInput(f"not models the router manages: {', '.join(unknown)}")))
-        elif not self.reconciled:
+        if not self.reconciled:  # (the models were checked by parse_request)
             self.held.append(event)
             if self.first_query is None:
                 self.first_query = self._query_repository()
@@ -218,7 +215,7 @@ class Ledger:
         if action in (Action.ACQUIRE, Action.PIN):
             entry = self.entries[event.models[0]]
             if entry.wedged:
-                self._reply(SendError(request, Unavailable(f"{entry.name}: {entry.wedged}")))
+                self._emit(SendError(request, Unavailable(f"{entry.name}: {entry.wedged}")))
                 return
             entry.waiters.append(Waiter(request, action, event.now))
             if action == Action.ACQUIRE and entry.name in self.plan:
@@ -229,7 +226,7 @@ class Ledger:
             if held is not None:
                 self.entries[held[0]].leases.discard(event.lease or 0)
                 self.entries[held[0]].last_access = self.now
-            self._reply(SendEmpty(request))
+            self._emit(SendEmpty(request))
             return
         if action == Action.UNPIN:
             self.entries[event.models[0]].pinned = False
@@ -251,7 +248,7 @@ class Ledger:
             lease = self.lease_ids()  # random in the shell: only its holder can release it
             entry.leases.add(lease)
             self.leases[lease] = (entry.name, self.now)
-            self._reply(GrantLease(waiter.request, lease))
+            self._emit(GrantLease(waiter.request, lease))
 
     def _stop(self) -> None:
         """Nobody may be left waiting for an answer."""
@@ -259,7 +256,7 @@ class Ledger:
         held, self.held = self.held, []
         for request in held:
             if request.action in (Action.ACQUIRE, Action.PIN):
-                self._reply(SendError(request.request, Unavailable(STOPPING)))
+                self._emit(SendError(request.request, Unavailable(STOPPING)))
             elif request.action == Action.RECONCILE:
                 self._send_status(request.request)
             else:
@@ -324,7 +321,7 @@ class Ledger:
                 waiter = entry.waiters.popleft()
                 reason = self.reasons.get(entry.name) or entry.state.value
                 message = f"waited {now - waiter.arrived:.0f} s for {entry.name} ({reason}); giving up"
-                self._reply(SendError(waiter.request, TimedOut(message)))
+                self._emit(SendError(waiter.request, TimedOut(message)))
         if not self.queries:  # one look at a time (a slow server must not pile them up)
             self._query_repository()
 
@@ -338,28 +335,24 @@ class Ledger:
         for name in decision.sleep:
             entry = self.entries[name]
             entry.set(S.SLEEPING)
-            entry.evictions += 1
-            self._emit(Count("rag_router_evictions_total", name))
+            entry.evicted()
             self._emit(Sleep(name, entry.pids))
         if decision.wake is not None:
             entry = self.entries[decision.wake]
             entry.set(S.WAKING)
-            self._emit(Wake(entry.name, entry.pids))
+            self._emit(Wake(entry.name))
         for name in decision.unload:
             entry = self.entries[name]
             entry.unloading_asleep = entry.state == S.ASLEEP
-            entry.evictions += 1
-            self._emit(Count("rag_router_evictions_total", name))
+            entry.evicted()
             entry.unload()
         if decision.load is not None:
             entry = self.entries[decision.load]
             entry.set(S.LOADING)
-            entry.loads += 1
             if entry.bytes > self.policy.budget:
                 budget = format_bytes(self.policy.budget)
                 warning = f"WARNING: {entry.name} holds {format_bytes(entry.bytes)}, more than the budget of {budget}"
                 self._log(f"{warning}; it is served alone (everything else was evicted)", logging.WARNING)
-            self._emit(Count("rag_router_loads_total", entry.name))
             self._emit(Load(entry.name))
         self.wake_at = decision.wake_at
         self._publish()
@@ -374,7 +367,7 @@ class Ledger:
             values[("rag_router_resident_bytes", e.name, "")] = float(e.view().occupies)
             values[("rag_router_unreleased_bytes", e.name, "")] = float(e.unreleased)
             values[("rag_router_host_bytes", e.name, "")] = float(e.host_bytes if e.host_held else 0)
-            for tier in ("gpu", "host", "cold"):
+            for tier in TIER_NAMES:
                 values[("rag_router_tier", e.name, tier)] = 1.0 if e.tier == tier else 0.0
         for (metric, model, tier), value in values.items():
             if self.published.get((metric, model, tier)) != value:

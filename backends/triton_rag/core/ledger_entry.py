@@ -38,6 +38,8 @@ from triton_rag.core.units import format_bytes
 S = ModelState
 #: Where each state keeps a model's weights (STATUS "tier", the rag_router_tier metric); the rest is "cold".
 TIERS = {S.READY: "gpu", S.LOADING: "gpu", S.WAKING: "gpu", S.SLEEPING: "host", S.ASLEEP: "host"}
+#: Every tier, in the order STATUS and the metric list them.
+TIER_NAMES = ("gpu", "host", "cold")
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,9 @@ class Entry:
     def loaded(self, event: Loaded, now: float) -> None:
         self.wedged = ""
         if event.adopted:  # READY before the router's load was sent: not a load of the router's
-            self.loads -= 1
             self.adopt(now, event.pids, event.process_bytes)
             return
+        self._count_load()
         self.last_load_seconds = event.seconds
         self.set(S.READY)
         self.loaded_at, self.pids, self.last_error = now, event.pids, ""
@@ -166,7 +168,19 @@ class Entry:
         if self.spec.sleepable:  # learn its exact weight bytes (its host copy's size) before the policy needs them
             self.sink.append(QueryResidency(self.name, self.pids))
 
+    def _count_load(self) -> None:
+        """A load the router made, counted once its outcome is known (a model found READY instead is adopted, not
+        loaded: the counter metric cannot be taken back)."""
+        self.loads += 1
+        self.sink.append(Count("rag_router_loads_total", self.name))
+
+    def evicted(self) -> None:
+        """Counted as it is moved off the GPU to make room (slept or unloaded)."""
+        self.evictions += 1
+        self.sink.append(Count("rag_router_evictions_total", self.name))
+
     def load_failed(self, event: LoadFailed) -> None:
+        self._count_load()
         self.last_load_seconds, self.wedged = event.seconds, event.wedged
         self.set(S.UNLOADED)
         self.last_error = event.error or "the model did not become ready"

@@ -207,7 +207,6 @@ class Sleep:
 @dataclass(frozen=True)
 class Wake:
     model: str
-    pids: tuple[int, ...]
 
 
 @dataclass(frozen=True)

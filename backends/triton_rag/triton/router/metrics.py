@@ -7,11 +7,11 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from triton_rag.core.ledger_entry import TIER_NAMES
 from triton_rag.core.ledger_events import Count, Observe, SetGauge
 
 LOAD_BUCKETS = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 WAKE_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4]
-TIERS = ("gpu", "host", "cold")
 
 
 class Metrics:
@@ -58,7 +58,7 @@ class Metrics:
                 extra = {"buckets": buckets} if buckets else {}
                 self.metrics[(metric_name, n, "")] = metric_family.Metric(labels={"model": n}, **extra)
         for n in names:
-            for t in TIERS:
+            for t in TIER_NAMES:
                 self.metrics[("rag_router_tier", n, t)] = tier.Metric(labels={"model": n, "tier": t})
         # A family must outlive its metrics (Triton refuses to update a metric whose family was collected).
         self._families = [budget, host_budget, tier] + [f for f, _ in per_model.values()]

@@ -210,9 +210,7 @@ class Workers:
         try:
             answer = ResidencyAnswer.parse(self.api.residency(effect.model, action))
         except Exception as exc:
-            if action == "status":
-                return ResidencyStatus(model=effect.model, now=time.monotonic(), answer=None, error=_message(exc))
-            return ResidencyFailed(model=effect.model, now=time.monotonic(), action=action, error=_message(exc))
+            return self._fallback(effect, _message(exc))
         seconds = time.monotonic() - started
         if isinstance(effect, Wake):
             return Woke(model=effect.model, now=time.monotonic(), seconds=seconds, answer=answer)
