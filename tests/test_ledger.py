@@ -475,6 +475,14 @@ def test_a_bug_while_serving_held_requests_answers_every_one_of_them() -> None:
     assert any(line.startswith("internal error on RepositoryStatus") for line in books.logs())
 
 
+def test_a_bug_in_the_first_look_at_the_repository_does_not_hold_requests_forever() -> None:
+    books = two_models()
+    books.send(Request(request=1, action=Action.ACQUIRE, now=0.1, models=("a",)))
+    books.ledger.entries["a"].spec = None  # type: ignore[assignment]  (reconciling "a" now fails)
+    books.repository()
+    assert isinstance(books.error(1), Internal) and books.ledger.reconciled
+
+
 def test_a_model_found_ready_instead_of_loaded_is_adopted_and_not_counted_as_a_load() -> None:
     books = two_models()
     request = books.request("ACQUIRE", "a")
