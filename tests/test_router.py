@@ -236,8 +236,9 @@ def test_pinned_model_stays_and_the_other_gets_a_clear_error(
 ) -> None:
     pinned = json.loads(control(router_server, "PIN", [contract.EMBED_ENDPOINT]).as_numpy("STATUS")[0])
     assert pinned["models"][EMBED]["pinned"] and pinned["models"][EMBED]["state"] == "ready"
-    with pytest.raises(InferenceServerException, match=f"pinned.*{EMBED}"):
+    with pytest.raises(InferenceServerException, match=f"pinned.*{EMBED}") as refused:
         rerank(router_server, PAIRS)
+    assert str(refused.value.status()) == "StatusCode.UNAVAILABLE"  # the router's answer, through the endpoint
     np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
     control(router_server, "UNPIN", [EMBED])
     np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
@@ -323,8 +324,9 @@ def test_failed_load_reports_and_the_next_request_retries(
     weights.write_bytes(b"this is not a safetensors file")
     try:
         for attempt in (1, 2):
-            with pytest.raises(InferenceServerException, match=f"loading {EMBED} failed"):
+            with pytest.raises(InferenceServerException, match=f"loading {EMBED} failed") as failed:
                 embed(router_server, TEXTS)
+            assert str(failed.value.status()) == "StatusCode.UNAVAILABLE"
             model = status(router_server)["models"][EMBED]
             assert model["state"] == "unloaded" and model["last_error"], f"attempt {attempt}: {model}"
             assert model["in_flight"] == 0 and model["waiting"] == 0

@@ -4,7 +4,9 @@ Code anywhere raises these with a message fit for the client (what was wrong and
 turn them into per-request errors in one place (`triton_rag.triton.common.failure_response`). Anything else that
 escapes is a bug: the client gets `Internal` with a reference, the traceback goes to the log, never to the client.
 An error another model answered with (a BLS call) becomes the class of its code (`from_model`), so the client of an
-endpoint gets the compute model's code, not INTERNAL.
+endpoint gets the compute model's code, not INTERNAL. (Triton 2.51 hands BLS callers every error as INTERNAL,
+triton-inference-server/server#7804: there, a model that is not ready and the router's refusals are recognised by
+Triton's state and the router's contract instead; triton/common.py.)
 Triton's status codes (TRITONSERVER_Error_Code) have no "forbidden" or "too large": those map to INVALID_ARG, the
 client's own mistake that a retry does not fix (HTTP 400, gRPC INVALID_ARGUMENT).
 """

@@ -19,6 +19,7 @@ from triton_rag.core.errors import (
     Internal,
     RequestError,
     StatusCode,
+    Unavailable,
     client_message,
     from_model,
 )
@@ -50,10 +51,11 @@ def code_name(code: Any) -> str:
 
 
 def answer_code(model_name: str, error: Any) -> str:
-    """The code of a BLS answer's error (a pb_utils.TritonError) from `model_name`, by name. Triton 2.51's python
-    backend answers a request to a model that is not loaded (never loaded, unloaded, not in the repository) with
-    INTERNAL ("Model 'x' is not ready": its readiness check runs before the request exists and drops the code), so
-    an INTERNAL answer from a model that Triton says is not ready is UNAVAILABLE: Triton's state decides, not words."""
+    """The code of a BLS answer's error (a pb_utils.TritonError) from `model_name`, by name. Triton 2.51 hands a
+    BLS caller every error as INTERNAL, whatever code the model answered with (triton-inference-server/server#7804),
+    and answers a request to a model that is not loaded (never loaded, unloaded, not in the repository) with
+    INTERNAL too ("Model 'x' is not ready"), so an INTERNAL answer from a model that Triton says is not ready is
+    UNAVAILABLE: Triton's state decides, not words. Where a later Triton keeps the codes, they pass through."""
     code = code_name(error.code())
     if code == "INTERNAL" and not pb_utils.is_model_ready(model_name):
         return "UNAVAILABLE"
@@ -232,7 +234,13 @@ class RouterClient:
         if not self.router:
             yield
             return
-        lease = int(self._call("ACQUIRE", (model,))["LEASE"][0])
+        try:
+            lease = int(self._call("ACQUIRE", (model,))["LEASE"][0])
+        except RequestError as exc:
+            # The router refuses an ACQUIRE only when the model cannot be had (a failed load, a model that cannot
+            # fit, its queue timeout, a stop): UNAVAILABLE. Its own code does not survive BLS on Triton 2.51 (every
+            # BLS error arrives as INTERNAL: triton-inference-server/server#7804), so the router's contract says it.
+            raise Unavailable(str(exc)) from None
         try:
             yield
         finally:
