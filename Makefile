@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is the CPU build on this project's CI machines; on a GPU machine pick a CUDA build, e.g. TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 
+# make serve PROFILE=rtx5070ti-16gb: a whole settings file from profiles/ (or a path) instead of rag.toml
+CONFIG :=
+ifdef PROFILE
+CONFIG := --profile $(PROFILE)
+endif
 # make serve EMBED_MODEL=Qwen/Qwen3-Embedding-8B RERANK_MODEL=/models/Qwen3-Reranker-4B EMBED_DIM=1024
 SET :=
 ifdef EMBED_MODEL
@@ -24,9 +29,13 @@ endif
 ifdef VRAM_HIGH_WATERMARK
 SET += --set router.high_watermark=$(VRAM_HIGH_WATERMARK)
 endif
+# make serve DEVICE_MEMORY=16303MiB: act as a GPU of this much memory (an H100/H200 standing in for a 16 GB card)
+ifdef DEVICE_MEMORY
+SET += --set router.device_memory=$(DEVICE_MEMORY)
+endif
 SERVE_ARGS ?=
 
-.PHONY: install test-tools prepare serve lint test bench engines clean
+.PHONY: install test-tools prepare serve plan lint test bench engines clean
 
 install: $(VENV)/.installed
 
@@ -42,7 +51,12 @@ test-tools: install
 	bash tools/install_test_tools.sh $(VENV)
 
 prepare: install .env
-	$(PY) -m triton_rag prepare $(SET)
+	$(PY) -m triton_rag prepare $(CONFIG) $(SET)
+
+# Will the configured models fit? Bytes per model, which co-reside, the steady state; downloads nothing.
+# make plan PROFILE=rtx5070ti-16gb (DEVICE_MEMORY=16GiB plans for a GPU of that size)
+plan: install
+	$(PY) -m triton_rag plan $(CONFIG) $(SET)
 
 # The admin key for docker compose, which reads TRITON_RAG_ADMIN_KEY from .env: the key `make serve` uses (from the
 # environment, else .cache/admin.key, made if missing), so the same clients work with both. Written once, if missing.
@@ -51,7 +65,7 @@ prepare: install .env
 	@echo "wrote .env (TRITON_RAG_ADMIN_KEY, the admin key docker compose passes to tritonserver)"
 
 serve: install
-	$(PY) -m triton_rag serve $(SET) $(SERVE_ARGS)
+	$(PY) -m triton_rag serve $(CONFIG) $(SET) $(SERVE_ARGS)
 
 # Style (ruff), types (mypy on the package) and the layer contracts (lint-imports; docs/ARCHITECTURE.md)
 lint: install

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from triton_rag.engines.checkpoint import StoredTensor, _windows, load_tensors, read_rows, stored_tensors
-from triton_rag.engines.fp8 import Fp8Linear, convert_linears
+from triton_rag.engines.fp8 import Fp8Embedding, Fp8Linear, convert_linears, quantize_rowwise
 from triton_rag.engines.qwen3 import load_qwen3
 
 CPU = torch.device("cpu")
@@ -129,15 +129,17 @@ def test_fp8_quantized_as_it_loads_equals_quantized_afterwards(tiny_rerank_dir: 
     """The loader quantizes each linear weight as it lands (the device never holds the bfloat16 model); the result
     is the same layers, bit for bit, as quantizing the loaded model (the emulated FP8 arithmetic on a CPU)."""
     quiet = lambda _: None  # noqa: E731
-    at_load = load_qwen3(tiny_rerank_dir, CPU, torch.bfloat16, fp8=True, log=quiet)
+    at_load = load_qwen3(tiny_rerank_dir, CPU, torch.bfloat16, precision="fp8", log=quiet)
     afterwards = load_qwen3(tiny_rerank_dir, CPU, torch.bfloat16, log=quiet)
     assert convert_linears(afterwards) == 7 * afterwards.shape.layers
-    expected = dict(afterwards.state_dict())
+    table, table_scale = quantize_rowwise(afterwards.embed_tokens.weight)  # the table too, as it lands (in chunks)
+    expected = dict(afterwards.state_dict()) | {"embed_tokens.weight": table, "embed_tokens.weight_scale": table_scale}
     loaded = at_load.state_dict()
     assert loaded.keys() == expected.keys()
     for name, tensor in loaded.items():
         assert tensor.dtype == expected[name].dtype and torch.equal(tensor.float(), expected[name].float()), name
     assert sum(isinstance(module, Fp8Linear) for module in at_load.modules()) == 7 * at_load.shape.layers
+    assert isinstance(at_load.embed_tokens, Fp8Embedding)
 
 
 def test_rows_are_read_alone_and_a_row_out_of_range_is_refused(tmp_path: Path) -> None:

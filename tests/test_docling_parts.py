@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.harness import CACHE_DIR
-from triton_rag.build.footprint import estimate_vlm_bytes
+from triton_rag.build.footprint import totals, vlm_footprints, vlm_shape
 from triton_rag.build.offline_docling import build_granite_tokenizer
 from triton_rag.build.settings import SettingsError, load_settings
 from triton_rag.core.docling_prompt import GRANITE_CHAT, PagePrompts
@@ -225,8 +225,9 @@ def test_page_images_are_checked_before_decoding() -> None:
 
 def test_vlm_footprint_counts_weights_kv_cache_and_vision_activations(tiny_docling_dir: Path) -> None:
     config = json.loads((tiny_docling_dir / "config.json").read_text())
-    one = estimate_vlm_bytes(tiny_docling_dir, config, "auto", pages=1, max_tokens=1000)
-    two = estimate_vlm_bytes(tiny_docling_dir, config, "auto", pages=2, max_tokens=1000)
+    shape = vlm_shape(tiny_docling_dir, config)
+    one = totals(vlm_footprints(shape, "auto", pages=1, max_tokens=1000))
+    two = totals(vlm_footprints(shape, "auto", pages=2, max_tokens=1000))
     text, vision = config["text_config"], config["vision_config"]
     kv_per_page = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * text["head_dim"] * 1000
     vision_per_page = 17 * 1024 * (6 * vision["hidden_size"] + 3 * vision["intermediate_size"])

@@ -118,6 +118,7 @@ def test_the_encoder_variants_carry_their_own_parameters_only() -> None:
         "compile": "true",
         "max_batch_tokens": "32768",
         "sleepable": "true",
+        "device_memory_cap": "0",
     }
     # a nested field left out takes its default; Triton's own parameters are passed over; "" is no token id
     parsed = EncoderParameters.parse(
@@ -158,6 +159,8 @@ def test_the_encoder_variants_carry_their_own_parameters_only() -> None:
         (DoclingDocumentParameters, {"max_pages": "0"}, "max_pages must be positive"),
         (VlmParameters, {"stop_ids": "1,a"}, r"\[docling_vlm\] stop_ids must be an integer, got 'a'"),
         (VlmParameters, {"dtype": "int8"}, "dtype must be one of"),
+        (VlmParameters, {"device_memory_cap": "-1"}, "device_memory_cap must be zero or more"),
+        (EncoderParameters, {"task": "embed", "pooling": "mean", "device_memory_cap": "16GiB"}, "must be an integer"),
     ],
 )
 def test_bad_parameters_are_refused_with_their_name(

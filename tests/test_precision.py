@@ -11,28 +11,32 @@ import torch
 from torch import nn
 
 from triton_rag.core.batching import pad_rows
-from triton_rag.core.precision import Device, choose_precision
+from triton_rag.core.precision import Device, choose_precision, hardware_supports, nvfp4_mode
 from triton_rag.engines.fp8 import FP8_MAX, Fp8Linear, convert_linears, quantize_rowwise
 from triton_rag.engines.torch_encoder import ENGINE_PRECISIONS, TorchEncoder
 
-H100, RTX_5070_TI, A100, RTX_4090, T4, CPU = (
+H100, RTX_5070_TI, B200, A100, RTX_4090, T4, CPU = (
     Device((9, 0)),
     Device((12, 0)),
+    Device((10, 0)),
     Device((8, 0)),
     Device((8, 9)),
     Device((7, 5)),
     Device(None),
 )
 EVERYTHING = frozenset({"nvfp4", "fp8", "bfloat16", "float32"})
+NO_NVFP4 = frozenset({"fp8", "bfloat16", "float32"})
 
 
 @pytest.mark.parametrize(
     ("requested", "device", "engine", "chosen", "steps"),
     [
         ("nvfp4", RTX_5070_TI, EVERYTHING, "nvfp4", 0),  # Blackwell consumer card: FP4 tensor cores
-        ("nvfp4", H100, EVERYTHING, "fp8", 1),  # Hopper has no FP4
-        ("nvfp4", RTX_5070_TI, ENGINE_PRECISIONS, "fp8", 1),  # the PyTorch engine has no NVFP4 kernels
-        ("nvfp4", A100, EVERYTHING, "bfloat16", 2),  # no FP8 before 8.9
+        ("nvfp4", H100, EVERYTHING, "nvfp4", 0),  # Hopper has no FP4: 4-bit storage, FP8 GEMMs
+        ("nvfp4", RTX_4090, ENGINE_PRECISIONS, "nvfp4", 0),  # Ada likewise, in the PyTorch engine
+        ("nvfp4", RTX_5070_TI, NO_NVFP4, "fp8", 1),  # an engine without NVFP4 layers
+        ("nvfp4", A100, EVERYTHING, "bfloat16", 2),  # no FP8 before 8.9, so no NVFP4 either
+        ("nvfp4", CPU, ENGINE_PRECISIONS, "float32", 3),
         ("fp8", RTX_4090, EVERYTHING, "fp8", 0),
         ("fp8", T4, EVERYTHING, "float32", 2),  # no bfloat16 before Ampere
         ("fp8", CPU, ENGINE_PRECISIONS, "float32", 2),
@@ -45,6 +49,26 @@ def test_precision_falls_back_down_the_chain_with_reasons(requested, device, eng
     precision, reasons = choose_precision(requested, device, engine)
     assert precision == chosen and len(reasons) == steps
     assert all("falling back" in reason for reason in reasons)
+
+
+@pytest.mark.parametrize(
+    ("device", "mode"),
+    [(B200, "native"), (RTX_5070_TI, "native"), (H100, "storage"), (RTX_4090, "storage"), (A100, None), (CPU, None)],
+)
+def test_nvfp4_runs_natively_on_blackwell_and_as_storage_where_fp8_runs(device: Device, mode: str | None) -> None:
+    assert nvfp4_mode(device) == mode
+    # a TensorRT plan's NVFP4 needs the FP4 tensor cores themselves: storage mode is the PyTorch engine's
+    assert hardware_supports("nvfp4", device)[0] == (mode == "native")
+
+
+def test_the_nvfp4_fallback_says_why() -> None:
+    _, reasons = choose_precision("nvfp4", A100, EVERYTHING)
+    assert reasons[0] == (
+        "nvfp4 unavailable (NVFP4 needs FP4 (Blackwell) or FP8 (compute capability 8.9+) tensor cores, this GPU is "
+        "(8, 0)): falling back"
+    )
+    _, reasons = choose_precision("nvfp4", RTX_5070_TI, NO_NVFP4)
+    assert reasons == ["nvfp4 unavailable (this engine has no nvfp4 kernels): falling back"]
 
 
 def test_rowwise_quantization_keeps_each_rows_range() -> None:

@@ -25,6 +25,7 @@ from triton_rag import contract
 from triton_rag.build.repository import Prepared, prepare_repository, prepare_router, startup_models
 from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.client import RouterControl
+from triton_rag.core.measurements import ram_total
 
 pytestmark = pytest.mark.server
 
@@ -32,6 +33,8 @@ EMBED, RERANK = contract.EMBED_ENCODER, contract.RERANK_ENCODER
 ENCODERS = (EMBED, RERANK)
 TEXTS = ["routing keeps one model resident", "the budget fits one encoder"]
 PAIRS = [("which model is resident?", "the router decides"), ("budget", "bytes of memory")]
+#: Below half this machine's RAM (the automatic CPU budget), above every budget the tests set at run time.
+DEVICE_MEMORY = "4GiB"
 
 #: A compute model whose finalize outlives the router's unload timeout, so its memory is reported as unreleased.
 STUBBORN = "stubborn"
@@ -75,7 +78,11 @@ def router_server(
     tmp_path_factory: pytest.TempPathFactory, embed_copy: Path, tiny_rerank_dir: Path
 ) -> Iterator[RunningServer]:
     repository = tmp_path_factory.mktemp("router_repository")
-    router = RouterSettings(min_residency_seconds=0.5, reconcile_seconds=1.0, unload_timeout_seconds=6.0)
+    # device_memory caps a GPU only: on this CPU machine the router must ignore it (and say so), the budget staying
+    # half the RAM; the stubs get it too (a no-op without CUDA)
+    router = RouterSettings(
+        min_residency_seconds=0.5, reconcile_seconds=1.0, unload_timeout_seconds=6.0, device_memory=DEVICE_MEMORY
+    )
     settings = Settings(
         embed=EmbedSettings(model=str(embed_copy), max_length=128),
         rerank=RerankSettings(model=str(tiny_rerank_dir), max_length=128),
@@ -161,6 +168,16 @@ def test_start_up_loads_only_light_models(router_server: RunningServer) -> None:
     ledger = status(router_server)
     states = {name: m["state"] for name, m in ledger["models"].items()}
     assert states == dict.fromkeys([*ENCODERS, STUBBORN], "unloaded")
+
+
+def test_the_device_memory_cap_applies_to_a_gpu_only(router_server: RunningServer) -> None:
+    """On a GPU the cap lowers the budget (device memory capped, less the reserve: test_profiles); the router here
+    budgets the RAM, which the cap does not limit: it is ignored, with a log line that says why."""
+    ledger = status(router_server)
+    assert ledger["budget_bytes"] == int(ram_total() * RouterSettings().cpu_budget_fraction) > 4 * 2**30
+    assert ledger["memory"].startswith("RAM") and "device_memory" not in ledger["memory"]
+    log = router_server.log_path.read_text(errors="replace")
+    assert f"router: device_memory {DEVICE_MEMORY} ignored: it caps a GPU's memory" in log
 
 
 @pytest.fixture(scope="module")

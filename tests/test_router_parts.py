@@ -13,11 +13,12 @@ from typing import cast
 
 import pytest
 
-from triton_rag.build.footprint import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, estimate_bytes, safetensors_parameters
+from triton_rag.build.footprint import encoder_footprints, encoder_shape, safetensors_parameters, totals
 from triton_rag.build.model_config import parse
 from triton_rag.build.repository import Prepared, prepare_router
 from triton_rag.build.settings import RouterSettings, SettingsError, load_settings, router_settings
 from triton_rag.contract.params import ManagedModel, RouterParameters
+from triton_rag.core.fit import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, GRAPH_POOL_BYTES
 from triton_rag.core.ledger_events import (
     Event,
     Held,
@@ -37,8 +38,9 @@ from triton_rag.core.ledger_events import (
     Wake,
     Work,
 )
+from triton_rag.core.measurements import MeasurementFile
 from triton_rag.core.server_args import grpc_endpoint
-from triton_rag.triton.router.memory import MeasurementFile, alive, rss_bytes, stub_pids
+from triton_rag.triton.router.memory import alive, rss_bytes, stub_pids
 from triton_rag.triton.router.repository_api import RepositoryApi
 from triton_rag.triton.router.workers import Workers
 
@@ -129,9 +131,10 @@ def test_footprint_counts_kept_parameters(tiny_embed_dir: Path, tiny_rerank_dir:
     config = json.loads((tiny_rerank_dir / "config.json").read_text())
     assert rerank_all - rerank_kept == config["vocab_size"] * config["hidden_size"]  # the LM head is not kept
     assert embed_params == rerank_kept  # same body, same shapes
-    estimate = estimate_bytes(tiny_embed_dir, config, "auto", max_batch_tokens=1000)
+    shape = encoder_shape(tiny_embed_dir, config)
+    estimate = totals(encoder_footprints(shape, "embed", "auto", "auto", max_batch_tokens=1000, max_length=512))
     activations = 1000 * (6 * 64 + 3 * 128)
-    assert estimate["gpu"] == GPU_RUNTIME_BYTES + embed_params * 2 + activations * 2
+    assert estimate["gpu"] == GPU_RUNTIME_BYTES + GRAPH_POOL_BYTES + embed_params * 2 + activations * 2
     assert estimate["cpu"] == CPU_RUNTIME_BYTES + embed_params * 4 + activations * 4
 
 

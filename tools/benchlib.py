@@ -1,16 +1,19 @@
 """What the benchmark scripts share: timing that waits for the GPU, perf_analyzer runs, Triton's per-model times,
-and the markdown tables for BENCHMARKS.md."""
+percentiles, the device's own memory reading sampled through NVML, and the markdown tables for BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -103,3 +106,77 @@ def time_per_model(client: Any, since: dict[str, Any] | None = None) -> dict[str
                 "queue_ms_per_request": round(queue_ns / max(queued, 1) / 1e6, 2),
             }
     return times
+
+
+def percentiles(values: Sequence[float], points: Sequence[int] = (50, 99)) -> dict[str, float | None]:
+    """{"p50": ..., "p99": ...} of `values` (numpy's linear interpolation); None for each when there are none."""
+    if not values:
+        return {f"p{point}": None for point in points}
+    return {f"p{point}": float(np.percentile(np.asarray(values, dtype=np.float64), point)) for point in points}
+
+
+class DeviceMemorySampler:
+    """The GPU's own memory reading (NVML "used": every process on the device, the driver's share included, not only
+    what torch allocated in this process), sampled every `interval` seconds on a background thread.
+
+    Without NVML (a CPU machine, no driver) `available` is False and every peak is None, so a benchmark reports
+    "n/a" there instead of failing. Which GPU: the first of CUDA_VISIBLE_DEVICES when it names indices, else GPU 0
+    (as the router's probe picks it)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []  # (time.monotonic(), used bytes)
+        self.name: str | None = None
+        self.total: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+            self._nvml: Any = pynvml
+            name = pynvml.nvmlDeviceGetName(self._handle)
+            self.name = name.decode() if isinstance(name, bytes) else str(name)
+            self.total = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).total)
+        except Exception:  # no pynvml, no libnvidia-ml, no GPU
+            self._nvml = None
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def used(self) -> int | None:
+        """One reading now (bytes), or None without NVML."""
+        if self._nvml is None:
+            return None
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+    def start(self) -> DeviceMemorySampler:
+        if self._nvml is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            reading = self.used()
+            if reading is not None:
+                with self._lock:
+                    self.samples.append((time.monotonic(), reading))
+            self._stop.wait(self.interval)
+
+    def peak(self, since: float = float("-inf"), until: float = float("inf")) -> int | None:
+        """The largest reading between two time.monotonic() instants (the whole run by default); None without NVML
+        or without a sample in that span."""
+        with self._lock:
+            window = [used for moment, used in self.samples if since <= moment <= until]
+        return max(window) if window else None

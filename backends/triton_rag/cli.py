@@ -1,5 +1,6 @@
-"""`triton-rag prepare | serve | admin-key | load-flags | plan-shapes | record-plan`: what `make prepare` and
-`make serve` run, and the helpers for access control (README "Security") and engine builds (docs/ENGINES.md)."""
+"""`triton-rag prepare | serve | plan | admin-key | load-flags | plan-shapes | record-plan`: what `make prepare`,
+`make serve` and `make plan` run (the fit plan: will the configured models fit the GPU, before any download), and
+the helpers for access control (README "Security") and engine builds (docs/ENGINES.md)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import sys
 from pathlib import Path
 
 from triton_rag import contract
+from triton_rag.build.fit import FitError, Memory, detect_gpu_memory, fit_plan, render_plan
 from triton_rag.build.plans import Host, Manifest, configured_profiles, detect_host, manifest_file
 from triton_rag.build.repository import RepositoryError, prepare_repository, startup_models
-from triton_rag.build.settings import Settings, SettingsError, load_settings, settings_file
+from triton_rag.build.settings import Settings, SettingsError, load_settings, profile_file, settings_file
 from triton_rag.build.sources import ModelSourceError
 from triton_rag.core import admin, logs
+from triton_rag.core.measurements import ram_total
 from triton_rag.server import LOOPBACK, Ports, TritonServer, admin_key_file, resolve_admin_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: Whole settings files for deployment targets (`--profile NAME` reads <PROFILES_DIR>/NAME.toml).
+PROFILES_DIR = PROJECT_ROOT / "profiles"
 
 
 _logger = logging.getLogger("triton_rag.cli")  # by name: `python -m triton_rag.cli` is __main__
@@ -33,7 +38,14 @@ def _output(text: str) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="settings file (default: the project's rag.toml)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="settings file (default: the project's rag.toml)")
+    source.add_argument(
+        "--profile",
+        metavar="NAME_OR_PATH",
+        help=f"a whole settings file for a deployment target instead of rag.toml: a name in {PROFILES_DIR} "
+        "(e.g. rtx5070ti-16gb) or a path",
+    )
     parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository")
     parser.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache")
     parser.add_argument(
@@ -46,8 +58,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _settings_path(args: argparse.Namespace) -> Path | None:
+    if args.profile is not None:
+        return profile_file(args.profile, PROFILES_DIR)
+    return settings_file(args.config, PROJECT_ROOT / "rag.toml")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(settings_file(args.config, PROJECT_ROOT / "rag.toml"), args.overrides)
+    return load_settings(_settings_path(args), args.overrides)
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -61,7 +79,24 @@ def _prepare(args: argparse.Namespace) -> None:
         _log(f"{endpoint}: {chosen.model} -> {chosen.path} ({chosen.origin})")
     router = settings.router
     if router.enabled:
-        _log(f"router: budget {router.budget} (reserve {router.reserve}), high watermark {router.high_watermark}")
+        _log(
+            f"router: budget {router.budget} (reserve {router.reserve}, device memory {router.device_memory}), "
+            f"high watermark {router.high_watermark}"
+        )
+
+
+def _plan(args: argparse.Namespace) -> None:
+    """Per compute model its bytes part by part, which models co-reside and the steady state, from files on disk
+    and the known shapes: nothing is downloaded. FitError when a model cannot fit even alone."""
+    overrides = list(args.overrides)
+    if args.device_memory:
+        overrides.append(f"router.device_memory={args.device_memory}")
+    path = _settings_path(args)
+    settings = load_settings(path, overrides)
+    ram = ram_total()
+    memory = Memory.planned(settings.router, detect_gpu_memory(), ram)
+    plan = fit_plan(settings, args.repository, args.cache_dir, memory, ram)
+    _output(render_plan(plan, f"fit plan for {path or 'the built-in defaults'}"))
 
 
 def _plan_shapes(args: argparse.Namespace) -> None:
@@ -126,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         "load-flags", help="print the --load-model flags for tritonserver (the light models; the router loads the rest)"
     )
     flags.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository")
+    plan = commands.add_parser(
+        "plan", help="will the configured models fit? bytes per model, co-residence, steady state (no download)"
+    )
+    _add_common(plan)
+    plan.add_argument(
+        "--device-memory",
+        metavar="BYTES",
+        help="plan for a GPU of this much memory (e.g. 16GiB; sets [router] device_memory for the plan)",
+    )
     shapes = commands.add_parser("plan-shapes", help="print trtexec's shape flags per encoder (docs/ENGINES.md)")
     _add_common(shapes)
     record = commands.add_parser("record-plan", help="write the manifest beside a TensorRT plan built here")
@@ -151,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
+        if args.command == "plan":
+            _plan(args)
+            return 0
         if args.command == "plan-shapes":
             _plan_shapes(args)
             return 0
@@ -159,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "prepare" or not args.no_prepare:
             _prepare(args)
-    except (SettingsError, ModelSourceError, RepositoryError) as exc:
+    except (SettingsError, ModelSourceError, RepositoryError, FitError) as exc:
         _logger.error(f"error: {exc}")
         return 2
     if args.command == "serve":

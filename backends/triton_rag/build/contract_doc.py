@@ -43,6 +43,15 @@ def _section(model: ModelContract, names: dict[int, str]) -> list[str]:
     if model.dynamic_batching:
         preferred, delay = model.dynamic_batching
         batching += f"; dynamic batching: preferred {list(preferred)}, max queue delay {delay} us"
+    presets = contract.BATCHING.get(model.name)
+    if presets:  # the contract above is the default preset's; rag.toml's `batching` picks another
+        others = [
+            f'`batching = "{name}"`: max_batch_size {chosen.max_batch_size}, preferred {list(chosen.preferred)}, '
+            f"max queue delay {chosen.max_queue_delay_us} us"
+            for name, chosen in presets.items()
+            if name != "project"
+        ]
+        batching += ' (`batching = "project"`, the default; ' + "; ".join(others) + ")"
     lines = [f"## `{model.name}` ({role})", "", model.doc, "", batching]
     lines += ["", "Inputs:", "", *_table(model.inputs, names), "", "Outputs:", "", *_table(model.outputs, names), ""]
     return lines

@@ -5,9 +5,11 @@ built and this host has a GPU and TensorRT."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 from triton_rag import contract
-from triton_rag.build.footprint import estimate_vlm_bytes
+from triton_rag.build.footprint import totals, vlm_footprints, vlm_shape
 from triton_rag.build.prepared import (
     BuildContext,
     PreparedDocling,
@@ -19,9 +21,28 @@ from triton_rag.build.prepared import (
 from triton_rag.build.settings import DoclingSettings
 from triton_rag.build.sources import resolve_model
 from triton_rag.contract.params import DoclingDocumentParameters, DoclingPageParameters, VlmParameters
+from triton_rag.core.fit import vlm_prompt_tokens
+from triton_rag.core.idefics3 import ImageProcessorConfig
 
 #: A random stand-in writes noise until the limit; more than this only costs time.
 OFFLINE_MAX_NEW_TOKENS = 256
+
+
+def image_processing(model_path: Path) -> tuple[dict[str, Any], ImageProcessorConfig]:
+    """The model's image processing: preprocessor_config.json with image_seq_len (placeholder tokens per tile, from
+    processor_config.json) merged in (the endpoint reads this one file), and as core.idefics3 reads it."""
+    preprocessor = model_path / "preprocessor_config.json"
+    if not preprocessor.exists():
+        raise RepositoryError(f"{model_path} has no preprocessor_config.json: not an Idefics3 (granite-docling) model")
+    processing = json.loads(preprocessor.read_text())
+    processor_file = model_path / "processor_config.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.exists() else {}
+    if "image_seq_len" in processor:
+        processing["image_seq_len"] = processor["image_seq_len"]
+    try:
+        return processing, ImageProcessorConfig.from_preprocessor_config(processing)
+    except ValueError as exc:
+        raise RepositoryError(f"{preprocessor}: {exc}") from None
 
 
 def prepare_docling(context: BuildContext, settings: DoclingSettings) -> PreparedDocling:
@@ -30,7 +51,6 @@ def prepare_docling(context: BuildContext, settings: DoclingSettings) -> Prepare
     from transformers import AutoTokenizer
 
     from triton_rag.core.docling_prompt import PagePrompts
-    from triton_rag.core.idefics3 import ImageProcessorConfig
 
     repository, log = context.repository, context.log
     model = resolve_model(settings.model, "docling", context.cache_dir, context.offline_fallback, log)
@@ -38,24 +58,13 @@ def prepare_docling(context: BuildContext, settings: DoclingSettings) -> Prepare
     if model.is_offline_stand_in and max_new_tokens > OFFLINE_MAX_NEW_TOKENS:
         log(f"docling.max_new_tokens {max_new_tokens} -> {OFFLINE_MAX_NEW_TOKENS} for the random stand-in model")
         max_new_tokens = OFFLINE_MAX_NEW_TOKENS
-    preprocessor = model.path / "preprocessor_config.json"
-    if not preprocessor.exists():
-        raise RepositoryError(f"{model.path} has no preprocessor_config.json: not an Idefics3 (granite-docling) model")
-    # image_seq_len (placeholder tokens per tile) lives in processor_config.json; the endpoint reads one merged file
-    processing = json.loads(preprocessor.read_text())
-    processor_file = model.path / "processor_config.json"
-    processor = json.loads(processor_file.read_text()) if processor_file.exists() else {}
-    if "image_seq_len" in processor:
-        processing["image_seq_len"] = processor["image_seq_len"]
-    try:
-        image_config = ImageProcessorConfig.from_preprocessor_config(processing)
-    except ValueError as exc:
-        raise RepositoryError(f"{preprocessor}: {exc}") from None
+    processing, image_config = image_processing(model.path)
     eos = model.config.get("eos_token_id", model.config.get("text_config", {}).get("eos_token_id"))
     tokenizer = AutoTokenizer.from_pretrained(str(model.path))
     prompts = PagePrompts(tokenizer, settings.prompt, image_config, eos)
 
-    page, document, vlm = contract.docling_endpoint(), contract.docling_document_endpoint(), contract.docling_vlm()
+    page, document = contract.docling_endpoint(settings.batching), contract.docling_document_endpoint()
+    vlm = contract.docling_vlm()
     page_params = DoclingPageParameters(
         vlm=vlm.name,
         router=context.router,
@@ -104,13 +113,17 @@ def prepare_docling(context: BuildContext, settings: DoclingSettings) -> Prepare
         (vision_dir / "config.pbtxt").unlink(missing_ok=True)
         if our_link:
             plan_link.unlink()
-    vlm_params = VlmParameters(dtype=settings.dtype, stop_ids=tuple(prompts.stop_ids), vision_model=vision_model)
+    vlm_params = VlmParameters(
+        dtype=settings.dtype,
+        stop_ids=tuple(prompts.stop_ids),
+        vision_model=vision_model,
+        device_memory_cap=context.device_memory_cap,
+    )
     vlm_dir = write_model(repository, vlm, vlm_params)
     place_link(model.path, vlm_dir / "1" / "hf")
-    pages = vlm.max_batch_size
-    tokens = image_config.longest_edge // image_config.tile_size  # tiles per side at most
-    prompt_tokens = (tokens * tokens + 1) * (image_config.image_seq_len + 3) + 64
-    estimate = estimate_vlm_bytes(model.path, model.config, settings.dtype, pages, prompt_tokens + max_new_tokens)
+    prompt_tokens = vlm_prompt_tokens(image_config.longest_edge, image_config.tile_size, image_config.image_seq_len)
+    shape = vlm_shape(model.path, model.config)
+    footprints = vlm_footprints(shape, settings.dtype, vlm.max_batch_size, prompt_tokens + max_new_tokens)
     return PreparedDocling(
         model=settings.model,
         path=model.path,
@@ -118,7 +131,7 @@ def prepare_docling(context: BuildContext, settings: DoclingSettings) -> Prepare
         engine="tensorrt_plan" if use_plan else "torch",
         compute_model=vlm.name,
         endpoints=(page.name, document.name),
-        estimate_bytes=estimate,
+        estimate_bytes=totals(footprints),
         also_load=(vision_model,) if vision_model else (),
         max_new_tokens=max_new_tokens,
         stop_ids=tuple(prompts.stop_ids),

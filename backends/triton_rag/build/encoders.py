@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from triton_rag import contract
-from triton_rag.build.footprint import estimate_bytes, weight_bytes
+from triton_rag.build.footprint import encoder_footprints, encoder_shape, totals, weights
 from triton_rag.build.plans import Host, Variant, built_engines, choose_variant, engine_source
 from triton_rag.build.prepared import (
     BuildContext,
@@ -79,7 +79,7 @@ def choose_encoder_variant(
     return variant, (built[variant][1] if variant in built else None), reasons
 
 
-def _torch_options(settings: EncoderSettings) -> TorchEncoderOptions:
+def _torch_options(settings: EncoderSettings, device_memory_cap: int) -> TorchEncoderOptions:
     """How the PyTorch engine runs an encoder; it can give its weights' memory back and take it again (the router's
     host tier)."""
     return TorchEncoderOptions(
@@ -88,6 +88,7 @@ def _torch_options(settings: EncoderSettings) -> TorchEncoderOptions:
         compile=settings.compile,
         max_batch_tokens=settings.max_batch_tokens,
         sleepable=True,
+        device_memory_cap=device_memory_cap,
     )
 
 
@@ -125,9 +126,15 @@ def _write_endpoint_pair(
     return variant
 
 
-def _prepared(model: ResolvedModel, settings: EncoderSettings, variant: Variant, endpoint: str, encoder: str) -> Any:
+def _prepared(
+    model: ResolvedModel, settings: EncoderSettings, variant: Variant, endpoint: str, encoder: str, task: str
+) -> Any:
     """What every endpoint pair's record has: the model, the variant, and what the router needs to know about the
-    compute model before the first load."""
+    compute model before the first load (core/fit.py's estimate, the same `triton-rag plan` prints)."""
+    shape = encoder_shape(model.path, model.config)
+    footprints = encoder_footprints(
+        shape, task, settings.precision, settings.dtype, settings.max_batch_tokens, settings.max_length
+    )
     return {
         "model": settings.model,
         "path": model.path,
@@ -135,8 +142,8 @@ def _prepared(model: ResolvedModel, settings: EncoderSettings, variant: Variant,
         "engine": variant,
         "compute_model": encoder,
         "endpoints": (endpoint,),
-        "estimate_bytes": estimate_bytes(model.path, model.config, settings.dtype, settings.max_batch_tokens),
-        "weight_bytes": weight_bytes(model.path, settings.dtype),
+        "estimate_bytes": totals(footprints),
+        "weight_bytes": weights(footprints),
         "sleepable": variant == "torch",
     }
 
@@ -155,12 +162,12 @@ def prepare_embed(context: BuildContext, settings: EmbedSettings) -> PreparedEmb
         # Last-token pooling reads the end-of-text token; mean pooling keeps the tokenizer's own specials.
         pool_token=QWEN3_POOL_TOKEN if pooling == "last_token" else "",
     )
-    torch_params = EncoderParameters(task="embed", pooling=pooling, pytorch=_torch_options(settings))
-    endpoint, encoder = contract.embed_endpoint(dim), contract.embed_encoder(hidden)
+    options = _torch_options(settings, context.device_memory_cap)
+    torch_params = EncoderParameters(task="embed", pooling=pooling, pytorch=options)
+    endpoint, encoder = contract.embed_endpoint(dim, settings.batching), contract.embed_encoder(hidden)
     variant = _write_endpoint_pair(context, model, settings, endpoint, endpoint_params, encoder, torch_params)
-    return PreparedEmbed(
-        **_prepared(model, settings, variant, endpoint.name, encoder.name), dim=dim, pooling=pooling
-    )
+    record = _prepared(model, settings, variant, endpoint.name, encoder.name, "embed")
+    return PreparedEmbed(**record, dim=dim, pooling=pooling)
 
 
 def prepare_rerank(context: BuildContext, settings: RerankSettings) -> PreparedRerank:
@@ -179,7 +186,9 @@ def prepare_rerank(context: BuildContext, settings: RerankSettings) -> PreparedR
         max_batch_tokens=settings.max_batch_tokens,
         default_instruction=settings.default_instruction,
     )
-    torch_params = EncoderParameters(task="rerank", yes_no_ids=yes_no, pytorch=_torch_options(settings))
-    endpoint, encoder = contract.rerank_endpoint(), contract.rerank_encoder()
+    options = _torch_options(settings, context.device_memory_cap)
+    torch_params = EncoderParameters(task="rerank", yes_no_ids=yes_no, pytorch=options)
+    endpoint, encoder = contract.rerank_endpoint(settings.batching), contract.rerank_encoder()
     variant = _write_endpoint_pair(context, model, settings, endpoint, endpoint_params, encoder, torch_params)
-    return PreparedRerank(**_prepared(model, settings, variant, endpoint.name, encoder.name), yes_no_ids=yes_no)
+    record = _prepared(model, settings, variant, endpoint.name, encoder.name, "rerank")
+    return PreparedRerank(**record, yes_no_ids=yes_no)

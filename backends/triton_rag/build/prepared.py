@@ -80,6 +80,8 @@ class BuildContext:
     host: Host
     #: Built engines, one folder per compute model.
     engines_dir: Path
+    #: [router] device_memory in bytes (0: none): each compute model's process caps its own device memory at it.
+    device_memory_cap: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

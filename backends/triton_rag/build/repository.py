@@ -27,6 +27,7 @@ from pathlib import Path
 from triton_rag import contract
 from triton_rag.build.docling_repository import prepare_docling
 from triton_rag.build.encoders import clamp_embed_dim, prepare_embed, prepare_rerank
+from triton_rag.build.fit import Memory, check_prepared, detect_gpu_memory
 from triton_rag.build.plans import Host, detect_host
 from triton_rag.build.prepared import (
     MODEL_PY,
@@ -39,6 +40,7 @@ from triton_rag.build.prepared import (
 )
 from triton_rag.build.settings import RouterSettings, Settings
 from triton_rag.contract.params import RouterParameters
+from triton_rag.core.measurements import ram_total
 
 __all__ = [
     "ENGINES_DIR",
@@ -78,10 +80,12 @@ def prepare_repository(
     endpoints: tuple[str, ...] = ("embed", "rerank", "docling"),
     host: Host | None = None,
     engines_dir: Path | None = None,
+    memory: Memory | None = None,
 ) -> dict[str, Prepared]:
     """Make `repository` servable for `settings`; returns what was prepared per section ("embed", "rerank",
     "docling"), also written as JSON with the models to load at start-up. Built engines are looked for in
-    `engines_dir` (default `<cache>/engines`) and checked against `host` (default: this machine)."""
+    `engines_dir` (default `<cache>/engines`) and checked against `host` (default: this machine). FitError when a
+    compute model cannot fit the budget the router will have on `memory` (default: this machine's) even alone."""
     repository.mkdir(parents=True, exist_ok=True)
     context = BuildContext(
         repository=repository,
@@ -91,6 +95,7 @@ def prepare_repository(
         router=contract.ROUTER if settings.router.enabled else "",
         host=host or detect_host(),  # which built engines can load here: decided once for every section
         engines_dir=engines_dir or cache_dir / ENGINES_DIR,
+        device_memory_cap=settings.router.device_memory_cap(),
     )
     prepared: dict[str, Prepared] = {}
     if "embed" in endpoints:
@@ -99,6 +104,8 @@ def prepare_repository(
         prepared["rerank"] = prepare_rerank(context, settings.rerank)
     if "docling" in endpoints:
         prepared["docling"] = prepare_docling(context, settings.docling)
+    memory = memory or Memory.serving(settings.router, detect_gpu_memory(), ram_total())
+    check_prepared(settings.router, prepared.values(), repository, memory)
     startup = [name for record in prepared.values() for name in (*record.endpoints, *record.also_load)]
     if context.router:
         prepare_router(settings.router, repository, prepared.values())

@@ -12,6 +12,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from triton_rag.contract import BatchingPreset
 from triton_rag.contract.params import (
     DEFAULT_RERANK_INSTRUCTION,
     DoclingPageParameters,
@@ -55,6 +56,8 @@ class EncoderSettings:
     #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
     #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
     compile: bool = TorchEncoderOptions.compile
+    #: The endpoint's dynamic batcher: "project" or "design" (contract.BATCHING has both).
+    batching: BatchingPreset = "project"
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class DoclingSettings:
     max_pages: int = Limits.max_pages
     max_image_pixels: int = Limits.max_image_pixels
     max_document_bytes: int = Limits.max_document_bytes
+    #: The `docling` endpoint's dynamic batcher: "project" or "design" (contract.BATCHING; the same values today).
+    batching: BatchingPreset = "project"
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,25 @@ def settings_file(given: Path | None, default: Path) -> Path | None:
     """The settings file to read: the one asked for (a missing one is an error, not the defaults in silence), else
     the default file where there is one, else None (the built-in defaults)."""
     return given if given is not None else (default if default.is_file() else None)
+
+
+def profile_file(name_or_path: str, profiles_dir: Path) -> Path:
+    """A profile (a whole settings file for one deployment target): a path to a .toml file, or a name in
+    `profiles_dir` (`rtx5070ti-16gb` -> `<profiles_dir>/rtx5070ti-16gb.toml`). A missing one is an error that lists
+    the profiles there are."""
+    given = Path(name_or_path).expanduser()
+    if given.suffix == ".toml" or len(given.parts) > 1:
+        if not given.is_file():
+            raise SettingsError(f"profile {given} does not exist")
+        return given
+    path = profiles_dir / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in profiles_dir.glob("*.toml"))
+        there = ", ".join(known) if known else "none"
+        raise SettingsError(
+            f"no profile {name_or_path!r} ({path} does not exist); the profiles in {profiles_dir}: {there}"
+        )
+    return path
 
 
 def load_settings(path: Path | None, overrides: list[str] | None = None) -> Settings:

@@ -36,6 +36,10 @@ class RouterSettings:
     budget: str = "auto"
     #: GPU memory kept out of an automatic budget: tritonserver, the endpoints' processes, the desktop, other apps.
     reserve: str = "1536MiB"
+    #: The GPU's memory as the router and the compute models may use it: "auto" (all of it) or bytes ("16303MiB"),
+    #: so a larger GPU stands in for a smaller card. The budget is computed against min(this, the GPU's memory) and
+    #: each compute model's process limits its own allocations to it. A GPU only: on the CPU it is ignored (logged).
+    device_memory: str = "auto"
     cpu_budget_fraction: float = 0.5
     #: Host RAM for evicted models' weight copies (the host tier: wake in a fraction of a second instead of a
     #: reload): bytes, "0" (off: every eviction unloads), or "auto": `host_budget_fraction` of the RAM where there is
@@ -69,8 +73,14 @@ class RouterSettings:
             parse_bytes(self.reserve)
             if self.host_budget not in ("auto", "0"):
                 parse_bytes(self.host_budget)
+            cap = self.device_memory_cap()
         except PolicyError as exc:
             raise SettingsError(f"[router] {exc}") from None
+        if cap and self.budget != "auto" and parse_bytes(self.budget) > cap:
+            raise SettingsError(
+                f"[router] budget {self.budget} is more than device_memory {self.device_memory}: the budget is a "
+                "share of the device memory"
+            )
         if not 0.0 < self.high_watermark <= 1.0:
             raise SettingsError(f"[router] high_watermark must be in (0, 1], got {self.high_watermark}")
         if not 0.0 < self.cpu_budget_fraction <= 1.0:
@@ -78,10 +88,22 @@ class RouterSettings:
         if not 0.0 <= self.host_budget_fraction <= 1.0:
             raise SettingsError(f"[router] host_budget_fraction must be in [0, 1], got {self.host_budget_fraction}")
 
+    def device_memory_cap(self) -> int:
+        """`device_memory` in bytes; 0: no cap ("auto")."""
+        return 0 if self.device_memory == "auto" else parse_bytes(self.device_memory)
+
+    def device_total(self, device: str, total: int) -> int:
+        """The memory the budget is a share of, on a device with `total` bytes: a GPU's capped at `device_memory`;
+        the RAM (device "cpu") is not capped."""
+        cap = self.device_memory_cap()
+        return min(total, cap) if device == "gpu" and cap else total
+
     def budget_bytes(self, device: str, total: int) -> int:
-        """The budget in bytes on a device with `total` bytes of memory ("gpu" or "cpu")."""
+        """The budget in bytes on a device with `total` bytes of memory ("gpu" or "cpu"; a GPU's capped at
+        `device_memory`)."""
         if self.budget != "auto":
             return parse_bytes(self.budget)
+        total = self.device_total(device, total)
         if device == "gpu":
             budget = total - parse_bytes(self.reserve)
             if budget <= 0:
@@ -104,7 +126,8 @@ class RouterSettings:
 
 def router_settings(values: dict[str, Any]) -> RouterSettings:
     """From rag.toml's [router] table or the router's config.pbtxt parameters (all strings there)."""
-    values = {key: str(value) if key in ("budget", "host_budget") else value for key, value in values.items()}
+    sizes = ("budget", "host_budget", "device_memory")
+    values = {key: str(value) if key in sizes else value for key, value in values.items()}
     return build_dataclass(RouterSettings, "router", values)
 
 
@@ -181,6 +204,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Precision = Literal["auto", "nvfp4", "fp8", "bfloat16", "float32"]
 Task = Literal["embed", "rerank"]
 
+#: Field metadata of a size in bytes where 0 means none.
+BYTES_OR_NONE: dict[str, Any] = {"minimum": 0}
+
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
@@ -237,6 +263,9 @@ class TorchEncoderOptions(Parameters):
     max_batch_tokens: int = TextEndpointParameters.max_batch_tokens
     #: Weights the engine can give back and take again (the router's host tier; the RESIDENCY output).
     sleepable: bool = False
+    #: The process's device memory in bytes ([router] device_memory; 0: the whole GPU), applied before the engine
+    #: loads (engines/device_cap.py).
+    device_memory_cap: int = dataclasses.field(default=0, metadata=BYTES_OR_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,3 +350,5 @@ class VlmParameters(Parameters):
     stop_ids: tuple[int, ...] = dataclasses.field(default=(), metadata=TOKEN_ID)
     #: A TensorRT plan of the vision tower computes the image embeddings; None: the tower runs here in PyTorch.
     vision_model: str | None = None
+    #: As TorchEncoderOptions.device_memory_cap.
+    device_memory_cap: int = dataclasses.field(default=0, metadata=BYTES_OR_NONE)

@@ -7,6 +7,7 @@ keeps the two in sync), so clients, engines and docs cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 # Model names. The first three are client-facing; encoders are the compute engines behind them.
 EMBED_ENDPOINT = "qwen_embed"
@@ -14,6 +15,9 @@ RERANK_ENDPOINT = "qwen_rerank"
 EMBED_ENCODER = "qwen_embed_encoder"
 RERANK_ENCODER = "qwen_rerank_encoder"
 ENCODERS = (EMBED_ENCODER, RERANK_ENCODER)
+DOCLING_ENDPOINT = "docling"
+DOCLING_DOCUMENT_ENDPOINT = "docling_document"
+DOCLING_VLM = "docling_vlm"
 
 #: pgvector's HNSW/IVFFlat indexes stop at 2000 dimensions, hence the default embedding size.
 DEFAULT_EMBED_DIM = 2000
@@ -45,12 +49,39 @@ class ModelContract:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def embed_endpoint(dim: int) -> ModelContract:
+@dataclass(frozen=True)
+class Batching:
+    """An endpoint's dynamic batcher: the most rows in one execute, the batch sizes it waits for, and how long a
+    request may wait for more (microseconds)."""
+
+    max_batch_size: int
+    preferred: tuple[int, ...]
+    max_queue_delay_us: int
+
+    @property
+    def dynamic_batching(self) -> tuple[tuple[int, ...], int]:
+        """As ModelContract.dynamic_batching."""
+        return self.preferred, self.max_queue_delay_us
+
+
+#: rag.toml's `batching` in [embed], [rerank] and [docling]: "project", this project's choice (batch more, wait
+#: 100 us: a lone query must not wait; README "What differs"), or "design", the design card's values (its tuning
+#: notes: embed 2-5 ms, taken as 3 ms, though its example config has 5 ms; rerank ~5 ms; docling ~20 ms). The
+#: default stays "project" until a benchmark of the two decides.
+BatchingPreset = Literal["project", "design"]
+BATCHING: dict[str, dict[BatchingPreset, Batching]] = {
+    EMBED_ENDPOINT: {"project": Batching(64, (4, 8, 16, 32, 64), 100), "design": Batching(32, (4, 8, 16), 3000)},
+    RERANK_ENDPOINT: {"project": Batching(16, (2, 4, 8, 16), 100), "design": Batching(16, (2, 4, 8), 5000)},
+    DOCLING_ENDPOINT: {"project": Batching(4, (1, 2), 20000), "design": Batching(4, (1, 2), 20000)},
+}
+
+
+def embed_endpoint(dim: int, preset: BatchingPreset = "project") -> ModelContract:
     return ModelContract(
         name=EMBED_ENDPOINT,
         doc="Text embeddings (Qwen3-Embedding recipe, or mean pooling for BERT-family embedders).",
-        max_batch_size=64,
-        dynamic_batching=((4, 8, 16, 32, 64), 100),
+        max_batch_size=BATCHING[EMBED_ENDPOINT][preset].max_batch_size,
+        dynamic_batching=BATCHING[EMBED_ENDPOINT][preset].dynamic_batching,
         inputs=(
             TensorSpec("TEXT", "TYPE_STRING", (1,), "UTF-8 text to embed. Empty text is an error."),
             TensorSpec(
@@ -79,12 +110,12 @@ def embed_endpoint(dim: int) -> ModelContract:
     )
 
 
-def rerank_endpoint() -> ModelContract:
+def rerank_endpoint(preset: BatchingPreset = "project") -> ModelContract:
     return ModelContract(
         name=RERANK_ENDPOINT,
         doc='Relevance of a document to a query: P("yes") by the Qwen3-Reranker recipe, one pair per row.',
-        max_batch_size=16,
-        dynamic_batching=((2, 4, 8, 16), 100),
+        max_batch_size=BATCHING[RERANK_ENDPOINT][preset].max_batch_size,
+        dynamic_batching=BATCHING[RERANK_ENDPOINT][preset].dynamic_batching,
         inputs=(
             TensorSpec("QUERY", "TYPE_STRING", (1,), "UTF-8 query. Empty is an error."),
             TensorSpec("DOCUMENT", "TYPE_STRING", (1,), "UTF-8 document. Empty is an error."),
@@ -215,23 +246,19 @@ def router() -> ModelContract:
     )
 
 
-DOCLING_ENDPOINT = "docling"
-DOCLING_DOCUMENT_ENDPOINT = "docling_document"
-DOCLING_VLM = "docling_vlm"
-
 #: Tiles travel as uint8 (4x smaller than float32); the engine rescales and normalises them on its device.
 DOCLING_TILE = 512
 
 
-def docling_endpoint() -> ModelContract:
+def docling_endpoint(preset: BatchingPreset = "project") -> ModelContract:
     return ModelContract(
         name=DOCLING_ENDPOINT,
         doc=(
             "One page image to a DoclingDocument: Idefics3 tiling, the VLM (granite-docling) writes DocTags, "
             "docling-core turns them into a document. Boxes and the page size are in the image's pixels."
         ),
-        max_batch_size=4,
-        dynamic_batching=((1, 2), 20000),
+        max_batch_size=BATCHING[DOCLING_ENDPOINT][preset].max_batch_size,
+        dynamic_batching=BATCHING[DOCLING_ENDPOINT][preset].dynamic_batching,
         inputs=(
             TensorSpec(
                 "IMAGE",

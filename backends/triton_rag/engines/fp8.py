@@ -6,6 +6,9 @@ token does not flatten the others' resolution. Activation quantization is a few 
 eager it costs more than FP8 saves (FACTS.md: 29.0k vs 30.4k tokens/s bf16 on an 8B encoder), compiled with
 `torch.compile` it fuses into the producers (61.4k). On a CPU the same arithmetic is emulated in float32, which is
 how the tests check the quantization.
+
+`Fp8Embedding` keeps an embedding table the same way (one scale per row), for the FP8 and NVFP4 engines: the table is
+an 8B Qwen3's largest tensor, and a lookup touches only a few of its rows.
 """
 
 from __future__ import annotations
@@ -58,26 +61,71 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        count = rows.shape[0]
-        if x.is_cuda:  # always padded (by 0 rows when aligned): a branch on the count would recompile the layer
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, (-count) % ALIGN))
-        quantized, scale = quantize_rowwise(rows)
-        if x.is_cuda:
-            out = torch._scaled_mm(
-                quantized,
-                self.weight.t(),  # column-major view, as _scaled_mm wants its second operand
-                scale_a=scale,
-                scale_b=self.weight_scale,
-                bias=self.bias,
-                out_dtype=self.out_dtype,
-            )[:count]
-        else:  # emulation: the same quantized values and scales, multiplied in float32
-            out = (quantized.float() * scale) @ (self.weight.float() * self.weight_scale.t()).t()
-            if self.bias is not None:
-                out = out + self.bias.float()
-            out = out.to(x.dtype)
+        out = rowwise_linear(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.bias, self.out_dtype)
         return out.reshape(*shape[:-1], self.out_features)
+
+
+def rowwise_linear(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """rows [tokens, in] times an FP8 weight [out, in] (row scales `weight_scale` [1, out]): the rows quantized per
+    token, one `_scaled_mm` on CUDA, the same quantized values multiplied in float32 on a CPU. Out: [tokens, out] in
+    `out_dtype` on CUDA, in the rows' dtype on a CPU."""
+    count = rows.shape[0]
+    if rows.is_cuda:  # always padded (by 0 rows when aligned): a branch on the count would recompile the layer
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, (-count) % ALIGN))
+    quantized, scale = quantize_rowwise(rows)
+    if rows.is_cuda:
+        return torch._scaled_mm(
+            quantized,
+            weight.t(),  # column-major view, as _scaled_mm wants its second operand
+            scale_a=scale,
+            scale_b=weight_scale,
+            bias=bias,
+            out_dtype=out_dtype,
+        )[:count]
+    # emulation: the same quantized values and scales, multiplied in float32
+    out = (quantized.float() * scale) @ (weight.float() * weight_scale.t()).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(rows.dtype)
+
+
+class Fp8Embedding(nn.Module):
+    """An embedding table in FP8 (e4m3) with one float32 scale per row: half a bfloat16 table (Qwen3-8B's 151669 x
+    4096: 0.62 GB instead of 1.24). A lookup gathers the rows, then dequantizes only them. Built empty and given its
+    table by `load_weight`, as `Fp8Linear`."""
+
+    #: Rows quantized at a time by `load_weight`: a whole table's float32 copy would be 2.5 GB for Qwen3-8B.
+    CHUNK_ROWS = 8192
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.out_dtype = num_embeddings, embedding_dim, out_dtype
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.float8_e4m3fn), False)
+        self.weight_scale: torch.Tensor
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, 1))
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize the table [rows, dim] rowwise into this module, a chunk of rows at a time (the caller may free
+        `weight` afterwards)."""
+        quantized = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+        scale = torch.empty(weight.shape[0], 1, device=weight.device)
+        for start in range(0, weight.shape[0], self.CHUNK_ROWS):
+            chunk = slice(start, start + self.CHUNK_ROWS)
+            quantized[chunk], scale[chunk] = quantize_rowwise(weight[chunk])
+        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self.weight_scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of `ids` (any shape), dequantized to `out_dtype`: the lookup, and the reranker's tied head rows."""
+        # gathered as bytes: no float8 gather kernel needed
+        rows = self.weight.view(torch.uint8)[ids].view(torch.float8_e4m3fn)
+        return (rows.float() * self.weight_scale[ids]).to(self.out_dtype)
 
 
 def convert_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> int:

@@ -4,7 +4,8 @@ The arithmetic is transformers' Qwen3 (RMSNorm in float32, q/k norms per head, r
 tests hold it to transformers on the same weights. It is ours for the cold load: a stub that imports transformers'
 modeling stack spends ~2 s on it, and `from_pretrained` builds the model once with random weights and again from the
 checkpoint. Here the modules are built without memory (the meta device) and each weight arrives once, read by
-`checkpoint.load_tensors` and, with FP8, quantized as it lands, so the device never holds the whole bfloat16 model.
+`checkpoint.load_tensors` and, with FP8 or NVFP4, quantized as it lands (the linear layers to that precision, the
+embedding table to FP8 rows), so the device never holds the whole bfloat16 model.
 
 Attention is over packed rows only (`packed_attention`): the engine lays every text end to end in one sequence,
 [tokens, hidden], with the segment bounds. Weight names are the checkpoint's, with or without the `model.` prefix a
@@ -18,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,18 @@ import torch
 from torch import nn
 
 from triton_rag.engines.checkpoint import StoredTensor, load_tensors, stored_tensors
-from triton_rag.engines.fp8 import Fp8Linear
+from triton_rag.engines.fp8 import Fp8Embedding, Fp8Linear
+from triton_rag.engines.nvfp4 import Nvfp4Linear, mode_for
 from triton_rag.engines.packed_attention import attend_packed
 
 _log = logging.getLogger(__name__)
 
 #: Checkpoint tensors the decoder does not hold.
 SKIPPED_PREFIXES = ("lm_head.",)
+#: Precisions whose layers are quantized as their weights land (any other loads the weights in the given dtype).
+QUANTIZED_PRECISIONS = ("fp8", "nvfp4")
+#: Modules that quantize their weight in `load_weight`.
+QUANTIZING_MODULES = (Fp8Linear, Nvfp4Linear, Fp8Embedding)
 
 
 @dataclass(frozen=True)
@@ -181,10 +188,15 @@ class DecoderLayer(nn.Module):
 class Qwen3Decoder(nn.Module):
     """Embeddings, layers, final norm and rotary table; the engine drives the layers itself (`decoder_layer_call`)."""
 
-    def __init__(self, shape: Qwen3Shape, linear: Callable[[int, int, bool], nn.Module]) -> None:
+    def __init__(
+        self,
+        shape: Qwen3Shape,
+        linear: Callable[[int, int, bool], nn.Module],
+        embedding: Callable[[int, int], nn.Module],
+    ) -> None:
         super().__init__()
         self.shape = shape
-        self.embed_tokens = Embedding(shape.vocab_size, shape.hidden_size)
+        self.embed_tokens = embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(shape, linear) for _ in range(shape.layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.rope_theta)
@@ -194,18 +206,20 @@ def load_qwen3(
     model_dir: Path,
     device: torch.device,
     dtype: torch.dtype,
-    fp8: bool = False,
+    precision: str | None = None,
     log: Callable[[str], None] = _log.info,
     on_modules_built: Callable[[], None] | None = None,
 ) -> Qwen3Decoder:
-    """The checkpoint's decoder on `device` in `dtype`; with `fp8`, every linear layer quantized as its weight lands
-    (`Fp8Linear`). ValueError when the checkpoint lacks a tensor the decoder needs or holds one it does not know.
+    """The checkpoint's decoder on `device` in `dtype`. `precision` "fp8" or "nvfp4": every linear layer quantized
+    to it as its weight lands (`Fp8Linear`, `Nvfp4Linear` in the mode this device runs), and the embedding table to
+    FP8 rows (`Fp8Embedding`); any other value keeps the weights in `dtype`. ValueError when the checkpoint lacks a
+    tensor the decoder needs or holds one it does not know.
 
     `on_modules_built`: called once the modules exist, before any weight is read (the engine starts importing the
     compiler then, so that its imports overlap the read and no other import)."""
     began = time.perf_counter()
     shape = Qwen3Shape.from_config(read_config(model_dir))
-    model = _empty_decoder(shape, dtype, fp8, device)
+    model = _empty_decoder(shape, dtype, precision, device)
     if on_modules_built is not None:
         on_modules_built()
     wanted = [t for t in stored_tensors(model_dir) if not t.name.removeprefix("model.").startswith(SKIPPED_PREFIXES)]
@@ -213,28 +227,39 @@ def load_qwen3(
     return model.eval()
 
 
-def _empty_decoder(shape: Qwen3Shape, dtype: torch.dtype, fp8: bool, device: torch.device) -> Qwen3Decoder:
-    def linear(inputs: int, outputs: int, bias: bool) -> nn.Module:
-        if fp8:
-            return Fp8Linear(inputs, outputs, bias, out_dtype=dtype)
-        return Linear(inputs, outputs, bias=bias)
-
+def _empty_decoder(shape: Qwen3Shape, dtype: torch.dtype, precision: str | None, device: torch.device) -> Qwen3Decoder:
+    linear: Callable[[int, int, bool], nn.Module] = Linear
+    embedding: Callable[[int, int], nn.Module] = Embedding
+    if precision == "fp8":
+        linear = partial(Fp8Linear, out_dtype=dtype)
+    elif precision == "nvfp4":
+        linear = partial(Nvfp4Linear, out_dtype=dtype, mode=mode_for(device))
+    if precision in QUANTIZED_PRECISIONS:
+        embedding = partial(Fp8Embedding, out_dtype=dtype)
     # On the meta device: no memory, and no init (a random init there imports the compiler's modules)
     with torch.device("meta"):
-        model = Qwen3Decoder(shape, linear)
+        model = Qwen3Decoder(shape, linear, embedding)
     model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.to(device)  # computed on the CPU, as transformers does
     return model
 
 
 def _place(model: Qwen3Decoder, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    """One checkpoint tensor into the decoder: converted to `dtype`, quantized for an FP8 layer."""
+    """One checkpoint tensor into the decoder: converted to `dtype`, quantized for an FP8 or NVFP4 module."""
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    if isinstance(owner, Fp8Linear) and leaf == "weight":
+    if isinstance(owner, QUANTIZING_MODULES) and leaf == "weight":
         owner.load_weight(tensor.to(dtype))
         return
-    target = owner.out_dtype if isinstance(owner, Fp8Linear) else dtype  # an FP8 layer's bias: its output dtype
+    # a quantized layer's bias: its output dtype
+    target = owner.out_dtype if isinstance(owner, QUANTIZING_MODULES) else dtype
     owner._parameters[leaf] = nn.Parameter(tensor.to(target), requires_grad=False)
+
+
+def _stored_shape(owner: nn.Module, leaf: str, parameter: torch.Tensor) -> tuple[int, ...]:
+    """The shape the checkpoint holds for a parameter: an NVFP4 weight is packed two values a byte."""
+    if isinstance(owner, Nvfp4Linear) and leaf == "weight":
+        return (owner.out_features, owner.in_features)
+    return tuple(parameter.shape)
 
 
 def _read(
@@ -248,7 +273,12 @@ def _read(
 ) -> None:
     """`stored` into `model`; ValueError unless they are exactly the decoder's parameters (`model.` prefixes aside),
     each of its shape."""
-    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+    shapes = {
+        f"{owner_name}.{leaf}" if owner_name else leaf: _stored_shape(owner, leaf, parameter)
+        for owner_name, owner in model.named_modules()
+        for leaf, parameter in owner._parameters.items()
+        if parameter is not None
+    }
     names = set()
     for tensor in stored:
         name = tensor.name.removeprefix("model.")
@@ -265,9 +295,21 @@ def _read(
     started = time.perf_counter()
     total = load_tensors(stored, device, lambda t, tensor: _place(model, t.name.removeprefix("model."), tensor, dtype))
     seconds = time.perf_counter() - started
-    layers = sum(isinstance(module, Fp8Linear) for module in model.modules())
-    quantized = f", {layers} linear layers quantized to FP8 as they landed" if layers else ""
     log(
         f"checkpoint read onto {device.type}: {total / 2**30:.2f} GiB in {seconds:.1f} s "
-        f"({total / 2**30 / max(seconds, 1e-9):.1f} GiB/s){quantized}; modules set up before it in {set_up:.1f} s"
+        f"({total / 2**30 / max(seconds, 1e-9):.1f} GiB/s){_quantized(model)}; "
+        f"modules set up before it in {set_up:.1f} s"
     )
+
+
+def _quantized(model: Qwen3Decoder) -> str:
+    """What the load quantized, for its log line ("" for none)."""
+    fp8 = sum(isinstance(module, Fp8Linear) for module in model.modules())
+    nvfp4 = [module.mode for module in model.modules() if isinstance(module, Nvfp4Linear)]
+    parts = [f"{fp8} linear layers to FP8"] if fp8 else []
+    if nvfp4:
+        how = "on FP4 tensor cores" if nvfp4[0] == "native" else "kept 4-bit, decoded to FP8 for each GEMM"
+        parts.append(f"{len(nvfp4)} linear layers to NVFP4 ({nvfp4[0]}: {how})")
+    if isinstance(model.embed_tokens, Fp8Embedding):
+        parts.append("the embedding table to FP8 rows")
+    return f", quantized as they landed: {', '.join(parts)}" if parts else ""

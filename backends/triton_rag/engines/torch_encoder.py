@@ -37,6 +37,7 @@ from triton_rag.contract.params import TextEndpointParameters
 from triton_rag.core.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.core.precision import Device, choose_precision
 from triton_rag.engines.checkpoint import read_lm_head_rows
+from triton_rag.engines.cuda_context import trim_stack_reserve
 from triton_rag.engines.encoder_common import (
     DTYPES,
     Pooling,
@@ -59,8 +60,9 @@ from triton_rag.engines.weight_arena import WeightArena
 
 _log = logging.getLogger(__name__)
 
-#: What this engine has kernels for (NVFP4 GEMMs come with TensorRT plans, issue 6).
-ENGINE_PRECISIONS = frozenset({"fp8", "bfloat16", "float32"})
+#: What this engine has kernels for. NVFP4 layers are our Qwen3 decoder's (`nvfp4.py`: native on Blackwell, 4-bit
+#: storage with FP8 GEMMs on Ada/Hopper); other architectures stop at FP8.
+ENGINE_PRECISIONS = frozenset({"nvfp4", "fp8", "bfloat16", "float32"})
 
 Task = Literal["embed", "rerank"]
 #: Architectures driven by our causal loop (packed segments, mask-free causal attention); others use transformers'
@@ -75,7 +77,8 @@ GRAPH_MAX_TOKENS = 512
 GRAPH_MAX_ROWS = 32
 #: What a precompiled layer's code depends on besides torch and the model (`precompiled.artifact_key`): our sources.
 ENGINE_SOURCES = tuple(
-    Path(__file__).parent / name for name in ("torch_encoder.py", "qwen3.py", "fp8.py", "packed_attention.py")
+    Path(__file__).parent / name
+    for name in ("torch_encoder.py", "qwen3.py", "fp8.py", "nvfp4.py", "packed_attention.py")
 )
 
 
@@ -138,16 +141,17 @@ class TorchEncoder:
         if cuda:  # the runtime's start and the context, timed apart from the weights' copy they would seem part of
             started = time.perf_counter()
             torch.empty(1, device=self.device)
+            trim_stack_reserve(self.device)  # ~200 MiB of an H200 context's local memory (cuda_context)
             log(f"CUDA context ready in {time.perf_counter() - started:.1f} s")
         self.precision, reasons = choose_precision(
             precision,  # type: ignore[arg-type]
             Device(torch.cuda.get_device_capability(self.device) if cuda else None),
-            ENGINE_PRECISIONS,
+            ENGINE_PRECISIONS if self.causal else ENGINE_PRECISIONS - {"nvfp4"},
         )
         for reason in reasons:
             log(f"precision: {reason}")
-        # FP8 quantizes bfloat16 weights; an explicit precision is the dtype; "auto" leaves it to `dtype`
-        if self.precision == "fp8":
+        # FP8 and NVFP4 quantize bfloat16 weights; an explicit precision is the dtype; "auto" leaves it to `dtype`
+        if self.precision in ("fp8", "nvfp4"):
             self.dtype = torch.bfloat16
         elif precision == "auto":
             self.dtype = choose_dtype(dtype, self.device)
@@ -160,10 +164,10 @@ class TorchEncoder:
             nonlocal compiler_imported
             compiler_imported = import_compiler_in_background()
 
-        if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8)
+        if self.causal:  # our decoder: each weight read once onto the device (and quantized there with FP8 or NVFP4)
             # our Qwen3 decoder, or transformers' model for other architectures: their attributes differ (Any)
             self.model: Any = load_qwen3(
-                self.model_dir, self.device, self.dtype, self.precision == "fp8", log,
+                self.model_dir, self.device, self.dtype, self.precision, log,
                 import_compiler if compile_model and cuda and not (package and package.exists()) else None,
             )  # fmt: skip
         else:
@@ -190,9 +194,9 @@ class TorchEncoder:
             if yes_no_ids is None:
                 raise ValueError("the reranker needs the token ids of 'no' and 'yes'")
             rows = read_lm_head_rows(self.model_dir, list(yes_no_ids))
-            if rows is None:  # tied head: the rows are the input embeddings
+            if rows is None:  # tied head: the rows are the input embeddings (looked up: an FP8 table dequantizes them)
                 embeddings = self.model.embed_tokens if self.causal else self.model.get_input_embeddings()
-                rows = embeddings.weight[list(yes_no_ids)].detach()
+                rows = embeddings(torch.tensor(yes_no_ids, device=self.device)).detach()
             self.head = rows.to(device=self.device, dtype=self.dtype)
         if cuda and self.causal:
             self.warm_up(log)
@@ -257,10 +261,16 @@ class TorchEncoder:
 
     def warm_up(self, log: Callable[[str], None]) -> None:
         """Do at load what would otherwise stall the first requests: the first launches of every kernel (and with
-        `torch.compile` as the fallback, its compilation for one row and for any shape), and every CUDA-graph
-        shape's capture."""
+        `torch.compile` as the fallback, its compilation for one row and for any shape), every CUDA-graph shape's
+        capture, and (on CUDA) one pass of `max_batch_tokens`, the largest the engine runs: the memory a load reports
+        is then what the engine holds at its busiest."""
         started = time.perf_counter()
         for rows, width in ((1, 16), (3, 40), (5, 300), (4, 400)):  # two graphs, two packed passes
+            self.forward(np.full((rows, width), 100, dtype=np.int64), np.ones((rows, width), dtype=np.int64))
+        if self.device.type == "cuda":  # one full pass: the activation pool reaches its bound (max_batch_tokens)
+            # now, where the router measures it and an out-of-memory fails the load, not a request later
+            width = min(2048, self.max_batch_tokens, self._positions.shape[0])
+            rows = max(1, self.max_batch_tokens // width)
             self.forward(np.full((rows, width), 100, dtype=np.int64), np.ones((rows, width), dtype=np.int64))
         first = time.perf_counter()
         if self.use_graphs:
@@ -284,6 +294,7 @@ class TorchEncoder:
         if self.arena is None:
             raise ValueError("this engine was loaded without a weight arena (sleepable = false)")
         seconds = self.arena.sleep()
+        trim_stack_reserve(self.device)  # kernels since the load may have raised the stack limit again
         return self.residency() | {"seconds": round(seconds, 4)}
 
     def wake(self) -> dict[str, float | int | str]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from triton_rag.core.idefics3 import ImageProcessorConfig
+from triton_rag.engines.cuda_context import trim_stack_reserve
 from triton_rag.engines.encoder_common import choose_device, choose_dtype
 
 
@@ -46,6 +47,7 @@ class TorchVlm:
             str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
         )
         model = model.to(self.device).eval()  # type: ignore[arg-type]
+        trim_stack_reserve(self.device)  # ~200 MiB of an H200 context's local memory (cuda_context)
         config = model.config
         self.vision = model.model.vision_model
         self.connector = model.model.connector

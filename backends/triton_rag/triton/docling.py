@@ -252,10 +252,12 @@ class VlmModel:
     """`docling_vlm` on the PyTorch engine (CUDA when present)."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        from triton_rag.engines.device_cap import apply_device_cap
         from triton_rag.engines.torch_vlm import TorchVlm
 
         self.log = stub_logger(args)
         params = VlmParameters.parse(model_parameters(args))
+        apply_device_cap(params.device_memory_cap, log=self.log.info)  # before the engine takes any memory
         self.stop_ids = params.stop_ids
         #: A separate vision model (a TensorRT plan of the tower) computes the image embeddings when configured.
         self.vision_model = params.vision_model

@@ -17,6 +17,7 @@ from triton_rag.contract.params import EncoderParameters
 from triton_rag.core.admin import KEY_NAME, key_matches, server_key
 from triton_rag.core.errors import BadInput, Forbidden
 from triton_rag.core.load_phases import imported_without_bytecode, process_age_seconds
+from triton_rag.engines.device_cap import apply_device_cap
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
 from triton_rag.triton.common import answer_each, model_parameters, stub_logger
@@ -40,6 +41,7 @@ class EncoderModel:
             return
         options = params.pytorch
         assert options is not None  # the PyTorch engine's parameters, where there is no engine_file
+        apply_device_cap(options.device_memory_cap, log=self.log.info)  # before the engine takes any memory
         self.engine = TorchEncoder(
             version_dir / "hf",
             task=task,
@@ -52,6 +54,8 @@ class EncoderModel:
             sleepable=options.sleepable,
             log=self.log.info,
         )
+        arena = self.engine.arena  # mapped through the driver, outside torch's allocator: off torch's share
+        apply_device_cap(options.device_memory_cap, arena.nbytes if arena is not None else 0, self.log.info)
         self.log.info(
             f"{task} engine on {self.engine.device} in {self.engine.precision}, "
             f"hidden size {self.engine.hidden_size}; stub process {process_age_seconds():.1f} s old"

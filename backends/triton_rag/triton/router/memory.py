@@ -10,12 +10,15 @@ Triton runs each python model instance in its own stub process, so what a model 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from triton_rag.contract.params import RouterSettings
+from triton_rag.core.measurements import ram_total
+from triton_rag.core.units import format_bytes
 
 STUB_NAME = "triton_python_backend_stub"
 
@@ -84,13 +87,6 @@ def rss_bytes(pids: Iterable[int]) -> int:
         except OSError:
             continue
     return total
-
-
-def ram_total() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemTotal")
 
 
 class MemoryProbe(Protocol):
@@ -163,40 +159,36 @@ class GpuProbe:
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The memory the router's budget is a share of: the probe's device, capped at [router] device_memory on a GPU."""
+
+    total: int
+    #: STATUS `memory`: what is measured, and the cap where there is one.
+    description: str
+    #: A line for the log where the cap applies or is ignored; empty without a cap.
+    note: str
+
+
+def device_memory(probe: MemoryProbe, settings: RouterSettings) -> DeviceMemory:
+    """The probe's total, capped where `device_memory` applies (a GPU); on the CPU the cap is ignored, with a note."""
+    cap = settings.device_memory_cap()
+    total = settings.device_total(probe.device, probe.total)
+    if not cap:
+        return DeviceMemory(total, probe.description, "")
+    if probe.device != "gpu":
+        note = (
+            f"device_memory {settings.device_memory} ignored: it caps a GPU's memory, and this router's budget is "
+            f"of the RAM ({format_bytes(probe.total)})"
+        )
+        return DeviceMemory(total, probe.description, note)
+    capped = f"{format_bytes(total)} of the GPU's {format_bytes(probe.total)} (device_memory {settings.device_memory})"
+    return DeviceMemory(total, f"{probe.description}; {capped}", f"device memory: {capped}")
+
+
 def open_probe() -> MemoryProbe:
     """NVML when a GPU and its driver library are present, else RAM."""
     try:
         return GpuProbe()
     except Exception:  # no libnvidia-ml, no GPU, no driver: a CPU deployment
         return CpuProbe()
-
-
-class MeasurementFile:
-    """Measured bytes kept across router reloads and server restarts, so a model's next first load makes room with
-    what it really took instead of the estimate. A line counts only for the same device and the same estimate (the
-    estimate changes with the model and its settings). Best effort: a read-only repository just keeps nothing."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.data: dict[str, dict[str, Any]] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
-
-    def get(self, name: str, device: str, estimate: int) -> int | None:
-        line = self.data.get(name, {})
-        if line.get("device") == device and line.get("estimate") == estimate:
-            return int(line["measured"])
-        return None
-
-    def put(self, name: str, device: str, estimate: int, measured: int) -> None:
-        line = {"device": device, "estimate": estimate, "measured": measured}
-        if self.data.get(name) == line:
-            return  # re-measured every few seconds: write only what changed
-        self.data[name] = line
-        try:
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-            temporary.replace(self.path)
-        except OSError:
-            pass

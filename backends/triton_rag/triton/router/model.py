@@ -52,11 +52,12 @@ from triton_rag.core.ledger_events import (
     parse_request,
 )
 from triton_rag.core.logs import model_logger
+from triton_rag.core.measurements import MeasurementFile, ram_total
 from triton_rag.core.residency import Policy
 from triton_rag.core.server_args import grpc_endpoint
 from triton_rag.core.units import format_bytes
 from triton_rag.triton.common import failure_response, model_parameters, read_strings
-from triton_rag.triton.router.memory import MeasurementFile, MemoryProbe, open_probe, ram_total
+from triton_rag.triton.router.memory import MemoryProbe, device_memory, open_probe
 from triton_rag.triton.router.metrics import Metrics
 from triton_rag.triton.router.repository_api import RepositoryApi
 from triton_rag.triton.router.workers import Workers
@@ -73,8 +74,11 @@ class RouterModel:
         settings = parameters.settings
         self.probe: MemoryProbe = open_probe()
         device = self.probe.device
+        memory = device_memory(self.probe, settings)  # capped at device_memory on a GPU: the ledger sees the cap
+        if memory.note:
+            self.log.info(memory.note)
         policy = Policy(
-            settings.budget_bytes(device, self.probe.total),
+            settings.budget_bytes(device, memory.total),
             high_watermark=settings.high_watermark,
             min_residency=settings.min_residency_seconds,
             host_budget=settings.host_budget_bytes(device, ram_total()),
@@ -94,7 +98,7 @@ class RouterModel:
         config = LedgerConfig(
             policy,
             device=device,
-            memory=self.probe.description,
+            memory=memory.description,
             lease_timeout=settings.lease_timeout_seconds,
             queue_timeout=settings.queue_timeout_seconds,
             reconcile_every=settings.reconcile_seconds,
@@ -113,7 +117,7 @@ class RouterModel:
         self.scheduler.start()
         self.log.info(
             f"repository API at {api_url}; budget {format_bytes(policy.budget)} "
-            f"({self.probe.description}), host budget {format_bytes(policy.host_budget)}, high watermark "
+            f"({memory.description}), host budget {format_bytes(policy.host_budget)}, high watermark "
             f"{policy.high_watermark}, min residency {policy.min_residency}s, models "
             + ", ".join(f"{s.name} (estimate {format_bytes(s.estimate)})" for s in specs)
         )
