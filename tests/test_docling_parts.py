@@ -230,7 +230,7 @@ def test_vlm_footprint_counts_weights_kv_cache_and_vision_activations(tiny_docli
     two = totals(vlm_footprints(shape, "auto", pages=2, max_tokens=1000))
     text, vision = config["text_config"], config["vision_config"]
     kv_per_page = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * text["head_dim"] * 1000
-    vision_per_page = 17 * 1024 * (6 * vision["hidden_size"] + 3 * vision["intermediate_size"])
+    vision_per_page = 17 * 1024 * (3 * vision["hidden_size"] + vision["intermediate_size"])
     assert two["cpu"] - one["cpu"] == 4 * (kv_per_page + vision_per_page)  # auto: float32 on the CPU
     assert two["gpu"] - one["gpu"] == 2 * (kv_per_page + vision_per_page)  # bfloat16 on a GPU
 

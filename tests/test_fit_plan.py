@@ -168,14 +168,14 @@ def test_plan_of_the_16gb_profile_without_a_download(
     assert "docling_vlm: ibm-granite/granite-docling-258M, estimated from the known shape" in out
     assert "steady state: swapping" in out
     assert "stay resident: qwen_embed_encoder + qwen_rerank_encoder (14.18 GiB)" in out
-    assert "docling_vlm (3.58 GiB) swaps in on use" in out
+    assert "docling_vlm (2.48 GiB) swaps in on use" in out
     assert not list(tmp_path.iterdir())  # nothing downloaded, nothing written
     # --set still overrides the profile: the reranker's 8192-token pass no longer fits beside the embedder
     assert cli.main([*argv, "--set", "rerank.max_length=8192"]) == 0
     assert "stay resident: qwen_embed_encoder + docling_vlm" in capsys.readouterr().out
     assert cli.main([*argv, "--set", "router.enabled=false"]) == 0
     out = capsys.readouterr().out
-    assert "steady state: all resident" in out and "17.76 GiB in all, more than the budget of 14.42 GiB" in out
+    assert "steady state: all resident" in out and "16.67 GiB in all, more than the budget of 14.42 GiB" in out
 
 
 def test_plan_refuses_a_model_that_cannot_fit_even_alone(

@@ -165,5 +165,3 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
         router=router_settings(data.get("router", {})),
         offline_fallback=bool(fallback),
     )
-
-

@@ -242,7 +242,10 @@ def vlm_footprint(shape: VlmShape, device: Device, dtype: str, pages: int, max_t
     value = ACTIVATION_BYTES[precision]
     kv_values = 2 * shape.text_layers * shape.kv_heads * shape.head_dim * pages * max_tokens
     patches = pages * TILES_PER_PAGE * shape.patches_per_tile
-    vision_values = patches * (6 * shape.vision_hidden + 3 * shape.vision_intermediate)
+    # One layer's q, k, v and MLP intermediate per patch, calibrated on the H200 (2026-12-03, BENCHMARKS.md): the
+    # VLM held 1.89 GiB after pages 4 at a time, 256 new tokens a page; this term gives 1.80 GiB, the transformer
+    # encoders' 6 x hidden + 3 x intermediate gave 2.90 (the tower runs one layer at a time, MLP after attention).
+    vision_values = patches * (3 * shape.vision_hidden + shape.vision_intermediate)
     return Footprint(
         device=device,
         precision=precision,

@@ -38,6 +38,7 @@ from triton_rag.core.batching import graph_shape, graph_shapes, plan_packed_pass
 from triton_rag.core.precision import Device, choose_precision
 from triton_rag.engines.checkpoint import read_lm_head_rows
 from triton_rag.engines.cuda_context import trim_stack_reserve
+from triton_rag.engines.device_cap import apply_device_cap
 from triton_rag.engines.encoder_common import (
     DTYPES,
     Pooling,
@@ -126,10 +127,14 @@ class TorchEncoder:
         max_batch_tokens: int = TextEndpointParameters.max_batch_tokens,
         sleepable: bool = False,
         precompiled_dir: Path | None = None,
+        device_memory_cap: int = 0,
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
-        `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache)."""
+        `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache).
+        `device_memory_cap`: bytes this process may hold on the GPU ([router] device_memory; 0: none); the caller
+        applies it before the load, the engine again right after the arena is built (its bytes are outside torch's
+        allocator), so compilation and warm-up already run under the tighter limit."""
         self.task = task
         self.pooling = pooling
         self.model_dir = Path(model_dir)
@@ -173,6 +178,8 @@ class TorchEncoder:
         else:
             self.model = self._transformers_model(log)
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
+        if device_memory_cap and self.arena is not None:
+            apply_device_cap(device_memory_cap, self.arena.nbytes, log)
         self.vocab_size = int(config["vocab_size"])
         self.hidden_size = int(config["hidden_size"])
         if self.causal:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -191,11 +192,18 @@ class WeightArena:
         log(f"weights in one arena: {self.nbytes / 2**20:.0f} MiB in {time.perf_counter() - started:.1f} s")
 
     def _fill(self, entries: list[tuple[_Slot, torch.Tensor]]) -> None:
-        """Copy each tensor into the arena and point its module at the copy, freeing originals as chunks fill."""
+        """Copy each tensor into the arena and point its module at the copy, freeing originals as chunks fill.
+
+        Consumes `entries`: a list that kept every original alive until the build ended would hold the weights twice
+        (an 8B FP8 encoder's load peaked at 15.2 GB for 7.05 GB of weights, BENCHMARKS.md), and those freed only
+        after the last release would stay cached in torch's allocator."""
         mapped = sum(size for _, size, _ in self._handles)
         placed: set[int] = set()
         since_release = 0
-        for slot, tensor in entries:
+        pending = deque(entries)
+        entries.clear()
+        while pending:
+            slot, tensor = pending.popleft()
             size = tensor.numel() * tensor.element_size()
             if self._driver is not None:
                 while mapped < min(slot.offset + size, self._size):
@@ -213,6 +221,7 @@ class WeightArena:
                 slot.module._parameters[slot.name] = nn.Parameter(view, requires_grad=False)
             else:
                 slot.module._buffers[slot.name] = view
+            del tensor  # the module points at the copy now: the original's last reference (unless shared)
             if self._driver is not None and since_release >= BUILD_CHUNK:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()

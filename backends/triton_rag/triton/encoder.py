@@ -52,10 +52,9 @@ class EncoderModel:
             compile_model=options.compile,
             max_batch_tokens=options.max_batch_tokens,
             sleepable=options.sleepable,
+            device_memory_cap=options.device_memory_cap,  # again once the arena is built, with its bytes taken off
             log=self.log.info,
         )
-        arena = self.engine.arena  # mapped through the driver, outside torch's allocator: off torch's share
-        apply_device_cap(options.device_memory_cap, arena.nbytes if arena is not None else 0, self.log.info)
         self.log.info(
             f"{task} engine on {self.engine.device} in {self.engine.precision}, "
             f"hidden size {self.engine.hidden_size}; stub process {process_age_seconds():.1f} s old"
