@@ -35,7 +35,7 @@ SET += --set router.device_memory=$(DEVICE_MEMORY)
 endif
 SERVE_ARGS ?=
 
-.PHONY: install test-tools prepare serve plan lint test bench engines clean
+.PHONY: install test-tools prepare serve plan lint test bench bench-seed engines clean
 
 install: $(VENV)/.installed
 
@@ -81,6 +81,12 @@ test: install test-tools
 # models. Results in bench_results/encoders/. Parts: make bench BENCH_ARGS="--shapes 8b --tasks embed"
 bench: install test-tools
 	$(PY) tools/bench_encoders.py --e2e --out bench_results/encoders --append BENCHMARKS.md $(BENCH_ARGS)
+
+# The RAG seed scenario on the 16 GB profile (convert a PDF, embed its chunks, then embed + rerank queries; swaps,
+# the device's peak memory, accuracy against bfloat16), then the same with the reranker in FP8: tools/bench_seed.py.
+# On a GPU: 8B shapes of random weights under the profile's device_memory cap; on a CPU: BENCH_ARGS="--shape tiny".
+bench-seed: install
+	$(PY) tools/bench_seed.py --out bench_results/seed $(BENCH_ARGS)
 
 # Engine builds (issue 6, in progress): each encoder to ONNX with the PyTorch engine's contract, checked with
 # onnxruntime; FP8 Q/DQ (ModelOpt, MatMuls only) with its accuracy; a TensorRT-RTX engine for RTX 50 (SM120) with

@@ -16,9 +16,11 @@ from triton_rag.engines.nvfp4 import (
     BLOCK,
     E2M1_VALUES,
     Nvfp4Linear,
+    checked_mode,
     decode_e2m1,
     dequantize_nvfp4,
     encode_e2m1,
+    native_gemm_problem,
     pack_nibbles,
     quantize_nvfp4,
     quantize_nvfp4_rowwise,
@@ -282,3 +284,32 @@ def test_a_weight_arena_keeps_nvfp4_and_fp8_tensors_through_sleep(tiny_embed_dir
         assert tensor.dtype == originals[name].dtype and tensor.shape == originals[name].shape, name
         assert torch.equal(tensor.reshape(-1).view(torch.uint8), originals[name].reshape(-1).view(torch.uint8)), name
     assert torch.equal(_hidden(model, tiny_ids[:20]), before)
+
+
+def test_the_native_probe_passes_where_the_native_path_computes_its_operands() -> None:
+    assert native_gemm_problem(torch.device("cpu")) is None  # the CPU emulation of the native path
+
+
+def test_the_native_probe_reports_a_gemm_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(self: Nvfp4Linear, rows: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+
+    monkeypatch.setattr(Nvfp4Linear, "_native", refused)
+    reason = native_gemm_problem(torch.device("cpu"))
+    assert reason is not None and "failed its probe" in reason and "CUBLAS_STATUS_NOT_SUPPORTED" in reason
+
+
+def test_the_native_probe_reports_a_gemm_that_computes_something_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    right = Nvfp4Linear._native
+    monkeypatch.setattr(Nvfp4Linear, "_native", lambda self, rows: right(self, rows.flip(0)))  # rows mixed up
+    reason = native_gemm_problem(torch.device("cpu"))
+    assert reason is not None and "disagreed" in reason
+
+
+def test_a_failed_probe_turns_native_layers_into_storage_and_says_why() -> None:
+    lines: list[str] = []
+    assert checked_mode("native", lambda: None, lines.append) == "native"
+    assert checked_mode("storage", lambda: pytest.fail("storage needs no probe"), lines.append) == "storage"
+    assert lines == []
+    assert checked_mode("native", lambda: "the native NVFP4 GEMM failed its probe (x)", lines.append) == "storage"
+    assert len(lines) == 1 and "failed its probe" in lines[0] and "storage" in lines[0]

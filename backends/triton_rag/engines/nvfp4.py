@@ -23,11 +23,16 @@ On a CPU both are emulated in float32 with the same quantized values, which is h
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from triton_rag.core.precision import Device, Nvfp4Mode, nvfp4_mode
 from triton_rag.engines.fp8 import FP8_MAX, rowwise_linear
+
+_log = logging.getLogger(__name__)
 
 #: Elements that share one E4M3 block scale (along the input dimension).
 BLOCK = 16
@@ -42,6 +47,11 @@ _MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, Fa
 E4M3_SMALLEST = 2.0**-9
 #: cuBLAS's block-scale tiles: 128 rows by 4 scales (64 elements of K), each tile 512 bytes.
 TILE_ROWS, TILE_COLUMNS = 128, 4
+#: The native path's probe (`native_gemm_problem`): rows, input and output features (whole scale tiles).
+PROBE_SHAPE = (128, 256, 256)
+#: The probe's result against float32 on the same quantized operands: bfloat16 output and the GEMM's accumulation
+#: order are all that may differ.
+PROBE_MIN_COSINE = 0.999
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -131,16 +141,48 @@ def unswizzle_block_scales(swizzled: torch.Tensor, rows: int, columns: int) -> t
     return tiles.reshape(row_tiles * TILE_ROWS, column_tiles * TILE_COLUMNS)[:rows, :columns].view(swizzled.dtype)
 
 
-def mode_for(device: torch.device) -> Nvfp4Mode:
-    """The NVFP4 path for layers on `device`: the GPU's (`nvfp4_mode`); a CPU emulates the storage path.
-    ValueError for a GPU with neither FP4 nor FP8 tensor cores (`choose_precision` never picks NVFP4 there)."""
+def mode_for(device: torch.device, log: Callable[[str], None] = _log.info) -> Nvfp4Mode:
+    """The NVFP4 path for layers on `device`: the GPU's (`nvfp4_mode`), but storage where the native GEMM fails its
+    probe (`native_gemm_problem`, logged); a CPU emulates the storage path. ValueError for a GPU with neither FP4 nor
+    FP8 tensor cores (`choose_precision` never picks NVFP4 there)."""
     if device.type != "cuda":
         return "storage"
     capability = torch.cuda.get_device_capability(device)
     mode = nvfp4_mode(Device(capability))
     if mode is None:
         raise ValueError(f"NVFP4 needs compute capability 8.9 or newer, this GPU is {capability}")
+    return checked_mode(mode, lambda: native_gemm_problem(device), log)
+
+
+def checked_mode(mode: Nvfp4Mode, problem: Callable[[], str | None], log: Callable[[str], None]) -> Nvfp4Mode:
+    """`mode`, unless it is native and `problem()` names a reason the native GEMM cannot serve: then storage, which
+    keeps the memory saving on FP8 GEMMs, rather than a load (or a request) that fails on the card it targets."""
+    if mode == "native" and (reason := problem()) is not None:
+        log(f"precision: {reason}; NVFP4 layers keep 4-bit weights and decode them to FP8 for each GEMM (storage)")
+        return "storage"
     return mode
+
+
+def native_gemm_problem(device: torch.device) -> str | None:
+    """None when one native NVFP4 layer on `device` computes what the same quantized operands give in float32; else
+    why not. Run once per load, before the layers are built: the native path has not run on a Blackwell card in this
+    project, and cuBLAS refuses some NVFP4 operand layouts on SM120 before 13.6 (pytorch #198126)."""
+    generator = torch.Generator().manual_seed(0)
+    rows, inputs, outputs = PROBE_SHAPE
+    weight = torch.randn(outputs, inputs, generator=generator)
+    x = torch.randn(rows, inputs, generator=generator).to(torch.bfloat16)
+    reference = dequantize_nvfp4(*quantize_nvfp4_rowwise(x.float())) @ dequantize_nvfp4(*quantize_nvfp4(weight)).t()
+    try:
+        with torch.device("meta"):
+            layer = Nvfp4Linear(inputs, outputs, False, torch.bfloat16, "native")
+        layer.load_weight(weight.to(device))
+        got = layer(x.to(device)).float().cpu()
+    except Exception as exc:  # noqa: BLE001 - cuBLAS refusing the layout, a torch without the recipe: any is a no
+        return f"the native NVFP4 GEMM failed its probe ({type(exc).__name__}: {str(exc)[:200]})"
+    cosine = float(nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0))
+    if not cosine >= PROBE_MIN_COSINE:  # also NaN
+        return f"the native NVFP4 GEMM disagreed with its float reference in its probe (cosine {cosine:.4f})"
+    return None
 
 
 class Nvfp4Linear(nn.Module):

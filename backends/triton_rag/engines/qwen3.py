@@ -219,7 +219,7 @@ def load_qwen3(
     compiler then, so that its imports overlap the read and no other import)."""
     began = time.perf_counter()
     shape = Qwen3Shape.from_config(read_config(model_dir))
-    model = _empty_decoder(shape, dtype, precision, device)
+    model = _empty_decoder(shape, dtype, precision, device, log)
     if on_modules_built is not None:
         on_modules_built()
     wanted = [t for t in stored_tensors(model_dir) if not t.name.removeprefix("model.").startswith(SKIPPED_PREFIXES)]
@@ -227,13 +227,15 @@ def load_qwen3(
     return model.eval()
 
 
-def _empty_decoder(shape: Qwen3Shape, dtype: torch.dtype, precision: str | None, device: torch.device) -> Qwen3Decoder:
+def _empty_decoder(
+    shape: Qwen3Shape, dtype: torch.dtype, precision: str | None, device: torch.device, log: Callable[[str], None]
+) -> Qwen3Decoder:
     linear: Callable[[int, int, bool], nn.Module] = Linear
     embedding: Callable[[int, int], nn.Module] = Embedding
     if precision == "fp8":
         linear = partial(Fp8Linear, out_dtype=dtype)
     elif precision == "nvfp4":
-        linear = partial(Nvfp4Linear, out_dtype=dtype, mode=mode_for(device))
+        linear = partial(Nvfp4Linear, out_dtype=dtype, mode=mode_for(device, log))
     if precision in QUANTIZED_PRECISIONS:
         embedding = partial(Fp8Embedding, out_dtype=dtype)
     # On the meta device: no memory, and no init (a random init there imports the compiler's modules)
