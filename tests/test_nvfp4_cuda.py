@@ -24,7 +24,13 @@ from transformers import Qwen3Config, Qwen3Model
 
 from triton_rag.build.offline import TINY_QWEN3
 from triton_rag.core.batching import pad_rows
-from triton_rag.engines.nvfp4 import Nvfp4Linear, dequantize_nvfp4, quantize_nvfp4, quantize_nvfp4_rowwise
+from triton_rag.engines.nvfp4 import (
+    Nvfp4Linear,
+    dequantize_nvfp4,
+    native_gemm_problem,
+    quantize_nvfp4,
+    quantize_nvfp4_rowwise,
+)
 from triton_rag.engines.torch_encoder import TorchEncoder
 
 pytestmark = pytest.mark.gpu
@@ -69,6 +75,17 @@ def test_the_storage_path_on_the_gpu_matches_its_emulation_and_the_float_referen
         assert out.dtype == torch.bfloat16 and out.shape == (37, 384)
         assert _relative(out.cpu(), emulated) < 0.01  # the same FP8 operands; bfloat16 output and accumulation order
         assert _relative(out.cpu(), reference) < 0.05  # FP8 activations and weight rounding: ~2-3 %
+
+
+def test_the_native_probe_answers_for_this_gpu(cuda: torch.device) -> None:
+    """On Blackwell the probe passes (the layers run native); elsewhere cuBLAS has no FP4 GEMM (FACTS.md: it answers
+    CUBLAS_STATUS_NOT_SUPPORTED on SM90), so the probe reports it: the fallback that keeps a card whose FP4 GEMM
+    fails on the storage path, exercised on real hardware."""
+    problem = native_gemm_problem(cuda)
+    if torch.cuda.get_device_capability(cuda)[0] in (10, 12):
+        assert problem is None
+    else:
+        assert problem is not None and "failed its probe" in problem, problem
 
 
 def test_the_native_path_runs_on_fp4_tensor_cores(cuda: torch.device) -> None:
