@@ -428,6 +428,7 @@ def run_configuration(
     result["peak_device_bytes"] = {
         stage: sampler.peak(marks[stage], marks[stages[i + 1]]) for i, stage in enumerate(stages[:-1])
     } | {"whole": sampler.peak(marks["start"], marks["end"])}
+    result["process_peak_bytes"] = sampler.process_peaks(marks["start"], marks["end"])
     result["wall_s"] = marks["end"] - marks["start"]
     server_lines = server_log.read_text("utf-8", "replace").splitlines() if server_log.exists() else []
     result["engines"] = {m.group(1): m.group(2) for m in map(ENGINE_LINE.match, server_lines) if m}
@@ -693,6 +694,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{' / '.join(_gib(peaks.get(k)) for k in ('convert', 'embed_chunks', 'query_loop', 'whole'))} | "
             f"{' / '.join(ran)} |"
         )
+    per_process = [
+        f"- {config['name']}: "
+        + ", ".join(f"{label} {_gib(used)}" for label, used in sorted(config["process_peak_bytes"].items()))
+        for config in report["configurations"]
+        if config.get("process_peak_bytes")
+    ]
+    if per_process:
+        lines += ["", "Each GPU process's largest reading (NVML, every 50 ms; a stub by its model):", "", *per_process]
     if notes:
         lines += ["", "From the server logs:", "", *(f"- `{note}`" for note in sorted(notes))]
     failures = [f"- {c['name']}: {c['error']}" for c in report["configurations"] if "error" in c]

@@ -115,6 +115,21 @@ def percentiles(values: Sequence[float], points: Sequence[int] = (50, 99)) -> di
     return {f"p{point}": float(np.percentile(np.asarray(values, dtype=np.float64), point)) for point in points}
 
 
+def process_label(pid: int) -> str:
+    """What a GPU process is: a Triton python stub by its model (its command line names `<repo>/<model>/<version>/
+    model.py`), else its program's name; the pid where /proc cannot say (another container's process)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    program = Path(args[0].decode(errors="replace")).name if args and args[0] else str(pid)
+    if program == "triton_python_backend_stub" and len(args) > 1:
+        return f"stub {Path(args[1].decode(errors='replace')).parent.parent.name}"
+    if program.startswith("python") and len(args) > 1:
+        return f"{program} {Path(args[1].decode(errors='replace')).name}"
+    return program
+
+
 class DeviceMemorySampler:
     """The GPU's own memory reading (NVML "used": every process on the device, the driver's share included, not only
     what torch allocated in this process), sampled every `interval` seconds on a background thread.
@@ -126,6 +141,10 @@ class DeviceMemorySampler:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self.samples: list[tuple[float, int]] = []  # (time.monotonic(), used bytes)
+        #: Per process (NVML's compute processes): (time.monotonic(), pid, used bytes); labels by pid, read when first
+        #: seen (a stub's model name: it may have exited by the report).
+        self.process_samples: list[tuple[float, int, int]] = []
+        self.labels: dict[int, str] = {}
         self.name: str | None = None
         self.total: int | None = None
         self._lock = threading.Lock()
@@ -169,10 +188,36 @@ class DeviceMemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             reading = self.used()
+            moment = time.monotonic()
+            processes = self._processes()
             if reading is not None:
                 with self._lock:
-                    self.samples.append((time.monotonic(), reading))
+                    self.samples.append((moment, reading))
+                    self.process_samples += [(moment, pid, used) for pid, used in processes]
             self._stop.wait(self.interval)
+
+    def _processes(self) -> list[tuple[int, int]]:
+        """(pid, used bytes) of every compute process NVML attributes memory to; [] where it cannot (WSL2)."""
+        try:
+            found = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except Exception:  # an NVML without per-process accounting
+            return []
+        result = [(int(p.pid), int(p.usedGpuMemory)) for p in found if isinstance(p.usedGpuMemory, int)]
+        for pid, _ in result:
+            if pid not in self.labels:
+                self.labels[pid] = process_label(pid)
+        return result
+
+    def process_peaks(self, since: float = float("-inf"), until: float = float("inf")) -> dict[str, int]:
+        """The largest reading of each process between two instants, by label (a stub's model, `tritonserver`, the
+        benchmark itself); processes with the same label (a model reloaded) keep the largest."""
+        peaks: dict[str, int] = {}
+        with self._lock:
+            for moment, pid, used in self.process_samples:
+                if since <= moment <= until:
+                    label = self.labels.get(pid, str(pid))
+                    peaks[label] = max(peaks.get(label, 0), used)
+        return peaks
 
     def peak(self, since: float = float("-inf"), until: float = float("inf")) -> int | None:
         """The largest reading between two time.monotonic() instants (the whole run by default); None without NVML
