@@ -85,6 +85,23 @@ def test_nvfp4_footprint_against_hand_computed_bytes() -> None:
     assert cpu.weights == 4 * LINEAR_PARAMS and cpu.graphs == 0 and cpu.activations == 2 * PASS_8192
 
 
+def test_a_host_embedding_table_leaves_only_its_row_scales_on_the_gpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shape = known_encoder_shape("Qwen/Qwen3-Embedding-8B")
+    assert shape is not None
+    on_host = encoder_footprint(shape, "embed", "gpu", "fp8", 8192, host_table=True)
+    assert on_host.embedding == 4 * TABLE_ROWS  # the float32 row scales stay; the FP8 table is host memory
+    assert encoder_footprint(shape, "embed", "cpu", "float32", 8192, host_table=True).embedding == 4 * TABLE_PARAMS
+    assert encoder_footprint(shape, "embed", "gpu", "bfloat16", 8192, host_table=True).embedding == 2 * TABLE_PARAMS
+    argv = ["plan", "--profile", "rtx5070ti-16gb", "--cache-dir", str(tmp_path)]
+    assert cli.main([*argv, "--set", "embed.embedding_table=host"]) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("qwen_embed_encoder"))
+    assert row[4:6] == ["0.6", "MiB"]  # the embedding column (after the weights): 151669 row scales
+    assert cli.main([*argv, "--set", "embed.embedding_table=gpu"]) == 2
+    assert "embedding_table" in capsys.readouterr().err
+
+
 def test_serving_precision_and_the_longest_pass() -> None:
     assert serving_precision("gpu", "nvfp4", "auto") == "nvfp4"  # planned for the card, not the fallback here
     assert serving_precision("gpu", "auto", "auto") == "bfloat16"

@@ -286,6 +286,31 @@ def test_a_weight_arena_keeps_nvfp4_and_fp8_tensors_through_sleep(tiny_embed_dir
     assert torch.equal(_hidden(model, tiny_ids[:20]), before)
 
 
+@torch.inference_mode()
+def test_a_host_embedding_table_gives_the_same_rows_and_stays_out_of_the_arena(
+    tiny_embed_dir: Path, tiny_ids: list[int]
+) -> None:
+    """`host_embeddings`: the FP8 table leaves the module's tensors (the arena, the host tier and the device budget
+    never see it); the lookups are the device table's, bit for bit, before and after a sleep."""
+    messages: list[str] = []
+    on_device = load_qwen3(tiny_embed_dir, CPU, torch.bfloat16, precision="fp8", log=lambda _: None)
+    on_host = load_qwen3(tiny_embed_dir, CPU, torch.bfloat16, precision="fp8", log=messages.append,
+                         host_embeddings=True)  # fmt: skip
+    assert "the embedding table to FP8 rows in host memory" in messages[0]
+    table = on_host.embed_tokens
+    assert isinstance(table, Fp8Embedding) and table.host_view is not None
+    assert "embed_tokens.weight" not in dict(on_host.named_parameters())
+    assert torch.equal(table.host_view, on_device.embed_tokens.weight.view(torch.uint8))
+    expected = _hidden(on_device, tiny_ids[:20])
+    assert torch.equal(_hidden(on_host, tiny_ids[:20]), expected)
+    device_arena = WeightArena(on_device, CPU, log=lambda _: None)
+    host_arena = WeightArena(on_host, CPU, log=lambda _: None)
+    assert device_arena.nbytes - host_arena.nbytes >= table.host_view.numel()  # the table is not in the arena
+    host_arena.sleep()
+    host_arena.wake()
+    assert torch.equal(_hidden(on_host, tiny_ids[:20]), expected)
+
+
 def test_the_native_probe_passes_where_the_native_path_computes_its_operands() -> None:
     assert native_gemm_problem(torch.device("cpu")) is None  # the CPU emulation of the native path
 

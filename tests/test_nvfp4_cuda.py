@@ -161,3 +161,21 @@ def test_the_engine_in_nvfp4_is_close_to_bfloat16_alone_and_batched(
         encoder.sleep()
         encoder.wake()
         np.testing.assert_array_equal(_encode(encoder), batched)
+
+
+def test_a_host_embedding_table_reads_the_same_rows_over_the_bus(model_dir: Path) -> None:
+    """The FP8 table in pinned host memory, gathered by the device through a zero-copy view (in graph replays and
+    packed passes): the same outputs as the table on the device, bit for bit, and the table's bytes off the GPU."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    on_host = TorchEncoder(model_dir, "embed", precision="fp8", max_batch_tokens=600, host_embeddings=True)
+    host_bytes = torch.cuda.memory_allocated() - before
+    table = on_host.model.embed_tokens
+    assert table.host_table is not None and not table.host_table.is_cuda and table.host_view.is_cuda
+    batched, alone = _encode(on_host), _alone(on_host)
+    before = torch.cuda.memory_allocated()
+    on_device = TorchEncoder(model_dir, "embed", precision="fp8", max_batch_tokens=600)
+    device_bytes = torch.cuda.memory_allocated() - before
+    np.testing.assert_array_equal(batched, _encode(on_device))
+    np.testing.assert_array_equal(alone, _alone(on_device))
+    assert device_bytes - host_bytes >= 0.9 * table.host_table.numel(), (device_bytes, host_bytes)

@@ -119,7 +119,11 @@ def test_the_encoder_variants_carry_their_own_parameters_only() -> None:
         "max_batch_tokens": "32768",
         "sleepable": "true",
         "device_memory_cap": "0",
+        "embedding_table": "device",
     }
+    assert EncoderParameters.parse({**torch.render(), "embedding_table": "host"}).pytorch == TorchEncoderOptions(
+        sleepable=True, embedding_table="host"
+    )
     # a nested field left out takes its default; Triton's own parameters are passed over; "" is no token id
     parsed = EncoderParameters.parse(
         {"task": "embed", "pooling": "mean", "dtype": "float32", "EXECUTION_ENV_PATH": "x"}

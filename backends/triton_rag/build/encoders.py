@@ -89,6 +89,7 @@ def _torch_options(settings: EncoderSettings, device_memory_cap: int) -> TorchEn
         max_batch_tokens=settings.max_batch_tokens,
         sleepable=True,
         device_memory_cap=device_memory_cap,
+        embedding_table=settings.embedding_table,
     )
 
 
@@ -133,8 +134,9 @@ def _prepared(
     compute model before the first load (core/fit.py's estimate, the same `triton-rag plan` prints)."""
     shape = encoder_shape(model.path, model.config)
     footprints = encoder_footprints(
-        shape, task, settings.precision, settings.dtype, settings.max_batch_tokens, settings.max_length
-    )
+        shape, task, settings.precision, settings.dtype, settings.max_batch_tokens, settings.max_length,
+        settings.embedding_table == "host",
+    )  # fmt: skip
     return {
         "model": settings.model,
         "path": model.path,

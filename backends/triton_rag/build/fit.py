@@ -190,8 +190,9 @@ def _encoder(
 ) -> PlannedModel:
     shape = _encoder_shape(settings.model, cache_dir)
     footprints = encoder_footprints(
-        shape, task, settings.precision, settings.dtype, settings.max_batch_tokens, settings.max_length
-    )
+        shape, task, settings.precision, settings.dtype, settings.max_batch_tokens, settings.max_length,
+        settings.embedding_table == "host",
+    )  # fmt: skip
     footprint = footprints[device]
     sleepable = settings.engine == "torch"
     return PlannedModel(

@@ -106,12 +106,18 @@ def known_encoder_shape(spec: str) -> EncoderShape | None:
 
 
 def encoder_footprints(
-    shape: EncoderShape, task: str, precision: str, dtype: str, max_batch_tokens: int, max_length: int
+    shape: EncoderShape,
+    task: str,
+    precision: str,
+    dtype: str,
+    max_batch_tokens: int,
+    max_length: int,
+    host_table: bool = False,
 ) -> dict[Device, Footprint]:
     """Per device, the encoder at the precision the engine would serve it in there, for its longest pass."""
     tokens = pass_tokens(max_batch_tokens, max_length)
     return {
-        device: encoder_footprint(shape, task, device, serving_precision(device, precision, dtype), tokens)
+        device: encoder_footprint(shape, task, device, serving_precision(device, precision, dtype), tokens, host_table)
         for device in DEVICES
     }
 

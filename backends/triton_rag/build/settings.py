@@ -17,6 +17,7 @@ from triton_rag.contract.params import (
     DEFAULT_RERANK_INSTRUCTION,
     DoclingPageParameters,
     DType,
+    EmbeddingTable,
     EmbedEndpointParameters,
     Overflow,
     Precision,
@@ -56,6 +57,8 @@ class EncoderSettings:
     #: torch.compile each decoder layer on CUDA (fuses norms, RoPE and FP8 activation quantization): FP8 needs it to
     #: beat bfloat16 (BENCHMARKS.md). Costs compilation time at each load (tens of seconds, less once cached).
     compile: bool = TorchEncoderOptions.compile
+    #: "device", or "host": an FP8 table (fp8 / nvfp4) in pinned host memory, gathered over the bus per batch.
+    embedding_table: EmbeddingTable = TorchEncoderOptions.embedding_table
     #: The endpoint's dynamic batcher: "project" or "design" (contract.BATCHING has both).
     batching: BatchingPreset = "project"
 

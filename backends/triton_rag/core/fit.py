@@ -171,12 +171,17 @@ def pass_tokens(max_batch_tokens: int, max_length: int) -> int:
     return max(max_batch_tokens, max_length)
 
 
-def encoder_footprint(shape: EncoderShape, task: str, device: Device, precision: Serving, tokens: int) -> Footprint:
+def encoder_footprint(
+    shape: EncoderShape, task: str, device: Device, precision: Serving, tokens: int, host_table: bool = False
+) -> Footprint:
     """An encoder on the PyTorch engine at `precision`, sized for packed passes of up to `tokens` tokens
-    (`pass_tokens`)."""
+    (`pass_tokens`). `host_table`: an FP8 table kept in host memory (`embedding_table = "host"`): on a GPU only its
+    row scales count."""
     value = ACTIVATION_BYTES[precision]
     quantized_table = shape.decoder and precision in ("fp8", "nvfp4")
-    if quantized_table:
+    if quantized_table and host_table and device == "gpu":
+        embedding = shape.embedding_rows * ROW_SCALE_BYTES
+    elif quantized_table:
         embedding = shape.embedding_params + shape.embedding_rows * ROW_SCALE_BYTES
     else:
         embedding = shape.embedding_params * value

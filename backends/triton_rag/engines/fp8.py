@@ -95,20 +95,49 @@ def rowwise_linear(
     return out.to(rows.dtype)
 
 
+class _HostBytes:
+    """Pinned host memory as a CUDA array (`__cuda_array_interface__`): with unified addressing a pinned buffer's
+    address is valid on the device too, so a CUDA kernel (a gather, inside a CUDA graph as well) reads it over the
+    bus without a copy."""
+
+    def __init__(self, address: int, size: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (address, False), "version": 3}
+
+
+def host_mapped(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a host copy of `table`, a tensor on `table`'s device over that copy's memory). On CUDA the copy is pinned and
+    the second a zero-copy CUDA view of it; on a CPU both are the copy."""
+    if table.device.type != "cuda":
+        host = table.clone()
+        return host, host
+    host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+    host.copy_(table)
+    view = torch.as_tensor(_HostBytes(host.data_ptr(), host.numel() * host.element_size()), device=table.device)
+    return host, view.view(table.dtype).view(table.shape)
+
+
 class Fp8Embedding(nn.Module):
     """An embedding table in FP8 (e4m3) with one float32 scale per row: half a bfloat16 table (Qwen3-8B's 151669 x
     4096: 0.62 GB instead of 1.24). A lookup gathers the rows, then dequantizes only them. Built empty and given its
-    table by `load_weight`, as `Fp8Linear`."""
+    table by `load_weight`, as `Fp8Linear`.
+
+    `host`: the table lives in pinned host memory instead (0 bytes of it on the GPU) and the lookup's gather reads
+    its rows over the bus (a token's row is 4 KiB at 8B; 40 MB for a 10,000-token batch). It is then no parameter:
+    the weight arena, the router's host tier and `.to()` leave it where it is. The row scales stay on the device."""
 
     #: Rows quantized at a time by `load_weight`: a whole table's float32 copy would be 2.5 GB for Qwen3-8B.
     CHUNK_ROWS = 8192
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, out_dtype: torch.dtype) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, out_dtype: torch.dtype, host: bool = False) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.out_dtype = num_embeddings, embedding_dim, out_dtype
+        self.host = host
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.float8_e4m3fn), False)
         self.weight_scale: torch.Tensor
         self.register_buffer("weight_scale", torch.empty(num_embeddings, 1))
+        #: host mode: the host copy of the table, and the view of it the lookup gathers from (on the device)
+        self.host_table: torch.Tensor | None = None
+        self.host_view: torch.Tensor | None = None
 
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantize the table [rows, dim] rowwise into this module, a chunk of rows at a time (the caller may free
@@ -118,13 +147,18 @@ class Fp8Embedding(nn.Module):
         for start in range(0, weight.shape[0], self.CHUNK_ROWS):
             chunk = slice(start, start + self.CHUNK_ROWS)
             quantized[chunk], scale[chunk] = quantize_rowwise(weight[chunk])
-        self.weight = nn.Parameter(quantized, requires_grad=False)
         self.weight_scale = scale
+        if not self.host:
+            self.weight = nn.Parameter(quantized, requires_grad=False)
+            return
+        self.host_table, self.host_view = host_mapped(quantized.view(torch.uint8))
+        del self._parameters["weight"], quantized  # the device copy goes; the module's tensors no longer include it
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """The rows of `ids` (any shape), dequantized to `out_dtype`: the lookup, and the reranker's tied head rows."""
         # gathered as bytes: no float8 gather kernel needed
-        rows = self.weight.view(torch.uint8)[ids].view(torch.float8_e4m3fn)
+        table = self.host_view if self.host_view is not None else self.weight.view(torch.uint8)
+        rows = table[ids].view(torch.float8_e4m3fn)
         return (rows.float() * self.weight_scale[ids]).to(self.out_dtype)
 
 

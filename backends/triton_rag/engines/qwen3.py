@@ -209,17 +209,21 @@ def load_qwen3(
     precision: str | None = None,
     log: Callable[[str], None] = _log.info,
     on_modules_built: Callable[[], None] | None = None,
+    host_embeddings: bool = False,
 ) -> Qwen3Decoder:
     """The checkpoint's decoder on `device` in `dtype`. `precision` "fp8" or "nvfp4": every linear layer quantized
     to it as its weight lands (`Fp8Linear`, `Nvfp4Linear` in the mode this device runs), and the embedding table to
     FP8 rows (`Fp8Embedding`); any other value keeps the weights in `dtype`. ValueError when the checkpoint lacks a
     tensor the decoder needs or holds one it does not know.
 
+    `host_embeddings`: with an FP8 table, keep it in pinned host memory, read by the lookup over the bus
+    (`Fp8Embedding`'s host mode); ignored for an unquantized table.
+
     `on_modules_built`: called once the modules exist, before any weight is read (the engine starts importing the
     compiler then, so that its imports overlap the read and no other import)."""
     began = time.perf_counter()
     shape = Qwen3Shape.from_config(read_config(model_dir))
-    model = _empty_decoder(shape, dtype, precision, device, log)
+    model = _empty_decoder(shape, dtype, precision, device, log, host_embeddings)
     if on_modules_built is not None:
         on_modules_built()
     wanted = [t for t in stored_tensors(model_dir) if not t.name.removeprefix("model.").startswith(SKIPPED_PREFIXES)]
@@ -228,7 +232,12 @@ def load_qwen3(
 
 
 def _empty_decoder(
-    shape: Qwen3Shape, dtype: torch.dtype, precision: str | None, device: torch.device, log: Callable[[str], None]
+    shape: Qwen3Shape,
+    dtype: torch.dtype,
+    precision: str | None,
+    device: torch.device,
+    log: Callable[[str], None],
+    host_embeddings: bool = False,
 ) -> Qwen3Decoder:
     linear: Callable[[int, int, bool], nn.Module] = Linear
     embedding: Callable[[int, int], nn.Module] = Embedding
@@ -237,7 +246,7 @@ def _empty_decoder(
     elif precision == "nvfp4":
         linear = partial(Nvfp4Linear, out_dtype=dtype, mode=mode_for(device, log))
     if precision in QUANTIZED_PRECISIONS:
-        embedding = partial(Fp8Embedding, out_dtype=dtype)
+        embedding = partial(Fp8Embedding, out_dtype=dtype, host=host_embeddings)
     # On the meta device: no memory, and no init (a random init there imports the compiler's modules)
     with torch.device("meta"):
         model = Qwen3Decoder(shape, linear, embedding)
@@ -313,5 +322,5 @@ def _quantized(model: Qwen3Decoder) -> str:
         how = "on FP4 tensor cores" if nvfp4[0] == "native" else "kept 4-bit, decoded to FP8 for each GEMM"
         parts.append(f"{len(nvfp4)} linear layers to NVFP4 ({nvfp4[0]}: {how})")
     if isinstance(model.embed_tokens, Fp8Embedding):
-        parts.append("the embedding table to FP8 rows")
+        parts.append("the embedding table to FP8 rows" + (" in host memory" if model.embed_tokens.host else ""))
     return f", quantized as they landed: {', '.join(parts)}" if parts else ""

@@ -128,13 +128,16 @@ class TorchEncoder:
         sleepable: bool = False,
         precompiled_dir: Path | None = None,
         device_memory_cap: int = 0,
+        host_embeddings: bool = False,
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
         `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache).
         `device_memory_cap`: bytes this process may hold on the GPU ([router] device_memory; 0: none); the caller
         applies it before the load, the engine again right after the arena is built (its bytes are outside torch's
-        allocator), so compilation and warm-up already run under the tighter limit."""
+        allocator), so compilation and warm-up already run under the tighter limit.
+        `host_embeddings`: an FP8 embedding table (precision fp8 / nvfp4) in pinned host memory, gathered over the
+        bus (`fp8.Fp8Embedding`): its bytes off the GPU."""
         self.task = task
         self.pooling = pooling
         self.model_dir = Path(model_dir)
@@ -174,6 +177,7 @@ class TorchEncoder:
             self.model: Any = load_qwen3(
                 self.model_dir, self.device, self.dtype, self.precision, log,
                 import_compiler if compile_model and cuda and not (package and package.exists()) else None,
+                host_embeddings=host_embeddings,
             )  # fmt: skip
         else:
             self.model = self._transformers_model(log)

@@ -53,6 +53,7 @@ class EncoderModel:
             max_batch_tokens=options.max_batch_tokens,
             sleepable=options.sleepable,
             device_memory_cap=options.device_memory_cap,  # again once the arena is built, with its bytes taken off
+            host_embeddings=options.embedding_table == "host",
             log=self.log.info,
         )
         self.log.info(
