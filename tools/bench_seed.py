@@ -23,7 +23,8 @@ lm_head), and a granite-docling of the real shape. Per configuration, in order:
    did not swap is its own steady state.
 
 Configurations: the profile as it is (one per --batching preset when given: `[embed]`, `[rerank]` and `[docling]`
-`batching` set to it), then the profile with `rerank.precision=fp8` (two 8B FP8 encoders do not fit a 16 GB cap
+`batching` set to it), with --host-tables the profile with both FP8 embedding tables in host memory
+(`embedding_table = "host"`), then the profile with `rerank.precision=fp8` (two 8B FP8 encoders do not fit a 16 GB cap
 together, so it swaps). The device's own memory reading (NVML "used", every process on the GPU) is sampled every
 50 ms for the whole run. Last, with no server running: accuracy on the same random weights in this process
 (TorchEncoder, no Triton): the profile's reranker precision against bfloat16 (Spearman and largest difference of
@@ -761,6 +762,8 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         (f"profile, batching {preset}", [f"{section}.batching={preset}" for section in ("embed", "rerank", "docling")])
         for preset in args.batching
     ]  # fmt: skip
+    if args.host_tables:
+        runs.append(("host tables", ["embed.embedding_table=host", "rerank.embedding_table=host"]))
     if args.fp8_run:
         runs.append(("rerank fp8", ["rerank.precision=fp8"]))
     return runs
@@ -786,6 +789,8 @@ def main() -> int:
     parser.add_argument("--batching", nargs="*", default=[], help="run the profile once per preset (project, design)")
     parser.add_argument("--fp8-run", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the profile with rerank.precision=fp8")  # fmt: skip
+    parser.add_argument("--host-tables", action="store_true",
+                        help="also run the profile with both FP8 embedding tables in host memory")  # fmt: skip
     parser.add_argument("--accuracy-pairs", type=int, default=256, help="0: no accuracy stage")
     parser.add_argument("--work", type=Path, default=Path("/tmp/triton-rag-bench"))
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
