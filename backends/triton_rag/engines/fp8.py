@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from triton_rag.engines.weight_arena import CudaBytes
+
 #: Largest finite float8_e4m3fn.
 FP8_MAX = 448.0
 #: `_scaled_mm` wants every dimension a multiple of 16; token counts are padded up to it.
@@ -95,24 +97,16 @@ def rowwise_linear(
     return out.to(rows.dtype)
 
 
-class _HostBytes:
-    """Pinned host memory as a CUDA array (`__cuda_array_interface__`): with unified addressing a pinned buffer's
-    address is valid on the device too, so a CUDA kernel (a gather, inside a CUDA graph as well) reads it over the
-    bus without a copy."""
-
-    def __init__(self, address: int, size: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (address, False), "version": 3}
-
-
 def host_mapped(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a host copy of `table`, a tensor on `table`'s device over that copy's memory). On CUDA the copy is pinned and
-    the second a zero-copy CUDA view of it; on a CPU both are the copy."""
+    the second a zero-copy CUDA view of it (with unified addressing a pinned buffer's address is valid on the device
+    too, so a CUDA kernel, a gather inside a CUDA graph as well, reads it over the bus); on a CPU both are the copy."""
     if table.device.type != "cuda":
         host = table.clone()
         return host, host
     host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
     host.copy_(table)
-    view = torch.as_tensor(_HostBytes(host.data_ptr(), host.numel() * host.element_size()), device=table.device)
+    view = torch.as_tensor(CudaBytes(host.data_ptr(), host.numel() * host.element_size()), device=table.device)
     return host, view.view(table.dtype).view(table.shape)
 
 

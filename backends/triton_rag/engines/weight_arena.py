@@ -126,8 +126,9 @@ class _Driver:
         self.check("cuMemAddressFree", ctypes.c_uint64(address), ctypes.c_size_t(size))
 
 
-class _CudaBytes:
-    """A device byte range as `__cuda_array_interface__`, so torch wraps it without copying or owning it."""
+class CudaBytes:
+    """A byte range the device can address (device memory, or pinned host memory under unified addressing) as
+    `__cuda_array_interface__`, so torch wraps it without copying or owning it."""
 
     def __init__(self, address: int, size: int) -> None:
         self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (address, False), "version": 3}
@@ -184,7 +185,7 @@ class WeightArena:
             self._address = self._driver.reserve(self._size)
             first = min(self._driver.round_up(BUILD_CHUNK), self._size)  # torch checks the pointer is mapped
             self._handles.append((self._address, first, self._driver.map(self._address, first)))
-            self.arena = torch.as_tensor(_CudaBytes(self._address, self._size), device=device)
+            self.arena = torch.as_tensor(CudaBytes(self._address, self._size), device=device)
         else:
             self._driver = None
             self.arena = torch.empty(max(offset, 1), dtype=torch.uint8, device=device)
