@@ -76,6 +76,9 @@ def qwen_server(qwen_repository: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def minilm_server(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repository = tmp_path_factory.mktemp("minilm_repository")
-    settings = Settings(embed=EmbedSettings(model=str(minilm_dir), max_length=256), offline_fallback=False)
+    # FP32 embeddings: the server the plain-HTTP (curl's) JSON request is tested against (test_server_minilm)
+    settings = Settings(
+        embed=EmbedSettings(model=str(minilm_dir), max_length=256, output_dtype="fp32"), offline_fallback=False
+    )
     prepare_repository(settings, repository, CACHE_DIR, endpoints=("embed",))
     yield from start_server(repository, tmp_path_factory.mktemp("logs") / "minilm_server.log")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,3 +29,23 @@ def test_minilm_through_our_pipeline_matches_sentence_transformers(
     related = embed(minilm_server, ["A cat sits on the mat.", "A kitten is sitting on a rug.", "GDP rose 3%."])
     related = related.astype(np.float32)
     assert related[0] @ related[1] > related[0] @ related[2] + 0.2
+
+
+def test_fp32_embeddings_come_back_as_json_over_plain_http(minilm_server: RunningServer) -> None:
+    """`embed.output_dtype = "fp32"`: Triton's HTTP/JSON returns the embedding itself (it has no JSON for FP16), so the
+    README's curl works: the same request body, sent with the standard library's HTTP client."""
+    body = {"inputs": [{"name": "TEXT", "shape": [2, 1], "datatype": "BYTES", "data": TEXTS[:2]}]}
+    request = urllib.request.Request(
+        f"http://{minilm_server.server.http_url}/v2/models/qwen_embed/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    outputs = {output["name"]: output for output in answer["outputs"]}
+    embedding = outputs["EMBEDDING"]
+    assert embedding["datatype"] == "FP32" and embedding["shape"] == [2, 384]
+    rows = np.array(embedding["data"], dtype=np.float32).reshape(2, 384)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(rows, embed(minilm_server, TEXTS[:2]), atol=1e-6)  # the gRPC client's answer
+    assert outputs["TRUNCATED"]["data"] == [False, False]

@@ -163,10 +163,12 @@ def prepare_embed(context: BuildContext, settings: EmbedSettings) -> PreparedEmb
         dim=dim,
         # Last-token pooling reads the end-of-text token; mean pooling keeps the tokenizer's own specials.
         pool_token=QWEN3_POOL_TOKEN if pooling == "last_token" else "",
+        output_dtype=settings.output_dtype,
     )
     options = _torch_options(settings, context.device_memory_cap)
     torch_params = EncoderParameters(task="embed", pooling=pooling, pytorch=options)
-    endpoint, encoder = contract.embed_endpoint(dim, settings.batching), contract.embed_encoder(hidden)
+    endpoint = contract.embed_endpoint(dim, settings.batching, settings.output_dtype)
+    encoder = contract.embed_encoder(hidden)
     variant = _write_endpoint_pair(context, model, settings, endpoint, endpoint_params, encoder, torch_params)
     record = _prepared(model, settings, variant, endpoint.name, encoder.name, "embed")
     return PreparedEmbed(**record, dim=dim, pooling=pooling)

@@ -19,6 +19,7 @@ from triton_rag.contract.params import (
     DType,
     EmbeddingTable,
     EmbedEndpointParameters,
+    EmbedOutputDtype,
     Overflow,
     Precision,
     RouterSettings,
@@ -68,6 +69,8 @@ class EmbedSettings(EncoderSettings):
     model: str = "Qwen/Qwen3-Embedding-0.6B"
     dim: int = EmbedEndpointParameters.dim
     pooling: PoolingChoice = "auto"
+    #: EMBEDDING's type: "fp16" (half the bytes) or "fp32" (Triton's HTTP/JSON can return it: curl works).
+    output_dtype: EmbedOutputDtype = EmbedEndpointParameters.output_dtype
 
 
 @dataclass(frozen=True)

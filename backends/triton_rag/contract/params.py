@@ -21,6 +21,7 @@ from triton_rag.contract.tensors import (
     EMBED_ENDPOINT,
     RERANK_ENCODER,
     RERANK_ENDPOINT,
+    EmbedOutputDtype,
 )
 from triton_rag.core.limits import Limits
 from triton_rag.core.units import PolicyError, parse_bytes
@@ -237,6 +238,8 @@ class EmbedEndpointParameters(TextEndpointParameters):
     dim: int = DEFAULT_EMBED_DIM
     #: Appended to each text for last-token pooling (the end-of-text token); empty: the tokenizer's own specials.
     pool_token: str = ""
+    #: The EMBEDDING tensor's type (contract.EMBED_OUTPUT_TYPES): "fp16", or "fp32" for Triton's HTTP/JSON.
+    output_dtype: EmbedOutputDtype = "fp16"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -76,7 +76,15 @@ BATCHING: dict[str, dict[BatchingPreset, Batching]] = {
 }
 
 
-def embed_endpoint(dim: int, preset: BatchingPreset = "project") -> ModelContract:
+#: The embedding's wire type: FP16 (half the bytes, the default) or FP32, which Triton's HTTP/JSON can return (it has
+#: no JSON form for FP16: a curl of the FP16 model needs the binary tensor extension).
+EmbedOutputDtype = Literal["fp16", "fp32"]
+EMBED_OUTPUT_TYPES: dict[str, str] = {"fp16": "TYPE_FP16", "fp32": "TYPE_FP32"}
+
+
+def embed_endpoint(
+    dim: int, preset: BatchingPreset = "project", output_dtype: EmbedOutputDtype = "fp16"
+) -> ModelContract:
     return ModelContract(
         name=EMBED_ENDPOINT,
         doc="Text embeddings (Qwen3-Embedding recipe, or mean pooling for BERT-family embedders).",
@@ -96,9 +104,10 @@ def embed_endpoint(dim: int, preset: BatchingPreset = "project") -> ModelContrac
         outputs=(
             TensorSpec(
                 "EMBEDDING",
-                "TYPE_FP16",
+                EMBED_OUTPUT_TYPES[output_dtype],
                 (dim,),
-                "Pooled, truncated to the first D dims (Matryoshka), then L2-normalised.",
+                "Pooled, truncated to the first D dims (Matryoshka), then L2-normalised. FP16, or FP32 with "
+                '`embed.output_dtype = "fp32"` (Triton\'s HTTP/JSON cannot return FP16).',
             ),
             TensorSpec(
                 "TRUNCATED",

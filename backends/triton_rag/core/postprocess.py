@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def matryoshka_normalize(pooled: np.ndarray, dim: int) -> np.ndarray:
-    """Keep the first `dim` features, then L2-normalise (Qwen3-Embedding MRL): FP16 rows of unit length."""
+def matryoshka_normalize(pooled: np.ndarray, dim: int, dtype: type[np.floating] = np.float16) -> np.ndarray:
+    """Keep the first `dim` features, then L2-normalise (Qwen3-Embedding MRL): rows of unit length in `dtype`."""
     head = pooled[:, :dim].astype(np.float32)
     norms = np.linalg.norm(head, axis=1, keepdims=True)
-    return (head / np.maximum(norms, 1e-12)).astype(np.float16)
+    return (head / np.maximum(norms, 1e-12)).astype(dtype)
 
 
 def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

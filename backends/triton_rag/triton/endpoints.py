@@ -124,6 +124,7 @@ class EmbedEndpoint(_TextEndpoint[EmbedEndpointParameters]):
 
     def setup(self, params: EmbedEndpointParameters, tokenizer: Any) -> None:
         self.dim = params.dim
+        self.output_dtype = np.float32 if params.output_dtype == "fp32" else np.float16
         append_id = tokenizer.convert_tokens_to_ids(params.pool_token) if params.pool_token else None
         self.tokenization = EmbedTokenization(tokenizer, self.max_length, self.overflow, append_id)
 
@@ -136,7 +137,7 @@ class EmbedEndpoint(_TextEndpoint[EmbedEndpointParameters]):
         return [format_embed_text(t, i) for t, i in zip(texts, instructions, strict=True)]
 
     def respond(self, outputs: np.ndarray, encoded: list[Encoded]) -> Any:
-        embedding = pb_utils.Tensor("EMBEDDING", matryoshka_normalize(outputs, self.dim))
+        embedding = pb_utils.Tensor("EMBEDDING", matryoshka_normalize(outputs, self.dim, self.output_dtype))
         return pb_utils.InferenceResponse(output_tensors=[embedding, _truncated(encoded)])
 
 
