@@ -94,3 +94,14 @@ def rerank(server: RunningServer, pairs: list[tuple[str, str]], instruction: str
     if instruction is not None:
         inputs.append(strings("INSTRUCTION", [instruction] * len(pairs)))
     return server.client().infer("qwen_rerank", inputs).as_numpy("SCORE").reshape(-1)
+
+
+def assert_same_results(actual: np.ndarray, expected: np.ndarray) -> None:
+    """The same model's answer again, after a swap, a sleep or a reload: equal up to float32 summation order. On a CPU
+    the BLAS kernels' blocking can follow the buffers' alignment, so a new stub process (or a re-created arena) may
+    sum in another order: a reranker score once differed by 2.4e-5, and an FP16 embedding can then round one unit
+    apart. Wrong weights or another model differ by orders of magnitude more."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual.shape, actual.dtype)
+    tolerance = 1e-3 if expected.dtype == np.float16 else 1e-4
+    np.testing.assert_allclose(actual.astype(np.float32), expected.astype(np.float32), rtol=0, atol=tolerance)
+

@@ -20,7 +20,16 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
+from tests.harness import (
+    CACHE_DIR,
+    RunningServer,
+    assert_same_results,
+    embed,
+    rerank,
+    router_metrics,
+    start_server,
+    wait_for,
+)
 from triton_rag import contract
 from triton_rag.build.repository import Prepared, prepare_repository, prepare_router, startup_models
 from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
@@ -210,9 +219,9 @@ def test_embed_rerank_embed_with_a_budget_that_fits_one(
 ) -> None:
     before = router_metrics(router_server)
     with IndexWatcher(router_server) as watcher:
-        np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
-        np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
-        np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
+        assert_same_results(embed(router_server, TEXTS), reference_outputs["embed"])
+        assert_same_results(rerank(router_server, PAIRS), reference_outputs["rerank"])
+        assert_same_results(embed(router_server, TEXTS), reference_outputs["embed"])
     assert watcher.samples > 10 and len(watcher.most) <= 1, f"two encoders READY at once: {watcher.most}"
     after = router_metrics(router_server)
     evictions = sum(after[f'rag_router_evictions_total{{model="{n}"}}'] for n in ENCODERS)
@@ -256,9 +265,9 @@ def test_pinned_model_stays_and_the_other_gets_a_clear_error(
     with pytest.raises(InferenceServerException, match=f"pinned.*{EMBED}") as refused:
         rerank(router_server, PAIRS)
     assert str(refused.value.status()) == "StatusCode.UNAVAILABLE"  # the router's answer, through the endpoint
-    np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
+    assert_same_results(embed(router_server, TEXTS), reference_outputs["embed"])
     control(router_server, "UNPIN", [EMBED])
-    np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
+    assert_same_results(rerank(router_server, PAIRS), reference_outputs["rerank"])
 
 
 def test_plan_prefetches_and_evicts_the_model_used_furthest_ahead(
@@ -271,10 +280,10 @@ def test_plan_prefetches_and_evicts_the_model_used_furthest_ahead(
     assert ledger["plan"] == [RERANK, EMBED]
     # Nobody asked for rerank: the router makes room (embed is used after rerank) and prefetches it.
     wait_for(lambda: status(router_server)["models"][RERANK]["state"] == "ready", 120, "the prefetch of rerank")
-    np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
+    assert_same_results(rerank(router_server, PAIRS), reference_outputs["rerank"])
     wait_for(lambda: status(router_server)["models"][EMBED]["state"] == "ready", 120, "the prefetch of embed")
     assert status(router_server)["plan"] == [EMBED]
-    np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
+    assert_same_results(embed(router_server, TEXTS), reference_outputs["embed"])
     assert status(router_server)["plan"] == []
 
 
@@ -286,14 +295,14 @@ def test_a_model_larger_than_the_budget_is_served_alone_with_a_warning(
     rerank_bytes = status(router_server)["models"][RERANK]["bytes"]
     set_budget(router_server, str(rerank_bytes // 2))
     try:
-        np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
-        np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
+        assert_same_results(embed(router_server, TEXTS), reference_outputs["embed"])
+        assert_same_results(rerank(router_server, PAIRS), reference_outputs["rerank"])
         models = status(router_server)["models"]
         assert models[RERANK]["state"] == "ready" and models[EMBED]["state"] == "unloaded"
         assert f"WARNING: {RERANK} holds" in router_server.log_path.read_text(errors="replace")
     finally:
         set_budget(router_server, str(one_model_budget))
-    np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
+    assert_same_results(embed(router_server, TEXTS), reference_outputs["embed"])
 
 
 def test_bad_control_requests_get_clear_errors(router_server: RunningServer) -> None:
@@ -347,10 +356,10 @@ def test_failed_load_reports_and_the_next_request_retries(
             model = status(router_server)["models"][EMBED]
             assert model["state"] == "unloaded" and model["last_error"], f"attempt {attempt}: {model}"
             assert model["in_flight"] == 0 and model["waiting"] == 0
-        np.testing.assert_array_equal(rerank(router_server, PAIRS), reference_outputs["rerank"])
+        assert_same_results(rerank(router_server, PAIRS), reference_outputs["rerank"])
     finally:
         weights.write_bytes(original)
-    np.testing.assert_array_equal(embed(router_server, TEXTS), reference_outputs["embed"])
+    assert_same_results(embed(router_server, TEXTS), reference_outputs["embed"])
     assert status(router_server)["models"][EMBED]["last_error"] == ""
 
 

@@ -21,7 +21,16 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, RunningServer, embed, rerank, router_metrics, start_server, wait_for
+from tests.harness import (
+    CACHE_DIR,
+    RunningServer,
+    assert_same_results,
+    embed,
+    rerank,
+    router_metrics,
+    start_server,
+    wait_for,
+)
 from triton_rag import contract
 from triton_rag.build.offline import TINY_QWEN3, build_random_qwen3
 from triton_rag.build.repository import prepare_repository
@@ -135,9 +144,9 @@ def test_swaps_go_through_the_host_tier_and_give_the_same_results(
     assert all(pids.values()), pids
     with ReadinessWatcher(tier_server) as readiness:
         for _ in range(2):
-            np.testing.assert_array_equal(embed(tier_server, TEXTS), references["embed"])
+            assert_same_results(embed(tier_server, TEXTS), references["embed"])
             assert model_state(tier_server, EMBED) == "ready"
-            np.testing.assert_array_equal(rerank(tier_server, PAIRS), references["rerank"])
+            assert_same_results(rerank(tier_server, PAIRS), references["rerank"])
             wait_for(lambda: model_state(tier_server, EMBED) == "asleep", 30, "the embedder to sleep")
     assert readiness.samples > 20 and readiness.failures == [], readiness.failures[:5]
     ledger = status(tier_server)
@@ -207,7 +216,7 @@ def test_a_lease_nobody_releases_expires(
     embed(tier_server, TEXTS)
     control(tier_server).acquire(EMBED)  # never released: the embedder stays in flight
     started = time.monotonic()
-    np.testing.assert_array_equal(rerank(tier_server, PAIRS), references["rerank"])
+    assert_same_results(rerank(tier_server, PAIRS), references["rerank"])
     waited = time.monotonic() - started
     assert LEASE_SECONDS - 1.5 <= waited <= LEASE_SECONDS + 20, waited
     assert status(tier_server)["models"][EMBED]["in_flight"] == 0
@@ -221,7 +230,7 @@ def test_a_stub_killed_while_asleep_is_reloaded_on_the_next_request(
     server_pid = tier_server.server.process.pid  # type: ignore[union-attr]
     for pid in stub_pids(EMBED, server_pid):
         os.kill(pid, signal.SIGKILL)
-    np.testing.assert_array_equal(embed(tier_server, TEXTS), references["embed"])
+    assert_same_results(embed(tier_server, TEXTS), references["embed"])
     assert model_state(tier_server, EMBED) == "ready"
 
 
@@ -262,7 +271,7 @@ def test_a_stub_killed_while_loading_fails_that_load_and_the_next_request_loads_
         embed(tier_server, TEXTS)
     killer.join()
     assert killed, "no stub of the embedder appeared to kill"
-    np.testing.assert_array_equal(embed(tier_server, TEXTS), references["embed"])
+    assert_same_results(embed(tier_server, TEXTS), references["embed"])
     assert model_state(tier_server, EMBED) == "ready"
 
 
@@ -290,8 +299,8 @@ def test_a_stub_killed_before_it_starts_fails_fast_with_the_reason(
         embed(tier_server, TEXTS)
     assert time.monotonic() - started < 5
     assert "died while loading" in status(tier_server)["models"][EMBED]["last_error"]
-    np.testing.assert_array_equal(rerank(tier_server, PAIRS), references["rerank"])
+    assert_same_results(rerank(tier_server, PAIRS), references["rerank"])
     tier_server.client().unload_model(RERANK)  # a fresh load of another model is not held up by the stuck one
     wait_for(lambda: model_state(tier_server, RERANK) == "unloaded", 60, "the reranker unloaded")
-    np.testing.assert_array_equal(rerank(tier_server, PAIRS), references["rerank"])
+    assert_same_results(rerank(tier_server, PAIRS), references["rerank"])
     assert model_state(tier_server, RERANK) == "ready"
