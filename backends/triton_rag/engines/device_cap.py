@@ -4,8 +4,9 @@ not fails here too, at load or in the request that needs more.
 
 The limit is torch's allocator's (`torch.cuda.set_per_process_memory_fraction`): a fraction of the GPU's memory.
 Memory allocated outside that allocator is not counted by it: the encoder's weight arena maps its memory through
-the CUDA driver (engines/weight_arena.py), so once an engine is built the limit is set again with the arena's bytes
-taken off (`held_outside`). The CUDA context (~0.5 GiB) is outside both and comes on top, as it does on the card.
+the CUDA driver (engines/weight_arena.py), so once that arena is built the engine sets the limit again with the
+arena's bytes taken off (`held_outside`). The CUDA context (~0.5 GiB) is outside both and comes on top, as it
+does on the card.
 """
 
 from __future__ import annotations

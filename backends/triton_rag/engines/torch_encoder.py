@@ -133,9 +133,9 @@ class TorchEncoder:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
         `precompiled_dir`: where compiled layers are saved for the next load (default: beside the inductor cache).
-        `device_memory_cap`: bytes this process may hold on the GPU ([router] device_memory; 0: none); the caller
-        applies it before the load, the engine again right after the arena is built (its bytes are outside torch's
-        allocator), so compilation and warm-up already run under the tighter limit.
+        `device_memory_cap`: bytes this process may hold on the GPU ([router] device_memory; 0: none), applied before
+        the load and again right after the arena is built (its bytes are outside torch's allocator), so compilation
+        and warm-up already run under the tighter limit.
         `host_embeddings`: an FP8 embedding table (precision fp8 / nvfp4) in pinned host memory, gathered over the
         bus (`fp8.Fp8Embedding`): its bytes off the GPU."""
         self.task = task
@@ -144,6 +144,8 @@ class TorchEncoder:
         self.device = choose_device(device)
         self.max_batch_tokens = max_batch_tokens
         cuda = self.device.type == "cuda"
+        if cuda:  # before the engine takes any memory; again once the arena exists (below)
+            apply_device_cap(device_memory_cap, log=log)
         config = read_config(self.model_dir)
         self.causal = config.get("model_type") in CAUSAL_DECODERS and not config.get("use_sliding_window", False)
         if cuda:  # the runtime's start and the context, timed apart from the weights' copy they would seem part of

@@ -10,6 +10,8 @@ decodes all pages together, each at its own position, attending over its own cac
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from triton_rag.core.idefics3 import ImageProcessorConfig
 from triton_rag.engines.cuda_context import trim_stack_reserve
+from triton_rag.engines.device_cap import apply_device_cap
 from triton_rag.engines.encoder_common import choose_device, choose_dtype
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,14 +40,24 @@ class PageInput:
 
 class TorchVlm:
     def __init__(
-        self, model_dir: Path, dtype: str = "auto", device: str = "auto", use_graphs: bool | None = None
+        self,
+        model_dir: Path,
+        dtype: str = "auto",
+        device: str = "auto",
+        use_graphs: bool | None = None,
+        device_memory_cap: int = 0,
+        log: Callable[[str], None] = _log.info,
     ) -> None:
+        """`device_memory_cap`: bytes this process may hold on the GPU ([router] device_memory; 0: none), applied
+        before the weights load (engines/device_cap.py), its line to `log`."""
         import json
 
         from transformers import Idefics3ForConditionalGeneration
 
         self.device = choose_device(device)
         self.dtype = choose_dtype(dtype, self.device)
+        if self.device.type == "cuda":
+            apply_device_cap(device_memory_cap, log=log)
         model = Idefics3ForConditionalGeneration.from_pretrained(
             str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
         )

@@ -252,16 +252,19 @@ class VlmModel:
     """`docling_vlm` on the PyTorch engine (CUDA when present)."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        from triton_rag.engines.device_cap import apply_device_cap
         from triton_rag.engines.torch_vlm import TorchVlm
 
         self.log = stub_logger(args)
         params = VlmParameters.parse(model_parameters(args))
-        apply_device_cap(params.device_memory_cap, log=self.log.info)  # before the engine takes any memory
         self.stop_ids = params.stop_ids
         #: A separate vision model (a TensorRT plan of the tower) computes the image embeddings when configured.
         self.vision_model = params.vision_model
-        self.engine = TorchVlm(Path(args["model_repository"]) / args["model_version"] / "hf", params.dtype)
+        self.engine = TorchVlm(
+            Path(args["model_repository"]) / args["model_version"] / "hf",
+            params.dtype,
+            device_memory_cap=params.device_memory_cap,
+            log=self.log.info,
+        )
         self.log.info(f"VLM engine on {self.engine.device} in {self.engine.dtype}")
 
     def execute(self, requests: list[Any]) -> list[Any]:

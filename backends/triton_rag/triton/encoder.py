@@ -17,7 +17,6 @@ from triton_rag.contract.params import EncoderParameters
 from triton_rag.core.admin import KEY_NAME, key_matches, server_key
 from triton_rag.core.errors import BadInput, Forbidden
 from triton_rag.core.load_phases import imported_without_bytecode, process_age_seconds
-from triton_rag.engines.device_cap import apply_device_cap
 from triton_rag.engines.torch_encoder import TorchEncoder
 from triton_rag.engines.trt_rtx_encoder import TrtRtxEncoder
 from triton_rag.triton.common import answer_each, model_parameters, stub_logger
@@ -41,7 +40,6 @@ class EncoderModel:
             return
         options = params.pytorch
         assert options is not None  # the PyTorch engine's parameters, where there is no engine_file
-        apply_device_cap(options.device_memory_cap, log=self.log.info)  # before the engine takes any memory
         self.engine = TorchEncoder(
             version_dir / "hf",
             task=task,
@@ -52,7 +50,7 @@ class EncoderModel:
             compile_model=options.compile,
             max_batch_tokens=options.max_batch_tokens,
             sleepable=options.sleepable,
-            device_memory_cap=options.device_memory_cap,  # again once the arena is built, with its bytes taken off
+            device_memory_cap=options.device_memory_cap,
             host_embeddings=options.embedding_table == "host",
             log=self.log.info,
         )
