@@ -180,19 +180,19 @@ def test_plan_of_the_16gb_profile_without_a_download(
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("qwen_", "docling_vlm "))}
     assert rows["qwen_embed_encoder"][1] == "fp8" and rows["qwen_rerank_encoder"][1] == "nvfp4"
     assert rows["docling_vlm"][1] == "bfloat16"
-    assert "8.74 GiB" in " ".join(rows["qwen_embed_encoder"]) and "5.44 GiB" in " ".join(rows["qwen_rerank_encoder"])
+    assert "8.16 GiB" in " ".join(rows["qwen_embed_encoder"]) and "4.86 GiB" in " ".join(rows["qwen_rerank_encoder"])
     assert "qwen_embed_encoder: Qwen/Qwen3-Embedding-8B, estimated from the known shape" in out
     assert "docling_vlm: ibm-granite/granite-docling-258M, estimated from the known shape" in out
     assert "steady state: swapping" in out
-    assert "stay resident: qwen_embed_encoder + qwen_rerank_encoder (14.18 GiB)" in out
+    assert "stay resident: qwen_embed_encoder + qwen_rerank_encoder (13.03 GiB)" in out
     assert "docling_vlm (2.48 GiB) swaps in on use" in out
     assert not list(tmp_path.iterdir())  # nothing downloaded, nothing written
-    # --set still overrides the profile: the reranker's 8192-token pass no longer fits beside the embedder
-    assert cli.main([*argv, "--set", "rerank.max_length=8192"]) == 0
+    # --set still overrides the profile: an FP8 reranker no longer fits beside the embedder
+    assert cli.main([*argv, "--set", "rerank.precision=fp8"]) == 0
     assert "stay resident: qwen_embed_encoder + docling_vlm" in capsys.readouterr().out
     assert cli.main([*argv, "--set", "router.enabled=false"]) == 0
     out = capsys.readouterr().out
-    assert "steady state: all resident" in out and "16.67 GiB in all, more than the budget of 14.42 GiB" in out
+    assert "steady state: all resident" in out and "15.51 GiB in all, more than the budget of 14.42 GiB" in out
 
 
 def test_plan_refuses_a_model_that_cannot_fit_even_alone(
@@ -203,9 +203,9 @@ def test_plan_refuses_a_model_that_cannot_fit_even_alone(
     assert cli.main([*argv, "--device-memory", "8GiB"]) == 2
     captured = capsys.readouterr()
     message = captured.out + captured.err
-    assert "qwen_embed_encoder needs 8.74 GiB, more than the budget of 6.50 GiB" in message
+    assert "qwen_embed_encoder needs 8.16 GiB, more than the budget of 6.50 GiB" in message
     assert "device memory 8.00 GiB" in message and "cannot fit even alone" in message
-    assert "qwen_rerank_encoder" not in message  # 5.44 GiB fits the 6.50 GiB budget alone
+    assert "qwen_rerank_encoder" not in message  # 4.86 GiB fits the 6.50 GiB budget alone
     assert cli.main([*argv, "--set", "embed.model=someone/unknown-embedder"]) == 2
     assert "cannot size someone/unknown-embedder without its files" in capsys.readouterr().err
 
@@ -219,11 +219,11 @@ def test_plan_counts_what_the_router_measured(tmp_path: Path, tiny_embed_dir: Pa
     assert embed.source == f"config and safetensors headers of {tiny_embed_dir}" and embed.measured is None
     assert embed.footprint.runtime == GPU_RUNTIME_BYTES and embed.footprint.graphs == GRAPH_POOL_BYTES
     (tmp_path / "router").mkdir()
-    MeasurementFile(tmp_path / "router" / "measured.json").put(embed.name, "gpu", embed.footprint.total, 9 * GIB)
+    MeasurementFile(tmp_path / "router" / "measured.json").put(embed.name, "gpu", embed.footprint.total, 10 * GIB)
     after = fit_plan(settings, tmp_path, tmp_path, memory, 64 * GIB)
-    assert after.models[0].measured == 9 * GIB and after.models[0].bytes == 9 * GIB
+    assert after.models[0].measured == 10 * GIB and after.models[0].bytes == 10 * GIB
     assert before.residency.mode == "all resident"  # the tiny embedder beside the 8B reranker and docling
-    assert after.residency.resident == ("qwen_embed_encoder", "docling_vlm")  # 9 + 5.44 GiB > the 14.42 budget
+    assert after.residency.resident == ("qwen_embed_encoder", "docling_vlm")  # 10 + 4.86 GiB > the 14.42 budget
     stale = load_settings(Path(cli.PROFILES_DIR / "rtx5070ti-16gb.toml"), [f"embed.model={tiny_embed_dir}",
                                                                           "embed.max_batch_tokens=16384"])  # fmt: skip
     assert fit_plan(stale, tmp_path, tmp_path, memory, 64 * GIB).models[0].measured is None  # another estimate

@@ -323,6 +323,21 @@ def test_the_admin_key_and_malformed_requests_are_refused_with_the_reason() -> N
     assert tuple(a.value for a in Action) == contract.ROUTER_ACTIONS
 
 
+def test_an_encoder_whose_context_was_released_holds_nothing_asleep() -> None:
+    """[router] sleep_releases_context: the engine says "context": "released"; the router then counts 0 bytes
+    asleep (NVML lists no such process at all, which alone would read as "not measured")."""
+    answer = ResidencyAnswer.parse({"state": "asleep", "weight_bytes": GIB, "host_bytes": GIB, "context": "released"})
+    assert answer == ResidencyAnswer(asleep=True, weight_bytes=GIB, host_bytes=GIB, context_released=True)
+    assert not ResidencyAnswer.parse({"state": "asleep", "context": "resident"}).context_released
+    specs = [ModelSpec(n, 2 * GIB, sleepable=True, weight_bytes=GIB) for n in ("a", "b")]
+    books = Books(specs, budget=3 * GIB, host_budget=4 * GIB)
+    books.request("RELEASE", lease=books.lease(acquire_loaded(books, "a")))
+    books.request("ACQUIRE", "b")
+    assert only(books.effects, Sleep) == [Sleep("a", (100,))]
+    books.send(Slept(model="a", now=books.now + 1, seconds=0.5, answer=answer, held=0))
+    assert books.state("a") == S.ASLEEP and books.ledger.entries["a"].asleep_bytes == 0
+
+
 def test_evictions_sleep_to_the_host_tier_and_wake() -> None:
     specs = [ModelSpec(n, 2 * GIB, sleepable=True, weight_bytes=GIB + GIB // 2) for n in ("a", "b")]
     books = Books(specs, budget=3 * GIB, host_budget=4 * GIB)

@@ -179,3 +179,19 @@ def test_a_host_embedding_table_reads_the_same_rows_over_the_bus(model_dir: Path
     np.testing.assert_array_equal(batched, _encode(on_device))
     np.testing.assert_array_equal(alone, _alone(on_device))
     assert device_bytes - host_bytes >= 0.9 * table.host_table.numel(), (device_bytes, host_bytes)
+
+
+@pytest.mark.parametrize("shape", [(384, 1024), (4096, 12288), (1000, 48)])
+def test_the_decode_kernel_writes_the_fp8_weight_of_the_torch_decode(
+    cuda: torch.device, shape: tuple[int, int]
+) -> None:
+    """engines/nvfp4_decode.py (what the storage path runs on CUDA) against `Nvfp4Linear.fp8_weight` (the same
+    arithmetic in torch ops): the FP8 values, including a shape whose rows do not fill the kernel's blocks."""
+    torch.manual_seed(1)
+    linear = nn.Linear(shape[1], shape[0], bias=False, dtype=torch.bfloat16, device=cuda)
+    layer = Nvfp4Linear.from_linear(linear, "storage")
+    expected = layer.fp8_weight().float()
+    got = torch.ops.triton_rag.nvfp4_decode_fp8(layer.weight, layer.weight_block_scale, layer.weight_row_factor)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == shape
+    differ = int((got.float() != expected).sum())  # as values: the code -0 may decode to +0 (the same in a GEMM)
+    assert differ == 0, f"{differ} of {expected.numel()} FP8 values differ"

@@ -120,6 +120,7 @@ def test_the_encoder_variants_carry_their_own_parameters_only() -> None:
         "sleepable": "true",
         "device_memory_cap": "0",
         "embedding_table": "device",
+        "release_context_asleep": "false",
     }
     assert EncoderParameters.parse({**torch.render(), "embedding_table": "host"}).pytorch == TorchEncoderOptions(
         sleepable=True, embedding_table="host"

@@ -99,3 +99,41 @@ def test_a_load_does_not_keep_the_weights_twice(model_dir: Path) -> None:
     assert encoder.arena is not None
     held = torch.cuda.memory_reserved() - before
     assert held < encoder.arena.nbytes / 2, (held, encoder.arena.nbytes)
+
+
+def _process_device_bytes() -> int:
+    """This process's device memory as nvidia-smi lists it (0 when it is not listed: it holds none). Asked from
+    another process: NVML in a checkpointed process waits for its restore, as every driver call does."""
+    import os
+    import subprocess
+
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    lines = subprocess.run(query, capture_output=True, text=True, check=True, timeout=30).stdout.splitlines()
+    return sum(int(used) * 2**20 for pid, used in (line.split(",") for line in lines) if int(pid) == os.getpid())
+
+
+def test_a_released_context_leaves_nothing_on_the_device_and_wakes_to_the_same_results(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """[router] sleep_releases_context: asleep, the process's CUDA context is checkpointed to host memory
+    (engines/cuda_checkpoint.py), so NVML lists nothing for it; awake, its graphs, compiled layer and weights answer
+    as before."""
+    encoder = TorchEncoder(
+        model_dir, "embed", precision="fp8", compile_model=True, max_batch_tokens=600, sleepable=True,
+        precompiled_dir=tmp_path, release_context_asleep=True,
+    )  # fmt: skip
+    batch, alone = pad_rows(ROWS, 0), (np.array([ROWS[1]]), np.ones((1, len(ROWS[1])), dtype=np.int64))
+    before_batch, before_alone = encoder.forward(*batch), encoder.forward(*alone)
+    assert _process_device_bytes() > 0
+    for _ in range(2):
+        state = encoder.sleep()
+        assert encoder.context is not None
+        assert state["context"] == "released", encoder.context.unavailable
+        assert _process_device_bytes() == 0
+        awake = encoder.wake()
+        assert awake["context"] == "resident"
+        np.testing.assert_array_equal(encoder.forward(*alone), before_alone)
+        np.testing.assert_array_equal(encoder.forward(*batch), before_batch)
+    encoder.sleep()
+    encoder.close()  # restored before the process ends
+    assert encoder.context.released is False

@@ -23,8 +23,8 @@ lm_head), and a granite-docling of the real shape. Per configuration, in order:
    did not swap is its own steady state.
 
 Configurations: the profile as it is (one per --batching preset when given: `[embed]`, `[rerank]` and `[docling]`
-`batching` set to it), with --host-tables the profile with both FP8 embedding tables in host memory
-(`embedding_table = "host"`), then the profile with `rerank.precision=fp8` (two 8B FP8 encoders do not fit a 16 GB cap
+`batching` set to it), with --device-tables the profile with both FP8 embedding tables on the device
+(`embedding_table = "device"`), then the profile with `rerank.precision=fp8` (two 8B FP8 encoders do not fit a 16 GB cap
 together, so it swaps). The device's own memory reading (NVML "used", every process on the GPU) is sampled every
 50 ms for the whole run. Last, with no server running: accuracy on the same random weights in this process
 (TorchEncoder, no Triton): the profile's reranker precision against bfloat16 (Spearman and largest difference of
@@ -672,9 +672,9 @@ def markdown(report: dict[str, Any]) -> str:
         "query loop), and the device's own peak reading (NVML used, all processes):",
         "",
         "| configuration | device_memory / budget / reserve (settings) | router budget | measured: embed / rerank / "
-        "docling VLM | peak device: convert / embed chunks / query loop / whole server | precision asked (ran as): "
-        "embed / rerank |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "docling VLM | where each is after the loop: embed / rerank / docling VLM | peak device: convert / embed "
+        "chunks / query loop / whole server | precision asked (ran as): embed / rerank |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes: set[str] = set()
     for config in report["configurations"]:
@@ -683,6 +683,7 @@ def markdown(report: dict[str, Any]) -> str:
         router = config["settings"]["router"]
         status = config["status_capped"]
         measured = [status["models"].get(m, {}).get("measured_bytes") for m in (*ENCODERS, contract.DOCLING_VLM)]
+        tiers = [str(status["models"].get(m, {}).get("tier", "-")) for m in (*ENCODERS, contract.DOCLING_VLM)]
         peaks = config["peak_device_bytes"]
         ran = [
             f"{config['settings'][section].get('precision')} ({config['engines'].get(model, '?')})"
@@ -691,7 +692,7 @@ def markdown(report: dict[str, Any]) -> str:
         notes.update(config["log_notes"])
         lines.append(
             f"| {config['name']} | {router['device_memory'] or '-'} / {router['budget']} / {router['reserve']} | "
-            f"{_gib(status['budget_bytes'])} | {' / '.join(_gib(m) for m in measured)} | "
+            f"{_gib(status['budget_bytes'])} | {' / '.join(_gib(m) for m in measured)} | {' / '.join(tiers)} | "
             f"{' / '.join(_gib(peaks.get(k)) for k in ('convert', 'embed_chunks', 'query_loop', 'whole'))} | "
             f"{' / '.join(ran)} |"
         )
@@ -762,8 +763,8 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         (f"profile, batching {preset}", [f"{section}.batching={preset}" for section in ("embed", "rerank", "docling")])
         for preset in args.batching
     ]  # fmt: skip
-    if args.host_tables:
-        runs.append(("host tables", ["embed.embedding_table=host", "rerank.embedding_table=host"]))
+    if args.device_tables:
+        runs.append(("device tables", ["embed.embedding_table=device", "rerank.embedding_table=device"]))
     if args.fp8_run:
         runs.append(("rerank fp8", ["rerank.precision=fp8"]))
     return runs
@@ -789,8 +790,8 @@ def main() -> int:
     parser.add_argument("--batching", nargs="*", default=[], help="run the profile once per preset (project, design)")
     parser.add_argument("--fp8-run", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the profile with rerank.precision=fp8")  # fmt: skip
-    parser.add_argument("--host-tables", action="store_true",
-                        help="also run the profile with both FP8 embedding tables in host memory")  # fmt: skip
+    parser.add_argument("--device-tables", action="store_true",
+                        help="also run the profile with both FP8 embedding tables on the device")  # fmt: skip
     parser.add_argument("--accuracy-pairs", type=int, default=256, help="0: no accuracy stage")
     parser.add_argument("--work", type=Path, default=Path("/tmp/triton-rag-bench"))
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")

@@ -79,7 +79,7 @@ def choose_encoder_variant(
     return variant, (built[variant][1] if variant in built else None), reasons
 
 
-def _torch_options(settings: EncoderSettings, device_memory_cap: int) -> TorchEncoderOptions:
+def _torch_options(settings: EncoderSettings, context: BuildContext) -> TorchEncoderOptions:
     """How the PyTorch engine runs an encoder; it can give its weights' memory back and take it again (the router's
     host tier)."""
     return TorchEncoderOptions(
@@ -88,8 +88,9 @@ def _torch_options(settings: EncoderSettings, device_memory_cap: int) -> TorchEn
         compile=settings.compile,
         max_batch_tokens=settings.max_batch_tokens,
         sleepable=True,
-        device_memory_cap=device_memory_cap,
+        device_memory_cap=context.device_memory_cap,
         embedding_table=settings.embedding_table,
+        release_context_asleep=context.release_context_asleep,
     )
 
 
@@ -165,7 +166,7 @@ def prepare_embed(context: BuildContext, settings: EmbedSettings) -> PreparedEmb
         pool_token=QWEN3_POOL_TOKEN if pooling == "last_token" else "",
         output_dtype=settings.output_dtype,
     )
-    options = _torch_options(settings, context.device_memory_cap)
+    options = _torch_options(settings, context)
     torch_params = EncoderParameters(task="embed", pooling=pooling, pytorch=options)
     endpoint = contract.embed_endpoint(dim, settings.batching, settings.output_dtype)
     encoder = contract.embed_encoder(hidden)
@@ -190,7 +191,7 @@ def prepare_rerank(context: BuildContext, settings: RerankSettings) -> PreparedR
         max_batch_tokens=settings.max_batch_tokens,
         default_instruction=settings.default_instruction,
     )
-    options = _torch_options(settings, context.device_memory_cap)
+    options = _torch_options(settings, context)
     torch_params = EncoderParameters(task="rerank", yes_no_ids=yes_no, pytorch=options)
     endpoint, encoder = contract.rerank_endpoint(settings.batching), contract.rerank_encoder()
     variant = _write_endpoint_pair(context, model, settings, endpoint, endpoint_params, encoder, torch_params)

@@ -82,6 +82,8 @@ class BuildContext:
     engines_dir: Path
     #: [router] device_memory in bytes (0: none): each compute model's process caps its own device memory at it.
     device_memory_cap: int = 0
+    #: [router] sleep_releases_context: a sleeping encoder's process checkpoints its CUDA context to host memory.
+    release_context_asleep: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -96,6 +96,7 @@ def prepare_repository(
         host=host or detect_host(),  # which built engines can load here: decided once for every section
         engines_dir=engines_dir or cache_dir / ENGINES_DIR,
         device_memory_cap=settings.router.device_memory_cap(),
+        release_context_asleep=settings.router.enabled and settings.router.sleep_releases_context,
     )
     prepared: dict[str, Prepared] = {}
     if "embed" in endpoints:

@@ -47,6 +47,10 @@ class RouterSettings:
     #: a GPU, off on a machine without one (there the copy would take the same RAM the model gave back).
     host_budget: str = "auto"
     host_budget_fraction: float = 0.5
+    #: A sleeping encoder also gives back what its process still holds on the GPU (its CUDA context, loaded kernels,
+    #: workspaces: ~0.8 GiB for an 8B encoder on an H200) by the driver's checkpoint API (Linux drivers 550+; where it
+    #: is missing or refuses, logged, the context stays). Costs each wake the restore (0.4 s on the H200).
+    sleep_releases_context: bool = False
     #: Above this fraction of the budget, idle models are evicted (least recently used first).
     high_watermark: float = 0.9
     #: A busy model stays open this long after its load before another model may displace it (bounds thrashing).
@@ -273,6 +277,8 @@ class TorchEncoderOptions(Parameters):
     #: Where an FP8 embedding table (precision fp8 / nvfp4) lives: "device", or "host" (pinned host memory, its rows
     #: gathered over the bus by the lookup: ~0.58 GiB of an 8B encoder off the GPU). Other tables stay on the device.
     embedding_table: EmbeddingTable = "device"
+    #: Asleep, also checkpoint the process's CUDA context to host memory ([router] sleep_releases_context).
+    release_context_asleep: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

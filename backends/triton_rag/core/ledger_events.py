@@ -96,10 +96,17 @@ class ResidencyAnswer:
     asleep: bool = False
     weight_bytes: int = 0
     host_bytes: int = 0
+    #: Its CUDA context checkpointed to host memory ([router] sleep_releases_context): it holds no device memory.
+    context_released: bool = False
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> ResidencyAnswer:
-        return cls(data.get("state") == "asleep", int(data.get("weight_bytes") or 0), int(data.get("host_bytes") or 0))
+        return cls(
+            data.get("state") == "asleep",
+            int(data.get("weight_bytes") or 0),
+            int(data.get("host_bytes") or 0),
+            data.get("context") == "released",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,8 +15,9 @@ Two forward paths, fixed at construction from the GPU's compute capability (`cor
   documented formula, and on a CPU the path is emulated in float32 from the swizzled scales; the GEMM call itself
   follows pytorch's NVFP4 `_scaled_mm` tests and torchao's NVFP4 linear, and is unverified.
 - **storage** (Hopper / Ada, 8.9+: no FP4 tensor cores): the weight stays 4-bit in memory; each forward decodes it in
-  one elementwise pass (fused by `torch.compile`) straight into FP8 with a per-output-row scale computed at load,
-  then runs `fp8.rowwise_linear`, Fp8Linear's GEMM. It saves memory (0.5625 bytes a weight instead of 1), not compute.
+  one pass straight into FP8 with a per-output-row scale computed at load (on CUDA our Triton kernel,
+  `nvfp4_decode.py`, which `torch.compile` compiles into the layer; elsewhere `fp8_weight`, the same values), then runs
+  `fp8.rowwise_linear`, Fp8Linear's GEMM. It saves memory (0.5625 bytes a weight instead of 1), not compute.
 
 On a CPU both are emulated in float32 with the same quantized values, which is how the tests check them.
 """
@@ -151,7 +152,11 @@ def mode_for(device: torch.device, log: Callable[[str], None] = _log.info) -> Nv
     mode = nvfp4_mode(Device(capability))
     if mode is None:
         raise ValueError(f"NVFP4 needs compute capability 8.9 or newer, this GPU is {capability}")
-    return checked_mode(mode, lambda: native_gemm_problem(device), log)
+    mode = checked_mode(mode, lambda: native_gemm_problem(device), log)
+    if mode == "storage":  # the decode kernel's op, registered here on the loading thread: a first import while
+        import triton_rag.engines.nvfp4_decode  # noqa: F401  - the compiler's imports run in the background (a
+        # load's `import_compiler_in_background`) found torch._inductor half-initialised (ImportError, H200 run)
+    return mode
 
 
 def checked_mode(mode: Nvfp4Mode, problem: Callable[[], str | None], log: Callable[[str], None]) -> Nvfp4Mode:
@@ -239,6 +244,8 @@ class Nvfp4Linear(nn.Module):
             self.weight_block_scale = swizzle_block_scales(block_scale)
             return
         self.weight_block_scale = block_scale
+        if packed.is_cuda:  # registers the decode kernel's op (torch.ops.triton_rag.nvfp4_decode_fp8) for forward
+            import triton_rag.engines.nvfp4_decode  # noqa: F401
         # the row scales of the FP8 weight each forward decodes to: set here, so no reduction runs at run time
         row_scale = dequantize_nvfp4(packed, block_scale, global_scale).abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
         self.weight_scale = row_scale.view(1, -1)
@@ -252,13 +259,20 @@ class Nvfp4Linear(nn.Module):
         scaled = (values * factors.unsqueeze(-1)).view(self.out_features, self.in_features)
         return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
+    def _decoded_weight(self) -> torch.Tensor:
+        """`fp8_weight`'s values; on CUDA from the decode kernel (registered by `load_weight`)."""
+        if self.weight.is_cuda:
+            decode = torch.ops.triton_rag.nvfp4_decode_fp8
+            return decode(self.weight, self.weight_block_scale, self.weight_row_factor)
+        return self.fp8_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         if self.mode == "native":
             out = self._native(rows)
         else:
-            out = rowwise_linear(rows, self.fp8_weight(), self.weight_scale, self.bias, self.out_dtype)
+            out = rowwise_linear(rows, self._decoded_weight(), self.weight_scale, self.bias, self.out_dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
     def _native(self, rows: torch.Tensor) -> torch.Tensor:

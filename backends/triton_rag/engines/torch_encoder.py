@@ -37,6 +37,7 @@ from triton_rag.contract.params import TextEndpointParameters
 from triton_rag.core.batching import graph_shape, graph_shapes, plan_packed_passes
 from triton_rag.core.precision import Device, choose_precision
 from triton_rag.engines.checkpoint import read_lm_head_rows
+from triton_rag.engines.cuda_checkpoint import ContextRelease
 from triton_rag.engines.cuda_context import trim_stack_reserve
 from triton_rag.engines.device_cap import apply_device_cap
 from triton_rag.engines.encoder_common import (
@@ -129,6 +130,7 @@ class TorchEncoder:
         precompiled_dir: Path | None = None,
         device_memory_cap: int = 0,
         host_embeddings: bool = False,
+        release_context_asleep: bool = False,
     ) -> None:
         """`use_graphs`: None = on CUDA; True on a CPU runs the same static-shape path eagerly (for tests).
         `sleepable`: weights in a `WeightArena`, so `sleep()`/`wake()` can free and restore their device memory.
@@ -137,7 +139,10 @@ class TorchEncoder:
         the load and again right after the arena is built (its bytes are outside torch's allocator), so compilation
         and warm-up already run under the tighter limit.
         `host_embeddings`: an FP8 embedding table (precision fp8 / nvfp4) in pinned host memory, gathered over the
-        bus (`fp8.Fp8Embedding`): its bytes off the GPU."""
+        bus (`fp8.Fp8Embedding`): its bytes off the GPU.
+        `release_context_asleep`: asleep, the process's remaining GPU state (context, kernels, workspaces) is
+        checkpointed to host memory too (`cuda_checkpoint.ContextRelease`; CUDA only): nothing left on the device,
+        a wake costs the restore."""
         self.task = task
         self.pooling = pooling
         self.model_dir = Path(model_dir)
@@ -184,6 +189,7 @@ class TorchEncoder:
         else:
             self.model = self._transformers_model(log)
         self.arena = WeightArena(self.model, self.device, log) if sleepable else None
+        self.context = ContextRelease(log) if release_context_asleep and cuda and sleepable else None
         if device_memory_cap and self.arena is not None:
             apply_device_cap(device_memory_cap, self.arena.nbytes, log)
         self.vocab_size = int(config["vocab_size"])
@@ -306,26 +312,44 @@ class TorchEncoder:
         """Free the weights' device memory; the engine keeps everything else (the router's host-RAM tier)."""
         if self.arena is None:
             raise ValueError("this engine was loaded without a weight arena (sleepable = false)")
-        seconds = self.arena.sleep()
+        started = time.perf_counter()
+        self.arena.sleep()
         trim_stack_reserve(self.device)  # kernels since the load may have raised the stack limit again
-        return self.residency() | {"seconds": round(seconds, 4)}
+        if self.context is not None:
+            self.context.release()
+        return self.residency() | {"seconds": round(time.perf_counter() - started, 4)}
 
     def wake(self) -> dict[str, float | int | str]:
         if self.arena is None:
             raise ValueError("this engine was loaded without a weight arena (sleepable = false)")
-        seconds = self.arena.wake()
-        return self.residency() | {"seconds": round(seconds, 4)}
+        started = time.perf_counter()
+        if self.context is not None:  # before any CUDA call
+            self.context.restore()
+        self.arena.wake()
+        return self.residency() | {"seconds": round(time.perf_counter() - started, 4)}
 
     def residency(self) -> dict[str, float | int | str]:
         if self.arena is None:
             return {"state": "awake", "weight_bytes": 0, "host_bytes": 0}
         state = "asleep" if self.arena.asleep else "awake"
-        return {"state": state, "weight_bytes": self.arena.nbytes, "host_bytes": self.arena.host_bytes}
+        released = self.context is not None and self.context.released  # no CUDA call here: it may be checkpointed
+        return {
+            "state": state,
+            "weight_bytes": self.arena.nbytes,
+            "host_bytes": self.arena.host_bytes,
+            "context": "released" if released else "resident",
+        }
+
+    def close(self) -> None:
+        """Before the process ends (the model's unload): a checkpointed context restored, so that what torch frees
+        at exit does not wait on a locked driver."""
+        if self.context is not None:
+            self.context.restore()
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         if self.arena is not None and self.arena.asleep:  # a caller that bypassed the router: correct, if slower
-            self.arena.wake()
+            self.wake()
         self.validate(input_ids, attention_mask)
         starts, lengths = real_spans(attention_mask)
         if not self.causal:

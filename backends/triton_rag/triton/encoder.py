@@ -52,6 +52,7 @@ class EncoderModel:
             sleepable=options.sleepable,
             device_memory_cap=options.device_memory_cap,
             host_embeddings=options.embedding_table == "host",
+            release_context_asleep=options.release_context_asleep,
             log=self.log.info,
         )
         self.log.info(
@@ -102,4 +103,6 @@ class EncoderModel:
         return pb_utils.Tensor(contract.RESIDENCY_OUTPUT.name, np.array([[text]] * rows, dtype=np.object_))
 
     def finalize(self) -> None:
+        if isinstance(self.engine, TorchEncoder):
+            self.engine.close()
         del self.engine

@@ -214,7 +214,8 @@ class Workers:
         seconds = time.monotonic() - started
         if isinstance(effect, Wake):
             return Woke(model=effect.model, now=time.monotonic(), seconds=seconds, answer=answer)
-        held = self._bytes(effect.pids)
+        # a checkpointed process is not in NVML's list at all (None there means "not measured"): it holds nothing
+        held = 0 if answer.context_released else self._bytes(effect.pids)
         if isinstance(effect, Sleep):
             return Slept(model=effect.model, now=time.monotonic(), seconds=seconds, answer=answer, held=held)
         return ResidencyStatus(model=effect.model, now=time.monotonic(), answer=answer, held=held)
