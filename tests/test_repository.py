@@ -419,7 +419,7 @@ def test_docker_compose_file_is_valid(tmp_path: Path) -> None:
     result = config(with_key)
     assert result.returncode == 0, result.stderr
     assert "Dockerfile.triton" in result.stdout and "8001" in result.stdout and "test-admin-key" in result.stdout
-    assert result.stdout.count("127.0.0.1") == 3  # HTTP, gRPC and metrics published on loopback only
+    assert result.stdout.count("127.0.0.1") == 4  # HTTP, gRPC, metrics and the gateway published on loopback only
     assert "triton-rag-cache:/var/cache/triton-rag" in (PROJECT_ROOT / "docker-compose.yml").read_text()
     dockerfile = (PROJECT_ROOT / "Dockerfile.triton").read_text()
     assert "tritonserver:25.10-py3" in dockerfile

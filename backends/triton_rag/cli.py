@@ -18,7 +18,15 @@ from triton_rag.build.settings import Settings, SettingsError, load_settings, pr
 from triton_rag.build.sources import ModelSourceError
 from triton_rag.core import admin, logs
 from triton_rag.core.measurements import ram_total
-from triton_rag.server import LOOPBACK, Ports, TritonServer, admin_key_file, resolve_admin_key
+from triton_rag.server import (
+    LOOPBACK,
+    GatewayProcess,
+    Ports,
+    TritonServer,
+    admin_key_file,
+    gateway_command,
+    resolve_admin_key,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: Whole settings files for deployment targets (`--profile NAME` reads <PROFILES_DIR>/NAME.toml).
@@ -152,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument(
+        "--gateway",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start the HTTP gateway (OpenAI embeddings, Cohere/Jina rerank, docling-serve conversion) beside "
+        "tritonserver (default: rag.toml [gateway] enabled)",
+    )
+    serve.add_argument("--gateway-host", help="the gateway's address (default: rag.toml [gateway] host, 127.0.0.1)")
+    serve.add_argument("--gateway-port", type=int, help="the gateway's port (default: rag.toml [gateway] port, 8080)")
     key = commands.add_parser(
         "admin-key",
         help=f"print the admin key serve uses (${admin.KEY_ENV}, else <cache-dir>/admin.key, made if missing)",
@@ -213,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
         try:
             server = TritonServer(args.repository, args.cache_dir, ports, host=args.host)
-        except ValueError as exc:  # an admin key that cannot be a header value
+            gateway = _gateway(args, server)
+        except (ValueError, SettingsError) as exc:  # an admin key that cannot be a header value, a gateway setting
             _logger.error(f"error: {exc}")
             return 2
         key_source = admin.KEY_ENV if os.environ.get(admin.KEY_ENV, "").strip() else admin_key_file(args.cache_dir)
@@ -221,8 +239,34 @@ def main(argv: list[str] | None = None) -> int:
             f"starting tritonserver on {args.host}: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
             f"{args.metrics_port}; the repository API needs the admin key ({key_source}) (Ctrl-C stops it)"
         )
-        return server.serve_forever()
+        return server.serve_forever(gateway=gateway)
     return 0
+
+
+def _gateway(args: argparse.Namespace, server: TritonServer) -> GatewayProcess | None:
+    """The gateway process `serve` starts beside tritonserver, or None (turned off). Refused here, before anything
+    starts, where it would listen beyond loopback without API keys (unless rag.toml allows that)."""
+    from triton_rag.gateway.__main__ import api_keys, exposure_problem
+
+    overrides = list(args.overrides)
+    if args.gateway_host:
+        overrides.append(f"gateway.host={args.gateway_host}")
+    if args.gateway_port:
+        overrides.append(f"gateway.port={args.gateway_port}")
+    path = _settings_path(args)
+    settings = load_settings(path, overrides).gateway
+    enabled = settings.enabled if args.gateway is None else args.gateway
+    if not enabled:
+        return None
+    problem = exposure_problem(settings.host, api_keys(settings), settings.allow_insecure_public)
+    if problem:
+        raise SettingsError(f"{problem} (or serve --no-gateway)")
+    _log(
+        f"starting the gateway on http://{settings.host}:{settings.port} (OpenAI /v1/embeddings, /v1/rerank, "
+        "/v2/rerank, /v1/convert/*; --no-gateway turns it off)"
+    )
+    command = gateway_command(args.repository, server.grpc_url, settings.host, settings.port, path, overrides)
+    return GatewayProcess(command)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,67 @@ def _die_with_parent() -> None:
         pass
 
 
+def terminate_group(process: subprocess.Popen[bytes], grace: float) -> int:
+    """SIGTERM `process` (started with `_die_with_parent`: it leads its own process group), wait up to `grace`
+    seconds, then SIGKILL whatever is left of its group (a tritonserver's stubs, a process past its grace period);
+    its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return process.wait()
+
+
+class GatewayProcess:
+    """The gateway (triton_rag.gateway) as a process of its own beside tritonserver: started once tritonserver is,
+    stopped before it (so no client is let in while Triton stops). Its own process group; it gets SIGTERM if the
+    launcher dies."""
+
+    def __init__(self, command: Sequence[str], log: IO[bytes] | None = None) -> None:
+        self.command = list(command)
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.reported_exit = False
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT if self.log is not None else None,
+            preexec_fn=_die_with_parent,
+        )
+
+    def exited(self) -> int | None:
+        """The exit code once it has ended on its own (reported once), else None."""
+        if self.process is None or self.reported_exit or self.process.poll() is None:
+            return None
+        self.reported_exit = True
+        return self.process.returncode
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.process is not None:
+            terminate_group(self.process, grace)
+
+
+def gateway_command(
+    repository: Path, triton_url: str, host: str, port: int, config: Path | None, overrides: Sequence[str] = ()
+) -> list[str]:
+    """`python -m triton_rag.gateway ...` for this environment's Python."""
+    command = [sys.executable, "-m", "triton_rag.gateway", "--repository", str(repository.resolve()),
+               "--triton-url", triton_url, "--host", host, "--port", str(port)]
+    if config is not None:
+        command += ["--config", str(config.resolve())]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
 class TritonServer:
     def __init__(
         self,
@@ -284,14 +345,7 @@ class TritonServer:
         """SIGTERM the server, wait up to `grace` seconds, then SIGKILL its process group (stubs included)."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill_group()
-        return self.process.wait()
+        return terminate_group(self.process, grace)
 
     def _kill_group(self) -> None:
         """SIGKILL what is left of the server's process group (it leads its own): stubs of a server that did not
@@ -302,8 +356,9 @@ class TritonServer:
         except ProcessLookupError:
             pass
 
-    def serve_forever(self, grace: float = 30.0) -> int:
-        """Run in the foreground until the server exits or SIGINT/SIGTERM arrives; then stop it cleanly.
+    def serve_forever(self, grace: float = 30.0, gateway: GatewayProcess | None = None) -> int:
+        """Run in the foreground until the server exits or SIGINT/SIGTERM arrives; then stop it cleanly, and the
+        gateway (started right after tritonserver) before it.
 
         The signal handler only forwards SIGTERM: waiting happens here, in one place, so the handler can never
         deadlock against a wait that it interrupted."""
@@ -315,16 +370,31 @@ class TritonServer:
                 _log.info("received %s: stopping tritonserver", signal.Signals(signum).name)
                 os.kill(self.process.pid, signal.SIGTERM)
 
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        def on_signal_with_gateway(signum: int, frame: object) -> None:
+            if gateway is not None and gateway.process is not None and gateway.process.poll() is None:
+                gateway.process.send_signal(signal.SIGTERM)  # stop letting clients in first
+            on_signal(signum, frame)
+
+        signal.signal(signal.SIGINT, on_signal_with_gateway)
+        signal.signal(signal.SIGTERM, on_signal_with_gateway)
         self.start()
         assert self.process is not None
-        while True:
-            try:
-                code = self.process.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if stop_requested and time.monotonic() - stop_requested[0] > grace:
-                    self._kill_group()
-        self._kill_group()
+        if gateway is not None:
+            gateway.start()
+        try:
+            while True:
+                try:
+                    code = self.process.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop_requested and time.monotonic() - stop_requested[0] > grace:
+                        self._kill_group()
+                    if gateway is not None and not stop_requested:
+                        exited = gateway.exited()
+                        if exited is not None:
+                            _log.error("the gateway exited (code %s); tritonserver keeps serving", exited)
+        finally:
+            if gateway is not None:
+                gateway.stop()
+            self._kill_group()
         return 0 if stop_requested else code

@@ -31,6 +31,7 @@ from triton_rag.contract.params import (
     router_settings,
 )
 from triton_rag.core.limits import Limits
+from triton_rag.core.units import PolicyError, parse_bytes
 
 #: "auto": the checkpoint's sentence-transformers config, else by architecture (build.encoders.detect_pooling).
 PoolingChoice = Literal["auto", "last_token", "mean"]
@@ -99,12 +100,64 @@ class DoclingSettings:
     batching: BatchingPreset = "project"
 
 
+#: Where the gateway listens unless told otherwise: this machine only (the same default as tritonserver's).
+GATEWAY_LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The RAG front door (triton_rag.gateway): OpenAI embeddings, Cohere/Jina rerank and docling-serve conversion
+    over HTTP, a process beside tritonserver that `triton-rag serve` starts and stops with it (README, "Use it from
+    your RAG stack")."""
+
+    #: false: `serve` starts tritonserver alone (as `--no-gateway` does).
+    enabled: bool = True
+    host: str = GATEWAY_LOOPBACK
+    port: int = 8080
+    #: Keys a client sends as `Authorization: Bearer <key>`; none (and no key file): no key is asked for, which is
+    #: allowed on loopback only unless `allow_insecure_public`.
+    api_keys: tuple[str, ...] = ()
+    #: A file of keys, one a line (blank lines and `#` comments skipped); read at start-up, beside `api_keys`.
+    api_key_file: str = ""
+    #: true: listen beyond loopback without API keys (anyone who reaches the port may use the models).
+    allow_insecure_public: bool = False
+    #: A request body over this is refused with 413 before it is read in full (bytes: "96MiB", "100000000").
+    max_body_bytes: str = "96MiB"
+    #: Texts in one embeddings request, documents in one rerank request.
+    max_inputs: int = 2048
+    #: How long a request may wait for Triton (a model's first load included) before it is answered with 503 and
+    #: Retry-After.
+    request_timeout_seconds: float = 120.0
+    #: Retry-After's seconds on a 503.
+    retry_after_seconds: int = 5
+    #: docling-serve's `http` sources make the gateway fetch a URL a client names (a server-side request on its
+    #: behalf): refused unless this is true.
+    allow_http_sources: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            parse_bytes(self.max_body_bytes)
+        except PolicyError as exc:
+            raise SettingsError(f"[gateway] max_body_bytes: {exc}") from None
+        if not self.host.strip():
+            raise SettingsError("[gateway] host is empty")
+        if self.port > 65535:
+            raise SettingsError(f"[gateway] port must be at most 65535, got {self.port}")
+        if self.request_timeout_seconds <= 0:
+            raise SettingsError("[gateway] request_timeout_seconds must be positive")
+
+    def body_limit(self) -> int:
+        """`max_body_bytes` in bytes."""
+        return parse_bytes(self.max_body_bytes)
+
+
 @dataclass(frozen=True)
 class Settings:
     embed: EmbedSettings = field(default_factory=EmbedSettings)
     rerank: RerankSettings = field(default_factory=RerankSettings)
     docling: DoclingSettings = field(default_factory=DoclingSettings)
     router: RouterSettings = field(default_factory=RouterSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     #: Build tiny random-weight models of the real architecture when the hub cannot be reached.
     offline_fallback: bool = True
 
@@ -157,9 +210,9 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
             raise SettingsError(f"{path} is not valid TOML: {exc}") from None
     for section, values in parse_overrides(overrides or []).items():
         data.setdefault(section, {}).update(values)
-    unknown = sorted(set(data) - {"embed", "rerank", "docling", "router", "offline"})
+    unknown = sorted(set(data) - {"embed", "rerank", "docling", "router", "gateway", "offline"})
     if unknown:
-        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, docling, router, offline")
+        raise SettingsError(f"unknown sections {unknown}; known: embed, rerank, docling, router, gateway, offline")
     offline = data.get("offline", {})
     fallback = offline.get("fallback", True)
     if isinstance(fallback, str):
@@ -169,5 +222,11 @@ def load_settings(path: Path | None, overrides: list[str] | None = None) -> Sett
         rerank=build_dataclass(RerankSettings, "rerank", data.get("rerank", {})),
         docling=build_dataclass(DoclingSettings, "docling", data.get("docling", {})),
         router=router_settings(data.get("router", {})),
+        gateway=build_dataclass(GatewaySettings, "gateway", _gateway_values(data.get("gateway", {}))),
         offline_fallback=bool(fallback),
     )
+
+
+def _gateway_values(values: dict[str, Any]) -> dict[str, Any]:
+    """[gateway] as build_dataclass takes it: a size may be a TOML integer."""
+    return {key: str(value) if key == "max_body_bytes" else value for key, value in values.items()}
