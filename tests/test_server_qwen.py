@@ -113,6 +113,11 @@ def test_bad_input_gets_a_clear_error_and_the_server_carries_on(qwen_server: Run
     assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", ["fine", "  "])], "TEXT row 1 is empty")
     assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", [b"\xff\xfe bad"])], "not valid UTF-8")
     assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", ["word " * 600])], "more than max_length 512")
+    # bytes before tokenizing: 50 MB is refused unread (512 tokens x 32 bytes), not tokenized in full first
+    huge = "word " * (10 * 2**20)
+    assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", [huge])], "TEXT row 0 is 52,428,800 bytes, more than")
+    too_big = [strings("QUERY", ["q"]), strings("DOCUMENT", [huge])]
+    assert_rejected(qwen_server, "qwen_rerank", too_big, "DOCUMENT row 0 is 52,428,800 bytes, more than the 16,384")
     assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", ["x"] * 65)], "batch")  # above max_batch_size 64
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"]), strings("DOCUMENT", [""])], "DOCUMENT")
     assert_rejected(qwen_server, "qwen_rerank", [strings("QUERY", ["q"])], "DOCUMENT")  # missing input

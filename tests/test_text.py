@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from triton_rag.core.errors import BadInput, TooLarge
 from triton_rag.core.text import (
+    MAX_BYTES_PER_TOKEN,
     EmbedTokenization,
     InputError,
     RerankTokenization,
@@ -16,6 +17,7 @@ from triton_rag.core.text import (
     format_embed_text,
     format_rerank_pair,
     require_non_empty,
+    text_byte_limit,
 )
 
 ENDOFTEXT = 151643
@@ -94,3 +96,20 @@ def test_utf8_and_empty_checks_name_the_row() -> None:
         decode_utf8([b"ok", b"\xff"], "TEXT")
     with pytest.raises(InputError, match="QUERY row 2 is empty"):
         require_non_empty(["a", "b", " \n"], "QUERY")
+
+
+def test_a_text_above_the_byte_limit_is_refused_or_cut_before_decoding() -> None:
+    """Bytes before tokenizing (issue 23): a value above the limit is refused unread, naming its row, size and the
+    limit; where the endpoint truncates it is cut to the limit on a character boundary instead."""
+    limit = text_byte_limit(4)
+    assert limit == 4 * MAX_BYTES_PER_TOKEN
+    fits = "é" * (limit // 2)  # exactly the limit in bytes
+    assert decode_utf8([fits.encode()], "TEXT", limit) == [fits]
+    with pytest.raises(TooLarge, match=f"TEXT row 1 is {limit + 1:,} bytes, more than the {limit:,}"):
+        decode_utf8([b"ok", b"x" * (limit + 1)], "TEXT", limit)
+    with pytest.raises(TooLarge, match="QUERY row 0"):
+        decode_utf8(["a" * (limit + 1)], "QUERY", limit)  # a str is measured in UTF-8 bytes too
+    (cut,) = decode_utf8([("a" + "é" * limit).encode()], "TEXT", limit, cut=True)  # the limit splits an "é"
+    assert cut == "a" + "é" * ((limit - 1) // 2) and len(cut.encode()) == limit - 1
+    with pytest.raises(InputError, match="not valid UTF-8"):  # a bad byte before the cut is still an error
+        decode_utf8([b"\xff" + b"a" * limit], "TEXT", limit, cut=True)

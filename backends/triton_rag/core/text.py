@@ -146,17 +146,39 @@ def _raise_or_return(result: list[Encoded] | InputError) -> list[Encoded]:
     return result
 
 
-def decode_utf8(values: Sequence[object], tensor: str) -> list[str]:
-    """Triton string tensors arrive as bytes; reject what is not UTF-8 or is empty, naming the row."""
+#: Bytes a text field may carry per token of max_length, checked before it is decoded or tokenized: far above real
+#: text (English ~4 bytes a token, CJK 3-6), so what it refuses could not fit max_length anyway, and a 50 MB text is
+#: refused unread instead of tokenized in full (issue 23: 51-99 s and 6.7 GB of a stub's RAM before).
+MAX_BYTES_PER_TOKEN = 32
+
+
+def text_byte_limit(max_length: int) -> int:
+    """The bytes one text field may have for an endpoint of `max_length` tokens."""
+    return max_length * MAX_BYTES_PER_TOKEN
+
+
+def decode_utf8(
+    values: Sequence[object], tensor: str, max_bytes: int | None = None, cut: bool = False
+) -> list[str]:
+    """Triton string tensors arrive as bytes; reject what is not UTF-8, naming the row. A value above `max_bytes`
+    is refused before decoding (TooLarge), or with `cut` (overflow = "truncate") cut to `max_bytes` at a character
+    boundary: the tokenizer then truncates what is left."""
     texts: list[str] = []
     for row, value in enumerate(values):
-        if isinstance(value, str):
-            text = value
-        else:
-            try:
-                text = bytes(value).decode("utf-8")  # type: ignore[call-overload]
-            except UnicodeDecodeError as exc:
+        data = value.encode() if isinstance(value, str) else bytes(value)  # type: ignore[call-overload]
+        if max_bytes is not None and len(data) > max_bytes:
+            if not cut:
+                raise TooLarge(
+                    f"{tensor} row {row} is {len(data):,} bytes, more than the {max_bytes:,} this endpoint reads "
+                    f"({MAX_BYTES_PER_TOKEN} bytes a token of max_length); split it into smaller chunks"
+                )
+            data = data[:max_bytes]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not (cut and exc.reason == "unexpected end of data"):
                 raise InputError(f"{tensor} row {row} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            text = data[: exc.start].decode("utf-8")  # the cut split a character: drop its first bytes
         texts.append(text)
     return texts
 

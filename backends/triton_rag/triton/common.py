@@ -67,14 +67,17 @@ def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
-def read_strings(request: Any, name: str, optional: bool = False) -> list[str] | None:
-    """A [rows, 1] string input as Python strings (None when an optional input is absent)."""
+def read_strings(
+    request: Any, name: str, optional: bool = False, max_bytes: int | None = None, cut: bool = False
+) -> list[str] | None:
+    """A [rows, 1] string input as Python strings (None when an optional input is absent); each value's bytes
+    checked against `max_bytes` before it is decoded (`core.text.decode_utf8`)."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         if optional:
             return None
         raise InputError(f"missing input {name}")
-    return decode_utf8(tensor.as_numpy().reshape(-1).tolist(), name)
+    return decode_utf8(tensor.as_numpy().reshape(-1).tolist(), name, max_bytes, cut)
 
 
 def _response(status: StatusCode, message: str) -> Any:

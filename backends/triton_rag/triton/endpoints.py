@@ -27,6 +27,7 @@ from triton_rag.core.text import (
     format_embed_text,
     format_rerank_pair,
     require_non_empty,
+    text_byte_limit,
 )
 from triton_rag.triton.common import (
     RouterClient,
@@ -58,6 +59,7 @@ class _TextEndpoint(Generic[P]):
         self.max_length = params.max_length
         self.overflow = params.overflow
         self.max_batch_tokens = params.max_batch_tokens
+        self.max_text_bytes = text_byte_limit(self.max_length)  # each text field, before decoding or tokenizing
         self.router = RouterClient(params.router)
         tokenizer_dir = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -70,6 +72,11 @@ class _TextEndpoint(Generic[P]):
     def read_request(self, request: Any) -> list[str]:
         """The request's rows as the texts to tokenize (its own InputError when malformed)."""
         raise NotImplementedError
+
+    def read_texts(self, request: Any, name: str, optional: bool = False) -> list[str] | None:
+        """A text input, each value's size checked first: refused above the byte limit, or cut to it where the
+        endpoint truncates."""
+        return read_strings(request, name, optional, self.max_text_bytes, cut=self.overflow == "truncate")
 
     def respond(self, outputs: np.ndarray, encoded: list[Encoded]) -> Any:
         raise NotImplementedError
@@ -129,10 +136,10 @@ class EmbedEndpoint(_TextEndpoint[EmbedEndpointParameters]):
         self.tokenization = EmbedTokenization(tokenizer, self.max_length, self.overflow, append_id)
 
     def read_request(self, request: Any) -> list[str]:
-        texts = read_strings(request, "TEXT")
+        texts = self.read_texts(request, "TEXT")
         assert texts is not None
         require_non_empty(texts, "TEXT")
-        instructions = read_strings(request, "INSTRUCTION", optional=True) or [""] * len(texts)
+        instructions = self.read_texts(request, "INSTRUCTION", optional=True) or [""] * len(texts)
         _rows_match("INSTRUCTION", instructions, len(texts))
         return [format_embed_text(t, i) for t, i in zip(texts, instructions, strict=True)]
 
@@ -151,13 +158,13 @@ class RerankEndpoint(_TextEndpoint[RerankEndpointParameters]):
         self.tokenization = RerankTokenization(tokenizer, self.max_length, self.overflow)
 
     def read_request(self, request: Any) -> list[str]:
-        queries = read_strings(request, "QUERY")
-        documents = read_strings(request, "DOCUMENT")
+        queries = self.read_texts(request, "QUERY")
+        documents = self.read_texts(request, "DOCUMENT")
         assert queries is not None and documents is not None
         require_non_empty(queries, "QUERY")
         require_non_empty(documents, "DOCUMENT")
         _rows_match("DOCUMENT", documents, len(queries))
-        instructions = read_strings(request, "INSTRUCTION", optional=True) or [""] * len(queries)
+        instructions = self.read_texts(request, "INSTRUCTION", optional=True) or [""] * len(queries)
         _rows_match("INSTRUCTION", instructions, len(queries))
         rows = zip(queries, documents, instructions, strict=True)
         return [format_rerank_pair(q, d, i or self.default_instruction) for q, d, i in rows]
