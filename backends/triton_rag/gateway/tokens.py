@@ -4,8 +4,9 @@
 The token counts are the endpoint's own: the same prompt formatting and the same tokenization rules
 (triton_rag.core.text), so a text over `max_length` is refused here with its index, and `usage` counts what the
 encoder runs. A text's bytes are capped before it is tokenized (issue 23: tokenizing 50 MB took a minute and GBs):
-no text over `max_length` tokens times the longest token's bytes can fit, so it is refused (overflow = "reject") or
-cut to that many bytes for counting (overflow = "truncate": the endpoint truncates it anyway).
+the endpoints' own rule, `max_length` x `core.text.MAX_BYTES_PER_TOKEN` bytes (`text_byte_limit`): above it a text is
+refused (overflow = "reject") or cut to that many bytes for counting (overflow = "truncate": the endpoint does the
+same).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any, Literal
 from tokenizers import Tokenizer
 
 from triton_rag.core.text import (
+    MAX_BYTES_PER_TOKEN,
     EmbedTokenization,
     InputError,
     RerankTokenization,
     format_embed_text,
     format_rerank_pair,
+    text_byte_limit,
 )
 from triton_rag.gateway.errors import BadRequest
 
@@ -63,13 +66,6 @@ class FastTokenizer:
             raise KeyError(f"the tokenizer has no token {tokens!r}")
         return int(token_id)
 
-    def longest_token_bytes(self) -> int:
-        """An upper bound on the bytes of text one token stands for: the longest vocabulary entry's UTF-8 bytes (a
-        byte-level BPE's entries are written one character per byte, so this over-counts, never under-counts; at
-        least 16, so a word the tokenizer maps to one unknown token still fits)."""
-        vocabulary = self.tokenizer.get_vocab(with_added_tokens=False)
-        return max(16, max((len(token.encode()) for token in vocabulary), default=16))
-
     def cut_to_tokens(self, text: str, tokens: int) -> str:
         """`text` cut after its first `tokens` tokens (no special tokens), at the character where that token ends."""
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
@@ -105,7 +101,7 @@ class EmbedCounter:
         self.tokenization = EmbedTokenization(tokenizer, max_length, overflow, append_id)
         self.max_length = max_length
         self.overflow = overflow
-        self.byte_limit = max_length * tokenizer.longest_token_bytes()
+        self.byte_limit = text_byte_limit(max_length)  # the endpoints' own rule
 
     def count(self, texts: Sequence[str], instruction: str) -> int:
         """The tokens of all texts (prompt and special tokens included); BadRequest naming the first text over a
@@ -134,7 +130,7 @@ class RerankCounter:
         self.max_length = max_length
         self.overflow = overflow
         self.default_instruction = default_instruction
-        self.byte_limit = max_length * tokenizer.longest_token_bytes()
+        self.byte_limit = text_byte_limit(max_length)  # the endpoints' own rule
 
     def check_query(self, query: str, instruction: str) -> None:
         size = len(query.encode()) + len(instruction.encode())
@@ -166,7 +162,7 @@ class RerankCounter:
 
     def cut_documents(self, documents: Sequence[str], max_tokens: int) -> list[str]:
         """Cohere's `max_tokens_per_doc`: each document cut after that many tokens (bytes capped first)."""
-        cap = max_tokens * self.tokenizer.longest_token_bytes()
+        cap = max_tokens * MAX_BYTES_PER_TOKEN
         return [
             self.tokenizer.cut_to_tokens(d.encode()[:cap].decode(errors="ignore") if len(d) > cap else d, max_tokens)
             for d in documents
