@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.harness import CACHE_DIR
@@ -19,7 +22,8 @@ from triton_rag.build.offline_docling import build_granite_tokenizer
 from triton_rag.build.settings import SettingsError, load_settings
 from triton_rag.core.docling_prompt import GRANITE_CHAT, PagePrompts
 from triton_rag.core.idefics3 import ImageProcessorConfig, normalize, preprocess
-from triton_rag.core.pdf import Limits, open_image, render_pdf
+from triton_rag.core.images import to_rgb
+from triton_rag.core.pdf import Limits, open_image, render_pdf, render_scale, rendered_size
 from triton_rag.core.text import InputError
 from triton_rag.engines.torch_vlm import PageInput, TorchVlm
 
@@ -42,6 +46,37 @@ def make_pdf(*sizes: tuple[int, int]) -> bytes:
         images.append(page)
     buffer = io.BytesIO()
     images[0].save(buffer, "PDF", resolution=72.0, save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
+#: The image modes (and multi-frame files) a client may send to `docling`, each in a format that keeps it.
+IMAGE_MODES = ("CMYK", "F", "I;16", "I", "P", "PA", "LA", "L", "1", "RGBA", "animated GIF", "animated PNG")
+
+
+def page_in_mode(mode: str, width: int = 96, height: int = 64) -> bytes:
+    """An encoded page image in `mode`: a left-to-right gradient (deep modes over their whole range), transparent
+    on its left quarter where the mode has alpha; animated: a red first frame, then green and blue."""
+    ramp = np.linspace(0.0, 1.0, width, dtype=np.float64)[None, :].repeat(height, axis=0)
+    rgb = Image.fromarray(np.stack([ramp * 255, ramp[::-1] * 255, np.full_like(ramp, 90)], -1).astype(np.uint8))
+    buffer = io.BytesIO()
+    if mode.startswith("animated"):
+        frames = [Image.new("RGB", (width, height), colour) for colour in ("red", "green", "blue")]
+        frames[0].save(buffer, mode.split()[1], save_all=True, append_images=frames[1:])
+        return buffer.getvalue()
+    fmt = {"CMYK": "JPEG", "F": "TIFF", "I": "TIFF", "PA": "TIFF"}.get(mode, "PNG")
+    if mode == "F":
+        image = Image.fromarray(ramp.astype(np.float32))  # 0.0 .. 1.0
+    elif mode in ("I;16", "I"):
+        image = Image.fromarray((ramp * 65535).round().astype(np.uint16 if mode == "I;16" else np.int32))
+    elif mode in ("PA", "LA", "RGBA"):
+        image = rgb.convert("P" if mode == "PA" else mode[:-1]).convert(mode)
+        alpha = np.full((height, width), 255, dtype=np.uint8)
+        alpha[:, : width // 4] = 0
+        image.putalpha(Image.fromarray(alpha))
+    else:
+        image = rgb.convert(mode)
+    image.save(buffer, fmt)
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == mode  # the file really is in that mode
     return buffer.getvalue()
 
 
@@ -191,6 +226,63 @@ def test_pdf_pages_render_at_the_configured_resolution_with_sizes_in_points() ->
     poster = render_pdf(make_pdf((2000, 2000)), Limits(max_image_pixels=1_000_000))[0]
     assert poster.image is not None and poster.image.size[0] * poster.image.size[1] <= 1_000_000
     assert poster.size_points == (2000.0, 2000.0)  # rendered smaller, still reported in points
+
+
+@given(
+    width=st.floats(0.5, 20_000.0),
+    height=st.floats(0.5, 20_000.0),
+    dpi=st.floats(1.0, 1200.0),
+    limit=st.integers(1, 200_000_000),
+)
+def test_pages_render_at_the_largest_size_that_fits_the_pixel_limit(width, height, dpi, limit) -> None:
+    size, limits = (width, height), Limits(max_image_pixels=limit, dpi=dpi)
+    scale = render_scale(size, limits)
+    columns, rows = rendered_size(size, scale)
+    assert columns * rows <= limit  # never over: docling's pixel check would refuse the page
+    if scale == dpi / 72.0:
+        return  # a page that fits at dpi is rendered at dpi
+    assert scale < dpi / 72.0
+    bigger = rendered_size(size, math.nextafter(scale, math.inf))
+    assert bigger[0] * bigger[1] > limit  # the largest that fits: one float step more and it does not
+    assert (columns + 1) * (rows + 1) > limit  # so within a pixel of the largest, on each side
+
+
+def test_a_poster_page_renders_to_fit_the_limit_exactly() -> None:
+    # 3100 pt at 144 dpi is 6200 px a side; 12 Mpx allow 3464.1: 3464 (rounding up, 3465^2, is over the limit)
+    limits = Limits(max_image_pixels=12_000_000)
+    assert rendered_size((3100.0, 3100.0), render_scale((3100.0, 3100.0), limits)) == (3464, 3464)
+    (page,) = render_pdf(make_pdf((3100, 3100)), limits)
+    assert page.error == "" and page.image is not None and page.image.size == (3464, 3464)
+    assert page.size_points == (3100.0, 3100.0)
+    # the issue's case: sqrt(40M) = 6324.6 px a side; and a non-square poster (A0 at 300 dpi)
+    for size, dpi in [((3200.0, 3200.0), 144.0), ((2384.0, 3370.0), 300.0)]:
+        columns, rows = rendered_size(size, render_scale(size, Limits(dpi=dpi)))
+        assert 40_000_000 - (columns + rows) < columns * rows <= 40_000_000
+
+
+def test_every_image_mode_becomes_rgb_once_when_it_is_opened() -> None:
+    width, height = 96, 64
+    ramp = np.rint(np.linspace(0.0, 1.0, width) * 255)  # what every deep gradient must become: 0 .. 255
+    for mode in IMAGE_MODES:
+        data = page_in_mode(mode, width, height)
+        image = open_image(data, Limits())
+        assert (image.mode, image.size) == ("RGB", (width, height)), mode
+        pixels = np.asarray(image).astype(int)
+        if mode in ("F", "I;16", "I"):  # scaled from their range to 8 bits, not clipped at 255 (a white page)
+            assert np.abs(pixels[0, :, 0] - ramp).max() <= 1, mode
+            assert (pixels[..., 0] == pixels[..., 1]).all(), mode
+        elif mode in ("PA", "LA", "RGBA"):  # transparency composited onto white
+            assert (pixels[:, : width // 4] == 255).all() and pixels[:, width // 2 :].min() < 255, mode
+        elif mode.startswith("animated"):  # the first frame
+            assert (pixels == [255, 0, 0]).all(), mode
+        else:  # CMYK, P, L, 1: Pillow's own conversion, as transformers does it
+            assert (pixels == np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))).all(), mode
+        assert to_rgb(image) is image  # RGB stays as it is: converted once
+    # values outside 0..255 (and 0..1 for F, 0..65535 for I): stretched from the minimum to the maximum
+    signed = to_rgb(Image.fromarray(np.array([[-1000, 0, 1000]], dtype=np.int32)))
+    assert np.asarray(signed)[0, :, 0].tolist() == [0, 128, 255]
+    floats = to_rgb(Image.fromarray(np.array([[0.0, 127.6, 255.0, np.nan]], dtype=np.float32)))
+    assert np.asarray(floats)[0, :, 0].tolist() == [0, 128, 255, 0]
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +25,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import CACHE_DIR, RunningServer, start_server, strings
-from tests.test_docling_parts import PROMPT, empty_pdf, make_pdf, noise_page
+from tests.test_docling_parts import IMAGE_MODES, PROMPT, empty_pdf, make_pdf, noise_page, page_in_mode
 from triton_rag import contract
 from triton_rag.build.model_config import build_config, render
 from triton_rag.build.repository import prepare_repository
@@ -31,7 +33,7 @@ from triton_rag.build.settings import DoclingSettings, Settings
 from triton_rag.client import RouterControl
 from triton_rag.core.docling_prompt import GRANITE_CHAT
 from triton_rag.core.doctags import PageTags, pages_to_document
-from triton_rag.core.pdf import Limits, render_pdf
+from triton_rag.core.pdf import Limits, open_image, render_pdf
 
 NEW_TOKENS = 16
 MAX_PIXELS = 12_000_000
@@ -182,6 +184,70 @@ def test_a_failed_page_is_reported_and_keeps_its_place(docling_server) -> None:
     assert (box.l, box.t, box.r, box.b) == pytest.approx((61.2, 39.6, 550.8, 79.2))
     with pytest.raises(InferenceServerException, match="no page could be converted"):
         convert_document(docling_server, make_pdf((842, 595)), "faulty_document")
+
+
+def test_a_poster_only_pdf_is_rendered_to_fit_the_pixel_limit_and_converts(docling_server) -> None:
+    # 3100 pt at 144 dpi is 6200 x 6200 px, over MAX_PIXELS (12 M): rendered at 3464 x 3464, which `docling`'s pixel
+    # check accepts (rounding the downscale up gave 3465 x 3465 = 12,006,225 px: refused, "no page could be converted")
+    document, errors = convert_document(docling_server, make_pdf((3100, 3100)))
+    assert errors == {}
+    assert {n: (p.size.width, p.size.height) for n, p in document.pages.items()} == {1: (3100.0, 3100.0)}
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_every_image_mode_converts_from_its_rgb_image(docling_server, mode: str) -> None:
+    data = page_in_mode(mode, 300, 200)
+    (doctags,), (document_json,) = convert_page(docling_server, [data])
+    document = DoclingDocument.model_validate_json(document_json)  # built from the RGB image: no PNG-mode error
+    assert {n: (p.size.width, p.size.height) for n, p in document.pages.items()} == {1: (300.0, 200.0)}
+    # the model saw the converted image: the same DocTags as that RGB image sent as a PNG
+    assert convert_page(docling_server, [encoded(open_image(data, Limits()))])[0] == [doctags]
+
+
+def test_an_undecodable_image_in_a_dynamic_batch_fails_alone(docling_server) -> None:
+    """Both `docling` instances are kept busy by 3-row requests, so a bad and a good 1-row request that arrive
+    meanwhile wait together and are executed as one batch of 2 (Triton's batch statistics say when that happened:
+    the busy requests are batches of 3). The bad one gets its own INVALID_ARG, the good one its answer."""
+    good = encoded(noise_page(60, 300, 200))
+    whole = encoded(noise_page(61, 300, 200))
+    bad = whole[: len(whole) // 2]  # a PNG header Pillow opens, pixels that cannot be decoded
+    busy = [encoded(noise_page(62 + i, 1600, 1200)) for i in range(3)]
+    expected = convert_page(docling_server, [good])[0]
+    clients = [docling_server.client() for _ in range(4)]
+
+    def pairs() -> int:
+        stats = clients[0].get_inference_statistics(contract.DOCLING_ENDPOINT, as_json=True)["model_stats"][0]
+        return sum(int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", []) if int(b["batch_size"]) == 2)
+
+    def send(client: grpcclient.InferenceServerClient, images: list[bytes], start: threading.Event):
+        start.wait()
+        try:
+            result = client.infer(contract.DOCLING_ENDPOINT, [strings("IMAGE", images)])
+            return [v.decode() for v in result.as_numpy("DOCTAGS").reshape(-1)]
+        except InferenceServerException as exc:
+            return exc
+
+    for _ in range(5):  # the scheduling is the OS's: retry until the pair met in one batch
+        before = pairs()
+        with ThreadPoolExecutor(4) as pool:
+            go_busy, go_pair = threading.Event(), threading.Event()
+            busy_results = [pool.submit(send, clients[i], busy, go_busy) for i in (0, 1)]
+            go_busy.set()
+            time.sleep(0.3)
+            bad_result, good_result = (
+                pool.submit(send, clients[i], [image], go_pair) for i, image in ((2, bad), (3, good))
+            )
+            go_pair.set()
+            failed, answered = bad_result.result(), good_result.result()
+            assert all(isinstance(r.result(), list) for r in busy_results)
+        assert isinstance(failed, InferenceServerException) and "INVALID_ARG" in str(failed.status())
+        assert "cannot be decoded" in str(failed.message())
+        assert answered == expected
+        if pairs() > before:
+            break
+    else:
+        pytest.fail("the bad and the good request never shared a batch in 5 tries")
+    assert convert_page(docling_server, [good])[0] == expected  # still serving
 
 
 @pytest.mark.parametrize(

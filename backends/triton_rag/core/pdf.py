@@ -8,6 +8,7 @@ pdfium call holds one process-wide lock.
 from __future__ import annotations
 
 import io
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from triton_rag.core.errors import BadInput, TooLarge
+from triton_rag.core.images import to_rgb
 from triton_rag.core.limits import Limits as Limits  # the limits and their defaults live in core.limits
 
 _PDFIUM_LOCK = threading.Lock()
@@ -32,7 +34,8 @@ class RenderedPage:
 
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:
-    """Decode one page image; refuses what is not an image or is larger than the limit, before decoding pixels."""
+    """Decode one page image into RGB (`core.images.to_rgb`: any mode, the first frame); refuses what is not an
+    image or is larger than the limit before decoding pixels."""
     if not data:
         raise BadInput("IMAGE is empty")
     if len(data) > limits.max_document_bytes:
@@ -50,14 +53,61 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         image.load()
     except Exception as exc:
         raise BadInput(f"IMAGE cannot be decoded: {exc}") from None
-    return image
+    return to_rgb(image)  # once, here: everything after works on (and answers from) this RGB image
 
 
-def _render_scale(size: tuple[float, float], limits: Limits) -> float:
+def rendered_size(size: tuple[float, float], scale: float) -> tuple[int, int]:
+    """The pixel size pypdfium2's `PdfPage.render(scale=...)` draws a page of `size` points at: each side
+    `ceil(points * scale)`, the same float arithmetic (pypdfium2 4.x, `_helpers/page.py`)."""
+    return math.ceil(size[0] * scale), math.ceil(size[1] * scale)
+
+
+def render_scale(size: tuple[float, float], limits: Limits) -> float:
+    """The scale (pixels per point) to render a page of `size` points (width, height, after /Rotate) at: `dpi`, or,
+    for a page that would be larger than `max_image_pixels` (a poster), the largest scale whose rendered size
+    (`rendered_size`, sides rounded up) still fits the limit, so that `docling`'s pixel check never refuses it.
+
+    The rendered area only grows with the scale and jumps where one side crosses a whole pixel, so the largest scale
+    that fits puts one side exactly on a pixel boundary: for each side, the largest whole number of pixels whose
+    scale keeps the area within the limit (a binary search below the continuous optimum); the larger of the two
+    scales wins. The result is exact: one float step more and the page no longer fits."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"a page needs a positive size, got {width} x {height} points")
+    limit = limits.max_image_pixels
     scale = limits.dpi / 72.0
-    pixels = size[0] * scale * size[1] * scale
-    if pixels > limits.max_image_pixels:  # a poster-sized page: render it smaller rather than refuse the document
-        scale *= (limits.max_image_pixels / pixels) ** 0.5
+    if _area(size, scale) <= limit:
+        return scale
+    ideal = math.sqrt(limit / (width * height))  # no scale above this fits: the area is at least (w s)(h s)
+    best = 0.0
+    for side in (width, height):
+        # binary search over this side's pixels; the top is one above the continuous optimum (float rounding)
+        low, high = 0, math.floor(side * ideal) + 1  # `low` pixels fit (0: none yet), more than `high` do not
+        while low < high:
+            middle = (low + high + 1) // 2
+            if _area(size, _largest_scale_within(side, middle)) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        if low:
+            best = max(best, _largest_scale_within(side, low))
+    if best <= 0.0:  # not even 1 x 1 fits: only a limit below 1 pixel gets here
+        raise TooLarge(f"no page fits the limit of {limit} pixels")
+    return best
+
+
+def _area(size: tuple[float, float], scale: float) -> int:
+    width, height = rendered_size(size, scale)
+    return width * height
+
+
+def _largest_scale_within(side: float, pixels: int) -> float:
+    """The largest float scale at which `ceil(side * scale)` is still `pixels` (at most)."""
+    scale = pixels / side
+    while math.ceil(side * scale) > pixels:
+        scale = math.nextafter(scale, 0.0)
+    while math.ceil(side * math.nextafter(scale, math.inf)) <= pixels:
+        scale = math.nextafter(scale, math.inf)
     return scale
 
 
@@ -105,7 +155,7 @@ def _render_page(document: object, index: int, limits: Limits) -> RenderedPage:
     try:
         width, height = page.get_size()
         size = (float(width), float(height))
-        image = page.render(scale=_render_scale(size, limits)).to_pil().convert("RGB")
+        image = page.render(scale=render_scale(size, limits)).to_pil().convert("RGB")
         return RenderedPage(index + 1, image, size)
     except Exception as exc:
         return RenderedPage(index + 1, None, size, f"page {index + 1} cannot be rendered: {exc}")

@@ -105,7 +105,7 @@ class DoclingEndpoint:
         pages = []
         want_json = "STRUCTURED_JSON" in request.requested_output_names()
         for row, data in enumerate(_raw_rows(request, "IMAGE")):
-            try:
+            try:  # decoded and converted to RGB once, before any model work: tiles and the JSON both use this image
                 image = open_image(data, self.limits)
             except RequestError as exc:  # the same kind (TooLarge stays TooLarge), naming the row
                 raise type(exc)(f"row {row}: {exc}") from None
