@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from triton_rag import contract
 from triton_rag.core.errors import BadInput, Forbidden, Internal, TimedOut, Unavailable
-from triton_rag.core.ledger import STOPPING, Ledger
+from triton_rag.core.ledger import COUNTERS, STOPPING, Ledger
 from triton_rag.core.ledger_entry import LedgerConfig, ModelSpec
 from triton_rag.core.ledger_events import (
     AbandonedLoadEnded,
@@ -321,6 +321,23 @@ def test_the_admin_key_and_malformed_requests_are_refused_with_the_reason() -> N
         parse_request(1, Action.RELEASE, [], None, aliases, 0.0)
     assert parse_request(3, Action.PLAN, ["a_endpoint"], None, aliases, 1.0).models == ("a",)
     assert tuple(a.value for a in Action) == contract.ROUTER_ACTIONS
+
+
+def test_status_counters_go_on_from_those_a_reloaded_router_left_in_the_metrics() -> None:
+    """Issue 23: after a router reload (RouterControl.set_budget) the rag_router_*_total metrics keep their values,
+    so the new ledger starts its STATUS counters from them; from then on every counted event moves both by one."""
+    specs = [ModelSpec(n, 2 * GIB, sleepable=True, weight_bytes=GIB) for n in ("a", "b")]
+    config = LedgerConfig(Policy(4 * GIB, high_watermark=1.0, min_residency=0.0), device="cpu", memory="test")
+    ledger = Ledger(specs, config, itertools.count(1).__next__, now=0.0)
+    carried = {"a": {"loads": 3, "evictions": 2, "sleeps": 1, "wakes": 1}, "gone": {"loads": 9}}
+    ledger.start(carried=carried)
+    status = ledger.status()["models"]
+    assert {c: status["a"][c] for c in COUNTERS} == carried["a"]
+    assert {c: status["b"][c] for c in COUNTERS} == dict.fromkeys(COUNTERS, 0)
+    books = Books(specs)
+    books.ledger = ledger
+    acquire_loaded(books, "a")
+    assert books.ledger.status()["models"]["a"]["loads"] == 4  # one more load: the metric's 3 + 1 as well
 
 
 def test_an_encoder_whose_context_was_released_holds_nothing_asleep() -> None:

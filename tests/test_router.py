@@ -34,6 +34,7 @@ from triton_rag import contract
 from triton_rag.build.repository import Prepared, prepare_repository, prepare_router, startup_models
 from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.client import RouterControl
+from triton_rag.core.ledger import COUNTERS
 from triton_rag.core.measurements import ram_total
 
 pytestmark = pytest.mark.server
@@ -231,6 +232,21 @@ def test_embed_rerank_embed_with_a_budget_that_fits_one(
     ledger = status(router_server)
     assert ledger["occupied_bytes"] <= one_model_budget
     assert ledger["models"][EMBED]["state"] == "ready" and ledger["models"][RERANK]["state"] == "unloaded"
+
+
+def test_status_and_metrics_agree_after_a_router_reload(
+    router_server: RunningServer, reference_outputs: dict[str, np.ndarray], one_model_budget: int
+) -> None:
+    """The budget change reloaded the router (issue 23: STATUS restarted at 0 while the counters kept counting):
+    STATUS goes on from the metrics, and both move together after it."""
+    embed(router_server, TEXTS)
+    rerank(router_server, PAIRS)
+    ledger, metrics = status(router_server), router_metrics(router_server)
+    for name in ENCODERS:
+        for counter in COUNTERS:
+            series = f'rag_router_{counter}_total{{model="{name}"}}'
+            assert ledger["models"][name][counter] == metrics[series], (name, counter)
+    assert ledger["models"][EMBED]["loads"] >= 2  # the load before the reload is counted
 
 
 def test_concurrent_requests_for_both_models_all_complete(

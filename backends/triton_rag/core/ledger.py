@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from triton_rag.core.errors import Internal, TimedOut, Unavailable
@@ -66,6 +66,10 @@ from triton_rag.core.units import format_bytes
 
 S = ModelState
 STOPPING = "the router is stopping (server shutdown or router reload); retry"
+
+
+#: The per-model counters STATUS shows and the rag_router_*_total metrics count (the same events).
+COUNTERS = ("loads", "evictions", "sleeps", "wakes")
 
 
 class Ledger:
@@ -107,8 +111,15 @@ class Ledger:
         """When the shell sends a Tick if nothing else happens first."""
         return self.next_housekeeping if self.wake_at is None else min(self.wake_at, self.next_housekeeping)
 
-    def start(self) -> list[Effect]:
-        """The gauges before any event (the budgets among them)."""
+    def start(self, carried: Mapping[str, Mapping[str, int]] | None = None) -> list[Effect]:
+        """The gauges before any event (the budgets among them). `carried`: per model, the counters (COUNTERS) a
+        router before this one counted, as the metrics that outlive a reload still hold them, so that STATUS goes
+        on from them as the Prometheus counters do (never back to 0 while those keep counting)."""
+        for name, counts in (carried or {}).items():
+            entry = self.entries.get(name)
+            if entry is not None:
+                for counter in COUNTERS:
+                    setattr(entry, counter, getattr(entry, counter) + int(counts.get(counter, 0)))
         self._publish()
         return self._take()
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from triton_rag.core.ledger import COUNTERS
 from triton_rag.core.ledger_entry import TIER_NAMES
 from triton_rag.core.ledger_events import Count, Observe, SetGauge
 
@@ -62,6 +63,18 @@ class Metrics:
                 self.metrics[("rag_router_tier", n, t)] = tier.Metric(labels={"model": n, "tier": t})
         # A family must outlive its metrics (Triton refuses to update a metric whose family was collected).
         self._families = [budget, host_budget, tier] + [f for f, _ in per_model.values()]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per model, the values of the counters STATUS shows too (`core.ledger.COUNTERS`). Triton keeps a metric's
+        value across a reload of the model that made it (a family of the same name and labels comes back with it),
+        so a new router starts its STATUS from these."""
+        models = {model for (_, model, _) in self.metrics if model}
+        return {
+            model: {
+                counter: int(self.metrics[(f"rag_router_{counter}_total", model, "")].value()) for counter in COUNTERS
+            }
+            for model in models
+        }
 
     def apply(self, effect: Count | Observe | SetGauge) -> None:
         if isinstance(effect, Count):

@@ -112,7 +112,7 @@ class RouterModel:
         self.request_ids = itertools.count(1)
         self.senders: dict[int, Any] = {}  # request id -> its response sender, until its one final response
         self.senders_lock = threading.Lock()
-        self._carry_out(self.ledger.start())
+        self._carry_out(self.ledger.start(carried=self.metrics.counters()))  # STATUS goes on where a reload left it
         self.scheduler = threading.Thread(target=self._run, name="router-scheduler", daemon=True)
         self.scheduler.start()
         self.log.info(
