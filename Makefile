@@ -35,14 +35,21 @@ SET += --set router.device_memory=$(DEVICE_MEMORY)
 endif
 SERVE_ARGS ?=
 
-.PHONY: install test-tools prepare serve plan lint test bench bench-seed engines clean
+.PHONY: install install-test test-tools prepare serve plan lint test bench bench-seed engines clean
 
+# What serving needs (make serve, prepare, plan, bench): the package, torch and the embedded tritonserver
 install: $(VENV)/.installed
+# ... and what the tests, the linters and the engine builds need besides (pyproject.toml's test extra)
+install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[embedded]'
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e '.[embedded,test]'
 	@touch $@
 
@@ -68,12 +75,12 @@ serve: install
 	$(PY) -m triton_rag serve $(CONFIG) $(SET) $(SERVE_ARGS)
 
 # Style (ruff), types (mypy on the package) and the layer contracts (lint-imports; docs/ARCHITECTURE.md)
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check backends tests tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: install test-tools
+test: install-test test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The encoder benchmark: on a GPU the 0.6B and 8B shapes against the transformers baseline in the same run, bare and
@@ -91,7 +98,7 @@ bench-seed: install
 # Engine builds (issue 6, in progress): each encoder to ONNX with the PyTorch engine's contract, checked with
 # onnxruntime; FP8 Q/DQ (ModelOpt, MatMuls only) with its accuracy; a TensorRT-RTX engine for RTX 50 (SM120) with
 # its manifest (built on any machine, no GPU needed). docs/ENGINES.md
-engines: install
+engines: install-test
 	$(PY) tools/export_onnx.py $(SET)
 
 clean:

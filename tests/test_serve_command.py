@@ -12,13 +12,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, PROJECT_ROOT, wait_until
+from tests.harness import CACHE_DIR, PROJECT_ROOT, strings, wait_until
+from triton_rag import contract
 from triton_rag.build.repository import prepare_repository
 from triton_rag.build.settings import EmbedSettings, Settings
 from triton_rag.core import admin
-from triton_rag.server import free_ports
+from triton_rag.server import free_ports, pytriton_root
+from triton_rag.triton.router.memory import STUB_NAME
 
 pytestmark = pytest.mark.server
 
@@ -131,3 +136,58 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
         if process.poll() is None:
             process.kill()
         log.close()
+
+
+def test_serve_restarts_tritonserver_when_a_dead_stub_wedged_a_model(tiny_embed_dir: Path, tmp_path: Path) -> None:
+    """Issue 23: a stub dead before its first message leaves tritonserver 2.51 waiting for it (the model cannot load
+    again: python_backend #408). `serve` sees the router name the model as wedged, restarts tritonserver cleanly and
+    says so; the model then loads and answers. The embedder's own `triton_python_backend_stub` dies at once while the
+    first tritonserver lives (the marker holds its pid), and runs the real stub for the next one."""
+    repository = tmp_path / "repository"
+    settings = Settings(embed=EmbedSettings(model=str(tiny_embed_dir)), offline_fallback=False)
+    prepare_repository(settings, repository, CACHE_DIR, endpoints=("embed",))  # the router on: loads on first use
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    real_stub = pytriton_root() / "tritonserver" / "python_backend_stubs" / version / STUB_NAME
+    marker = tmp_path / "first-server-pid"
+    stub = repository / contract.EMBED_ENCODER / STUB_NAME
+    stub.write_text(
+        f'#!/bin/sh\nif kill -0 "$(cat "{marker}" 2>/dev/null)" 2>/dev/null; then kill -KILL $$; fi\n'
+        f'exec "{real_stub}" "$@"\n'
+    )
+    stub.chmod(0o755)
+    ports, cache_dir = free_ports(), tmp_path / "cache"
+    environment = {k: v for k, v in os.environ.items() if k not in (admin.KEY_ENV, "TORCHINDUCTOR_CACHE_DIR")}
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "triton_rag", "serve", "--no-prepare", "--no-gateway", "--repository",
+               str(repository), "--cache-dir", str(cache_dir), "--http-port", str(ports.http), "--grpc-port",
+               str(ports.grpc), "--metrics-port", str(ports.metrics)]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{ports.grpc}"
+    try:
+        assert wait_until(lambda: ready(ports.http) or process.poll() is not None, 300), "server never got ready"
+        [first_server] = processes_mentioning(f"--http-port={ports.http}")
+        marker.write_text(first_server.split(":")[0])
+        client = grpcclient.InferenceServerClient(url)
+        with pytest.raises(InferenceServerException, match="died while loading"):
+            client.infer(contract.EMBED_ENDPOINT, [strings("TEXT", ["hello"])])
+        answers: list[np.ndarray] = []
+
+        def answered() -> bool:
+            try:
+                answer = grpcclient.InferenceServerClient(url).infer(contract.EMBED_ENDPOINT, [strings("TEXT", ["hi"])])
+            except InferenceServerException:
+                return False
+            answers.append(answer.as_numpy("EMBEDDING"))
+            return True
+
+        assert wait_until(answered, 120, interval=1.0), log_path.read_text()[-3000:]
+        assert answers[-1].shape[0] == 1
+        text = log_path.read_text()
+        assert "restarting tritonserver: it cannot load a model again until it restarts" in text
+        assert "tritonserver restarted and ready" in text
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import find_perf_analyzer, markdown_table, perf_analyzer, time_per_model, timed
+from benchlib import UNSTABLE, find_perf_analyzer, markdown_table, measured, perf_analyzer, time_per_model, timed
 
 from triton_rag.build.offline import QWEN3_SHAPES, TINY_QWEN3, build_random_qwen3
 from triton_rag.core import logs
@@ -264,17 +264,17 @@ def end_to_end(
             "ATTENTION_MASK": {"content": [1] * len(short_ids), "shape": [len(short_ids)]},
         }]}))  # fmt: skip
         direct = perf_analyzer(binary, server.grpc_url, encoder, encoder_data, 1, args.out / f"perf-{tag}-direct.txt")
-    rate = load["infer_per_s"] * tokens_per_request
     row = {
         "variant": f"ours {precision}, tritonserver + perf_analyzer (concurrency {args.concurrency})",
-        "rate": round(rate) if task == "embed" else round(rate, 1),
-        "short_p50_ms": alone["p50_ms"],
-        "short_p99_ms": alone["p99_ms"],
+        # UNSTABLE where perf_analyzer found no stable measurement (benchlib.perf_analyzer): the run goes on
+        "rate": measured(load, "infer_per_s", tokens_per_request, None if task == "embed" else 1),
+        "short_p50_ms": measured(alone, "p50_ms"),
+        "short_p99_ms": measured(alone, "p99_ms"),
         "peak_gib": round(peak.peak_mib / 1024, 2) if peak.peak_mib else None,
         "encoder_held_gib": round(held / 2**30, 2) if held else None,
         "accuracy": "-",
         "server_ms_per_execution": server_time,
-        "short_encoder_direct_p50_ms": direct["p50_ms"],
+        "short_encoder_direct_p50_ms": measured(direct, "p50_ms"),
         "short_server_ms_per_execution": short_server,
     }
     log(json.dumps(row))
@@ -343,7 +343,7 @@ def bench_shape(task: str, shape: str, args: argparse.Namespace, device: torch.d
         if args.e2e:
             results.append(end_to_end(task, model_dir, precision, rows, args))
     for row in results:
-        row["speedup"] = round(row["rate"] / base_row["rate"], 2)
+        row["speedup"] = UNSTABLE if row["rate"] == UNSTABLE else round(row["rate"] / base_row["rate"], 2)
     lengths = [len(r) for r in rows]
     results[0]["workload"] = f"{len(rows)} {'texts' if task == 'embed' else 'pairs'} of {min(lengths)}-{max(lengths)}"
     return results
@@ -401,8 +401,8 @@ def report(summary: dict[str, Any]) -> list[str]:
     for key, rows in summary["results"].items():
         unit = "tokens/s" if key.endswith("embed") else "pairs/s"
         table.extend(
-            [key if i == 0 else "", r["variant"], f"{r['rate']} {unit}", r["speedup"], r["short_p50_ms"],
-             r["short_p99_ms"], r["peak_gib"], r["accuracy"]]
+            [key if i == 0 else "", r["variant"], r["rate"] if r["rate"] == UNSTABLE else f"{r['rate']} {unit}",
+             r["speedup"], r["short_p50_ms"], r["short_p99_ms"], r["peak_gib"], r["accuracy"]]
             for i, r in enumerate(rows)
         )  # fmt: skip
     workloads = "; ".join(f"{key}: {rows[0]['workload']} tokens" for key, rows in summary["results"].items())
@@ -427,7 +427,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     results = summary["results"]
     figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for axis, (key, rows) in zip(axes[0], results.items(), strict=True):
-        axis.barh([r["variant"].replace(", ", "\n", 1) for r in rows], [r["speedup"] for r in rows])
+        speedups = [0 if r["speedup"] == UNSTABLE else r["speedup"] for r in rows]  # an unstable row: no bar
+        axis.barh([r["variant"].replace(", ", "\n", 1) for r in rows], speedups)
         axis.axvline(1.0, color="gray", linewidth=0.8)
         axis.set_title(f"{key}: x transformers baseline\n{summary['device']}", fontsize=9)
         axis.tick_params(axis="y", labelsize=7)

@@ -247,7 +247,7 @@ def _seconds(call: Any) -> float:
     return time.monotonic() - started
 
 
-def perf_analyzer(binary: str, server: TritonServer, out: Path, name: str, concurrency: int) -> dict[str, float]:
+def perf_analyzer(binary: str, server: TritonServer, out: Path, name: str, concurrency: int) -> dict[str, Any]:
     data = out / "perf_input.json"
     data.write_text(json.dumps({"data": [{"TEXT": [QUERY]}]}))
     log_file = out / f"perf-{name}-c{concurrency}.txt"
@@ -318,8 +318,8 @@ def markdown(report: dict[str, Any]) -> str:
         for name in ("direct", "router"):
             for row in overhead[name]:
                 lines.append(
-                    f"| {name} | {row['concurrency']} | {row['infer_per_s']:.0f} | {row['p50_ms']:.2f} | "
-                    f"{row['p99_ms']:.2f} |"
+                    f"| {name} | {row['concurrency']} | {benchlib.measured(row, 'infer_per_s', digits=None)} | "
+                    f"{benchlib.measured(row, 'p50_ms')} | {benchlib.measured(row, 'p99_ms')} |"
                 )
         trip = overhead["lease_round_trip"]
         lines += [

@@ -36,31 +36,76 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list
     return lines
 
 
-def perf_analyzer(
-    binary: str, url: str, model: str, data: Path, concurrency: int, log_file: Path, window_ms: int = 5000
-) -> dict[str, float]:
-    """One perf_analyzer measurement over gRPC, one row per request from the steps of `data` (its --input-data
-    JSON); numbers read from its report on stdout, which is kept in `log_file`."""
-    command = [
-        binary, "-m", model, "-u", url, "-i", "grpc", "-b", "1", "--input-data", str(data),
-        "--concurrency-range", str(concurrency), "--measurement-interval", str(window_ms),
-        "--max-trials", "4", "--stability-percentage", "999",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    log_file.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed:\n{result.stdout}\n{result.stderr}")
-    client_block = result.stdout.split("Client:", 1)[-1]
+#: What a table shows instead of a number when perf_analyzer found no stable measurement (a noisy machine), even
+#: after its retry with longer and more windows: the run goes on, and the row says so.
+UNSTABLE = "unstable"
+#: perf_analyzer 2.41's words (stderr, exit code 2) when its windows never agreed: "Failed to obtain stable
+#: measurement within 4 measurement windows for concurrency 1. Please try to increase the --measurement-interval."
+UNSTABLE_MESSAGE = "Failed to obtain stable measurement"
+#: (window ms factor, max trials) of each attempt: as asked, then once with windows twice as long and twice as many.
+PERF_ATTEMPTS = ((1, 4), (2, 8))
+
+
+def read_perf_report(output: str, returncode: int, concurrency: int) -> dict[str, Any]:
+    """perf_analyzer's numbers from its output (stdout and stderr together) and exit code: concurrency, infer/s, p50
+    and p99 ms, `unstable` False. `unstable` True, with no numbers (None), where it said it could not obtain a stable
+    measurement; RuntimeError for any other failure, or a report it cannot read."""
+    if UNSTABLE_MESSAGE in output:
+        return {"concurrency": concurrency, "infer_per_s": None, "p50_ms": None, "p99_ms": None, "unstable": True}
+    if returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed (exit code {returncode}):\n{output}")
+    client_block = output.split("Client:", 1)[-1]
     throughput = re.search(r"Throughput: ([\d.]+) infer/sec", client_block)
     p50, p99 = (re.search(rf"p{p} latency: (\d+) usec", client_block) for p in (50, 99))
-    if throughput is None or p50 is None or p99 is None:
-        raise RuntimeError(f"could not read perf_analyzer's report:\n{result.stdout}")
+    if "Client:" not in output or throughput is None or p50 is None or p99 is None:
+        raise RuntimeError(f"could not read perf_analyzer's report:\n{output}")
     return {
         "concurrency": concurrency,
         "infer_per_s": float(throughput.group(1)),
         "p50_ms": int(p50.group(1)) / 1000,
         "p99_ms": int(p99.group(1)) / 1000,
+        "unstable": False,
     }
+
+
+def perf_analyzer(
+    binary: str, url: str, model: str, data: Path, concurrency: int, log_file: Path, window_ms: int = 5000
+) -> dict[str, Any]:
+    """One perf_analyzer measurement over gRPC, one row per request from the steps of `data` (its --input-data
+    JSON); numbers read from its report (read_perf_report), every attempt's output kept in `log_file`.
+
+    A busy machine can keep its windows from agreeing: then it runs once more with windows twice as long and twice
+    as many (PERF_ATTEMPTS), and if that is still unstable returns the row marked `unstable` (no numbers; tables show
+    UNSTABLE) instead of ending the benchmark. Any other failure raises."""
+    outputs = []
+    report: dict[str, Any] = {}
+    for factor, trials in PERF_ATTEMPTS:
+        window = window_ms * factor
+        command = [
+            binary, "-m", model, "-u", url, "-i", "grpc", "-b", "1", "--input-data", str(data),
+            "--concurrency-range", str(concurrency), "--measurement-interval", str(window),
+            "--max-trials", str(trials), "--stability-percentage", "999",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600 * factor)
+        output = result.stdout + result.stderr
+        outputs.append(f"$ {' '.join(command)}\n{output}")
+        log_file.write_text("\n".join(outputs))
+        report = read_perf_report(output, result.returncode, concurrency)
+        report["window_ms"] = window
+        if not report["unstable"]:
+            break
+        print(f"perf_analyzer: no stable measurement of {model} at concurrency {concurrency} with {trials} windows "
+              f"of {window} ms (see {log_file})", flush=True)  # fmt: skip
+    return report
+
+
+def measured(report: dict[str, Any], key: str, scale: float = 1.0, digits: int | None = 2) -> float | int | str:
+    """A perf_analyzer number for a table or JSON row: report[key] * scale, rounded to `digits` (None: to an int);
+    UNSTABLE where the measurement was unstable."""
+    if report.get("unstable") or report.get(key) is None:
+        return UNSTABLE
+    value = float(report[key]) * scale
+    return round(value) if digits is None else round(value, digits)
 
 
 def find_perf_analyzer() -> str | None:

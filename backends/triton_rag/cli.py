@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             f"starting tritonserver on {args.host}: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
             f"{args.metrics_port}; the repository API needs the admin key ({key_source}) (Ctrl-C stops it)"
         )
-        return server.serve_forever(gateway=gateway)
+        from triton_rag.client import RouterControl
+
+        router = RouterControl(server.grpc_url, key=server.admin_key)
+        return server.serve_forever(gateway=gateway, wedged=router.wedged)
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from triton_rag import contract
 from triton_rag.core import admin
@@ -80,6 +81,15 @@ class RouterControl:
 
     def status(self) -> dict[str, Any]:
         return self._ledger("STATUS")
+
+    def wedged(self) -> dict[str, str]:
+        """The models tritonserver cannot load again until it restarts (a stub that died before its first message:
+        python_backend #408), each with the router's reason; {} when none is, or when there is no router."""
+        try:
+            models = self.status()["models"]
+        except InferenceServerException:
+            return {}
+        return {name: row["wedged"] for name, row in models.items() if row.get("wedged")}
 
     def pin(self, model: str) -> dict[str, Any]:
         """Load `model` if needed and keep it resident until `unpin`."""

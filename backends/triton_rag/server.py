@@ -27,10 +27,11 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -47,6 +48,16 @@ LOOPBACK = "127.0.0.1"
 #: among them), trace and logging settings name files the server writes. Health, metadata, inference, statistics
 #: and model-config (read-only; perf_analyzer reads it) stay open.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+#: tritonserver's flags on a machine without a GPU (gpu_present() False), where its defaults only log alarming lines:
+#: GPU metrics (DCGM: "Error: Failed to initialize NVML", "DCGM unable to start") and a pinned memory pool for GPU
+#: copies (CUDA: "Unable to allocate pinned system memory ... CUDA driver version is insufficient").
+CPU_ONLY_FLAGS = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0")
+#: The one error line no flag of tritonserver 2.51 turns off on such a machine: its CUDA block manager starts
+#: unconditionally and logs that the CUDA driver is missing. Harmless (the server runs on the CPU); dropped from its
+#: log there (TritonServer.start), the launcher says instead, once, that no GPU was found.
+HARMLESS_WITHOUT_GPU = re.compile(
+    rb'^E\d{4} [\d:.]+ +\d+ server\.cc:\d+\] "?CudaDriverHelper has not been initialized\."?\s*$'
+)
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,20 @@ def access_flags(host: str, key: str) -> list[str]:
     ]
 
 
+def gpu_present() -> bool:
+    """Whether tritonserver will find a GPU here: the CUDA driver loads, initializes and counts at least one device
+    (CUDA_VISIBLE_DEVICES honoured), as tritonserver's own probe does. No CUDA context is made."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    try:
+        return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except AttributeError:  # not a CUDA driver
+        return False
+
+
 def server_environment(cache_dir: Path, admin_key: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """tritonserver's environment, which its python stubs inherit: this virtual environment, the admin key (the
     router and the endpoints check control requests against it) and a persistent inductor cache."""
@@ -172,10 +197,12 @@ def server_command(
     load_models: Sequence[str] = ("*",),
     host: str = LOOPBACK,
     extra_args: Sequence[str] = (),
+    gpu: bool = True,
 ) -> list[str]:
     """Explicit model control; the server reports ready while the router loads and unloads compute models
     (`--strict-readiness=false`; each model's readiness is /v2/models/<name>/ready); configs are used as `prepare`
-    wrote them (`--disable-auto-complete-config`)."""
+    wrote them (`--disable-auto-complete-config`). Without a GPU (`gpu` False): CPU_ONLY_FLAGS, before `extra_args`
+    (which can override them)."""
     command = [
         str(tritonserver_binary()),
         f"--model-repository={repository.resolve()}",
@@ -190,8 +217,24 @@ def server_command(
         "--disable-auto-complete-config",
         *access_flags(host, admin_key),
     ]
+    if not gpu:
+        command += CPU_ONLY_FLAGS
     command += [f"--load-model={name}" for name in load_models]
     return command + list(extra_args)
+
+
+def _copy_log(source: IO[bytes], target: IO[bytes]) -> None:
+    """tritonserver's output (its stubs' included) line by line to `target`, without the HARMLESS_WITHOUT_GPU line;
+    until the pipe closes (the server's process group has exited)."""
+    with source:
+        for line in iter(source.readline, b""):
+            if HARMLESS_WITHOUT_GPU.match(line):
+                continue
+            try:
+                target.write(line)
+                target.flush()
+            except (OSError, ValueError):  # the log was closed under us: keep draining, so the server never blocks
+                pass
 
 
 def _die_with_parent() -> None:
@@ -219,6 +262,12 @@ def terminate_group(process: subprocess.Popen[bytes], grace: float) -> int:
     except ProcessLookupError:
         pass
     return process.wait()
+
+
+#: How often `serve` asks the router whether tritonserver has a model it cannot load again, and how many clean
+#: restarts of tritonserver that may cause in an hour.
+WEDGE_CHECK_SECONDS = 5.0
+MAX_RESTARTS = 3
 
 
 class GatewayProcess:
@@ -289,11 +338,15 @@ class TritonServer:
         self.ports = ports
         self.host = host
         self.admin_key = admin_key or resolve_admin_key(cache_dir)
+        self.gpu = gpu_present()
+        if not self.gpu:
+            _log.info("no GPU found (no CUDA driver or device): tritonserver runs on the CPU only")
         self.command = server_command(
-            repository, prepare_backends(cache_dir), ports, self.admin_key, load_models, host, extra_args
+            repository, prepare_backends(cache_dir), ports, self.admin_key, load_models, host, extra_args, self.gpu
         )
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_copier: threading.Thread | None = None
 
     @property
     def _connect_host(self) -> str:
@@ -311,13 +364,28 @@ class TritonServer:
         return f"{self._connect_host}:{self.ports.grpc}"
 
     def start(self) -> None:
+        """Start tritonserver. With a GPU its output goes straight to `log` (else this process's stdout and stderr);
+        without one it passes through a thread that drops the HARMLESS_WITHOUT_GPU line on its way there."""
+        filtered = not self.gpu
         self.process = subprocess.Popen(
             self.command,
             env=server_environment(self.cache_dir, self.admin_key),
-            stdout=self.log,
-            stderr=subprocess.STDOUT if self.log is not None else None,
+            stdout=subprocess.PIPE if filtered else self.log,
+            stderr=subprocess.STDOUT if filtered or self.log is not None else None,
             preexec_fn=_die_with_parent,
         )
+        if filtered:
+            assert self.process.stdout is not None
+            target = self.log if self.log is not None else sys.stderr.buffer
+            self._log_copier = threading.Thread(
+                target=_copy_log, args=(self.process.stdout, target), name="tritonserver-log", daemon=True
+            )
+            self._log_copier.start()
+
+    def _finish_log(self, timeout: float = 5.0) -> None:
+        """Wait (briefly) for the log copier to write what the stopped server left in its pipe."""
+        if self._log_copier is not None:
+            self._log_copier.join(timeout)
 
     def is_ready(self) -> bool:
         try:
@@ -345,7 +413,36 @@ class TritonServer:
         """SIGTERM the server, wait up to `grace` seconds, then SIGKILL its process group (stubs included)."""
         if self.process is None:
             return 0
-        return terminate_group(self.process, grace)
+        code = terminate_group(self.process, grace)
+        self._finish_log()
+        return code
+
+    def restart_wedged(self, wedged: Callable[[], dict[str, str]], restarts: list[float], grace: float) -> bool:
+        """Restart tritonserver when `wedged()` names a model it cannot load again, unless MAX_RESTARTS happened in
+        the last hour (a model that wedges at every load would restart it forever: then it says so once and leaves
+        the server serving its other models). True when it restarted."""
+        try:
+            stuck = wedged() if self.is_ready() else {}
+        except Exception as exc:  # the check must never take the server down: it is only a check
+            _log.debug("the wedged-model check failed: %s", exc)
+            return False
+        if not stuck:
+            return False
+        now = time.monotonic()
+        restarts[:] = [t for t in restarts if now - t < 3600.0]
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in stuck.items())
+        if len(restarts) >= MAX_RESTARTS:
+            if len(restarts) == MAX_RESTARTS:
+                restarts.append(now)  # said once an hour
+                _log.error("not restarting tritonserver again (%d restarts this hour): %s", MAX_RESTARTS, reasons)
+            return False
+        restarts.append(now)
+        _log.warning("restarting tritonserver: it cannot load a model again until it restarts (%s)", reasons)
+        self.stop(grace)
+        self.start()
+        self.wait_ready(600)
+        _log.info("tritonserver restarted and ready")
+        return True
 
     def _kill_group(self) -> None:
         """SIGKILL what is left of the server's process group (it leads its own): stubs of a server that did not
@@ -356,9 +453,16 @@ class TritonServer:
         except ProcessLookupError:
             pass
 
-    def serve_forever(self, grace: float = 30.0, gateway: GatewayProcess | None = None) -> int:
+    def serve_forever(
+        self,
+        grace: float = 30.0,
+        gateway: GatewayProcess | None = None,
+        wedged: Callable[[], dict[str, str]] | None = None,
+    ) -> int:
         """Run in the foreground until the server exits or SIGINT/SIGTERM arrives; then stop it cleanly, and the
-        gateway (started right after tritonserver) before it.
+        gateway (started right after tritonserver) before it. `wedged`: asked every WEDGE_CHECK_SECONDS while the
+        server is up, the models it cannot load again (the router's STATUS); any there makes a clean restart of
+        tritonserver (`restart_wedged`), at most MAX_RESTARTS an hour.
 
         The signal handler only forwards SIGTERM: waiting happens here, in one place, so the handler can never
         deadlock against a wait that it interrupted."""
@@ -381,6 +485,8 @@ class TritonServer:
         assert self.process is not None
         if gateway is not None:
             gateway.start()
+        restarts: list[float] = []
+        next_check = time.monotonic() + WEDGE_CHECK_SECONDS
         try:
             while True:
                 try:
@@ -389,6 +495,9 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     if stop_requested and time.monotonic() - stop_requested[0] > grace:
                         self._kill_group()
+                    if wedged is not None and not stop_requested and time.monotonic() >= next_check:
+                        self.restart_wedged(wedged, restarts, grace)
+                        next_check = time.monotonic() + WEDGE_CHECK_SECONDS
                     if gateway is not None and not stop_requested:
                         exited = gateway.exited()
                         if exited is not None:
@@ -397,4 +506,5 @@ class TritonServer:
             if gateway is not None:
                 gateway.stop()
             self._kill_group()
+            self._finish_log()
         return 0 if stop_requested else code

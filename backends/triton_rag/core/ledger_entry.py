@@ -360,6 +360,7 @@ class Entry:
             "last_wake_seconds": self.last_wake_seconds,
             "unreleased_bytes": self.unreleased,
             "last_error": self.last_error,
+            "wedged": self.wedged,  # non-empty: tritonserver cannot load it again until it restarts
             "waiting_because": reason,
             "endpoints": list(self.spec.endpoints),
         }
