@@ -1,4 +1,5 @@
-"""PDF pages to images with pypdfium2, within documented limits, and page images from client bytes.
+"""PDF pages to images with pypdfium2, within documented limits, one page at a time, and page images from client
+bytes.
 
 PDFium is not thread-safe, not even across documents (pypdfium2's docs), and a python model may run several
 executes at once (instances are threads of one stub only in tests, but BLS and async executes overlap), so every
@@ -11,6 +12,7 @@ import io
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image
@@ -111,38 +113,81 @@ def _largest_scale_within(side: float, pixels: int) -> float:
     return scale
 
 
-def render_pdf(data: bytes, limits: Limits) -> list[RenderedPage]:
-    """Every page of a PDF as an RGB image; BadInput for what is not a PDF, is empty or encrypted, TooLarge for
-    what is over a limit."""
-    import pypdfium2 as pdfium
+class PdfPages:
+    """An open PDF whose pages are rendered one at a time, on demand: iterating renders each page only when the next
+    one is asked for, so a caller that drops each image before asking for the next holds one page, not the document.
 
-    if not data:
-        raise BadInput("DOCUMENT is empty")
-    if len(data) > limits.max_document_bytes:
-        raise TooLarge(f"DOCUMENT has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
-    with _PDFIUM_LOCK:
-        try:
-            document = pdfium.PdfDocument(data)
-        except pdfium.PdfiumError as exc:
-            # PDFium refuses a well-formed PDF whose page tree is empty without setting its last error, so the
-            # error code then belongs to an earlier failure: recognise an empty page tree by its declaration.
-            if data.startswith(b"%PDF") and _EMPTY_PAGE_TREE.search(data):
-                raise BadInput("DOCUMENT is a PDF with no pages") from None
-            if getattr(exc, "err_code", None) == pdfium.raw.FPDF_ERR_PASSWORD:
-                raise BadInput("DOCUMENT is an encrypted PDF (a password is needed)") from None
-            raise BadInput(f"DOCUMENT is not a readable PDF ({exc})") from None
-        try:
-            count = len(document)
-            if count == 0:
-                raise BadInput("DOCUMENT is a PDF with no pages")
-            if count > limits.max_pages:
-                raise TooLarge(f"DOCUMENT has {count} pages, more than the limit of {limits.max_pages}")
-            pages = []
-            for index in range(count):
-                pages.append(_render_page(document, index, limits))
-            return pages
-        finally:
-            document.close()
+    Opening checks the whole document (BadInput for what is not a PDF, is empty or encrypted, TooLarge for what is
+    over a limit) before any page is rendered. Every PDFium call holds the process-wide lock, and the pages may be
+    asked for from any thread, one at a time. `close` (or the `with` block) frees the document."""
+
+    def __init__(self, data: bytes, limits: Limits) -> None:
+        import pypdfium2 as pdfium
+
+        if not data:
+            raise BadInput("DOCUMENT is empty")
+        if len(data) > limits.max_document_bytes:
+            raise TooLarge(f"DOCUMENT has {len(data)} bytes, more than the limit of {limits.max_document_bytes}")
+        self.limits = limits
+        with _PDFIUM_LOCK:
+            try:
+                self._document: object | None = pdfium.PdfDocument(data)
+            except pdfium.PdfiumError as exc:
+                # PDFium refuses a well-formed PDF whose page tree is empty without setting its last error, so the
+                # error code then belongs to an earlier failure: recognise an empty page tree by its declaration.
+                if data.startswith(b"%PDF") and _EMPTY_PAGE_TREE.search(data):
+                    raise BadInput("DOCUMENT is a PDF with no pages") from None
+                if getattr(exc, "err_code", None) == pdfium.raw.FPDF_ERR_PASSWORD:
+                    raise BadInput("DOCUMENT is an encrypted PDF (a password is needed)") from None
+                raise BadInput(f"DOCUMENT is not a readable PDF ({exc})") from None
+            try:
+                self.count = len(self._document)
+            except BaseException:
+                self._close_locked()
+                raise
+        if self.count == 0:
+            self.close()
+            raise BadInput("DOCUMENT is a PDF with no pages")
+        if self.count > limits.max_pages:
+            self.close()
+            raise TooLarge(f"DOCUMENT has {self.count} pages, more than the limit of {limits.max_pages}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def render(self, index: int) -> RenderedPage:
+        """Page `index` (0-based) as an RGB image, or with its error (a page PDFium cannot load or render)."""
+        with _PDFIUM_LOCK:
+            if self._document is None:
+                raise ValueError("the PDF is closed")
+            return _render_page(self._document, index, self.limits)
+
+    def __iter__(self) -> Iterator[RenderedPage]:
+        """The pages in order, each rendered when it is asked for."""
+        for index in range(self.count):
+            yield self.render(index)
+
+    def close(self) -> None:
+        with _PDFIUM_LOCK:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        document, self._document = self._document, None
+        if document is not None:
+            document.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> PdfPages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def render_pdf(data: bytes, limits: Limits) -> list[RenderedPage]:
+    """Every page of a PDF as an RGB image, all at once (`PdfPages` renders them one at a time); BadInput for what
+    is not a PDF, is empty or encrypted, TooLarge for what is over a limit."""
+    with PdfPages(data, limits) as pages:
+        return list(pages)
 
 
 def _render_page(document: object, index: int, limits: Limits) -> RenderedPage:
@@ -155,7 +200,13 @@ def _render_page(document: object, index: int, limits: Limits) -> RenderedPage:
     try:
         width, height = page.get_size()
         size = (float(width), float(height))
-        image = page.render(scale=render_scale(size, limits)).to_pil().convert("RGB")
+        bitmap = page.render(scale=render_scale(size, limits))
+        try:
+            image = bitmap.to_pil()  # a copy: PDFium draws BGR, Pillow keeps RGB (4 bytes a pixel, 160 MB for 40 M px)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+        finally:
+            bitmap.close()  # at once: one copy of the page is enough
         return RenderedPage(index + 1, image, size)
     except Exception as exc:
         return RenderedPage(index + 1, None, size, f"page {index + 1} cannot be rendered: {exc}")

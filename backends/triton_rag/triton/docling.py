@@ -2,16 +2,21 @@
 compute model `docling_vlm` (PyTorch engine).
 
 `docling` tiles each page and builds its prompt here, sends the pages of its dynamic batch to `docling_vlm` in one
-call under a router lease, and turns each page's DocTags into a DoclingDocument. `docling_document` renders a PDF
-and fans its pages out to `docling` concurrently over BLS, so pages of one document (and of several) share batches.
+call under a router lease, and turns each page's DocTags into a DoclingDocument. `docling_document` streams a PDF:
+it renders each page just before it is sent to `docling` over BLS, a few pages in flight at once, so pages of one
+document (and of several) share batches and memory does not grow with the page count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,8 @@ from triton_rag.core.doctags import PageTags, pages_to_document
 from triton_rag.core.errors import RequestError, kind_of
 from triton_rag.core.idefics3 import ImageProcessorConfig, Tiles, preprocess
 from triton_rag.core.logs import Logger
-from triton_rag.core.pdf import RenderedPage, open_image, render_pdf
+from triton_rag.core.pdf import PdfPages, RenderedPage, open_image
+from triton_rag.core.stream import convert_in_order
 from triton_rag.core.text import InputError
 from triton_rag.triton.common import (
     RouterClient,
@@ -143,42 +149,92 @@ class DoclingEndpoint:
         pass
 
 
-class DoclingDocumentEndpoint:
-    """Async execute: the pages' BLS requests to `docling` are in flight together, up to PAGES_IN_FLIGHT of them (a
-    200-page PDF must not queue 200 PNGs at once; 16 keeps four full VLM batches of 4 pages fed)."""
+@dataclass(frozen=True)
+class _EncodedPage:
+    """A rendered page on its way to `docling`: its PNG only (the image is dropped once encoded)."""
 
-    PAGES_IN_FLIGHT = 16
+    number: int  # 1-based
+    size_points: tuple[float, float]
+    pixel_size: tuple[int, int]  # the rendered image's, which the merge places the page's boxes on
+    png: bytes  # empty when the page could not be rendered
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class _PageResult:
+    """What the merge needs of a page once `docling` has answered: no image, no PNG."""
+
+    number: int
+    size_points: tuple[float, float]
+    pixel_size: tuple[int, int]
+    doctags: str = ""
+    error: str = ""
+    code: str = ""  # the status code of a failed page
+
+
+def _encoded_pages(pdf: PdfPages) -> Iterator[_EncodedPage]:
+    """Each page rendered when asked for and encoded as PNG (lossless, fast); no image outlives its encoding (a
+    loop variable holding one would keep it through the next page's render)."""
+    for index in range(len(pdf)):
+        yield _encode(pdf.render(index))
+
+
+def _encode(page: RenderedPage) -> _EncodedPage:
+    if page.image is None:
+        return _EncodedPage(page.number, page.size_points, (0, 0), b"", page.error)
+    buffer = io.BytesIO()
+    page.image.save(buffer, format="PNG", compress_level=1)
+    return _EncodedPage(page.number, page.size_points, page.image.size, buffer.getvalue())
+
+
+class DoclingDocumentEndpoint:
+    """Async execute: a PDF is converted as a stream (core.stream.convert_in_order). A page is rendered and encoded
+    (in a worker thread, under the PDFium lock) only when fewer than PAGES_IN_FLIGHT pages of the document are
+    rendered and not yet answered by `docling`; its image is dropped as soon as it is encoded, its PNG as soon as
+    `docling` has answered, so memory stays the same whatever the page count (issue 23). PAGES_IN_FLIGHT is twice
+    `docling`'s max batch: one full batch computing while the next waits in its queue keeps the VLM fed by a single
+    document, and pages of other documents fill in beside it."""
+
+    PAGES_IN_FLIGHT = 2 * contract.docling_endpoint().max_batch_size
 
     def initialize(self, args: dict[str, str]) -> None:
         self.log = stub_logger(args)
         params = DoclingDocumentParameters.parse(model_parameters(args))
         self.page_model = params.page_model
         self.limits = params.limits()
+        #: every page of every document is rendered and encoded on this one thread (PDFium takes one at a time
+        #: anyway): one glibc heap arena, reused page after page, instead of one arena per pool thread holding on
+        self.renderer = ThreadPoolExecutor(1, thread_name_prefix="pdf-render")
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         return [await self._convert(request) for request in requests]
 
     async def _convert(self, request: Any) -> Any:
         try:
+            return await self._convert_document(request)
+        finally:
+            _trim_heap()  # a document's pages were freed: give their memory back to the system
+
+    async def _convert_document(self, request: Any) -> Any:
+        try:
             rows = _raw_rows(request, "DOCUMENT")
             if len(rows) != 1:
                 raise InputError(f"DOCUMENT must hold exactly one PDF, got {len(rows)}")
-            pages = render_pdf(rows[0], self.limits)
+            pdf = PdfPages(rows[0], self.limits)  # the whole document is checked here, before any page renders
         except Exception as exc:
             return failure_response(exc, self.log)
-        errors = {page.number: page.error for page in pages if page.image is None}
-        #: each failed page's status code: a page PDFium cannot render is the document's own fault
-        codes = dict.fromkeys(errors, "INVALID_ARG")
-        rendered = [page for page in pages if page.image is not None]
-        in_flight = asyncio.Semaphore(self.PAGES_IN_FLIGHT)
-        results = await asyncio.gather(*(self._page(page.image, in_flight) for page in rendered))  # type: ignore[arg-type]
-        doctags: dict[int, str] = {}
-        for page, (tags, error, code) in zip(rendered, results, strict=True):
-            if error:
-                errors[page.number], codes[page.number] = error, code
-            else:
-                doctags[page.number] = tags
+        try:
+            pages = await convert_in_order(
+                _encoded_pages(pdf), self._page, self.PAGES_IN_FLIGHT, executor=self.renderer
+            )
+        except Exception as exc:
+            return failure_response(exc, self.log)
+        finally:  # on the render thread: after a render still running there (a cancelled request) has finished
+            await asyncio.get_running_loop().run_in_executor(self.renderer, pdf.close)
+        errors = {page.number: page.error for page in pages if page.error}
+        doctags = {page.number: page.doctags for page in pages if not page.error}
         if not doctags:
+            codes = {page.number: page.code for page in pages}
             reasons = "; ".join(f"page {n}: {e}" for n, e in sorted(errors.items()))
             return failure_response(kind_of(_overall(codes))(f"no page could be converted ({reasons})"), self.log)
         document = _merge(pages, doctags, errors, self.log)
@@ -190,32 +246,49 @@ class DoclingDocumentEndpoint:
             ]
         )
 
-    async def _page(self, image: Image.Image, in_flight: asyncio.Semaphore) -> tuple[str, str, str]:
-        """(DocTags, "", "") or ("", the reason the page failed, its status code): a failed page is reported, never
-        raised."""
-        async with in_flight:
-            return await self._convert_page(image)
-
-    async def _convert_page(self, image: Image.Image) -> tuple[str, str, str]:
+    async def _page(self, page: _EncodedPage) -> _PageResult:
+        """The page's DocTags, or the reason it failed and its status code: a failed page is reported, never
+        raised. A page PDFium cannot render is the document's own fault (INVALID_ARG)."""
+        result = functools.partial(_PageResult, page.number, page.size_points, page.pixel_size)
+        if page.error:
+            return result(error=page.error, code="INVALID_ARG")
         try:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", compress_level=1)  # lossless, fast
             request = pb_utils.InferenceRequest(
                 model_name=self.page_model,
                 requested_output_names=["DOCTAGS"],
-                inputs=[pb_utils.Tensor("IMAGE", np.array([[buffer.getvalue()]], dtype=np.object_))],
+                inputs=[pb_utils.Tensor("IMAGE", np.array([[page.png]], dtype=np.object_))],
             )
+            del page  # the request holds the PNG now, until `docling` answers
             response = await request.async_exec()
+            del request
             if response.has_error():
-                return "", response.error().message(), answer_code(self.page_model, response.error())
+                message = response.error().message()
+                return result(error=message, code=answer_code(self.page_model, response.error()))
             doctags = pb_utils.get_output_tensor_by_name(response, "DOCTAGS").as_numpy().reshape(-1)[0].decode()
-            return doctags, "", ""
+            return result(doctags=doctags)
         except Exception as exc:
             code, message = failure(exc, self.log)
-            return "", message, code
+            return result(error=message, code=code)
 
     def finalize(self) -> None:
-        pass
+        self.renderer.shutdown(wait=True)
+
+
+def _trim_heap() -> None:
+    """glibc's `malloc_trim(0)`: freed heap memory (a page image is tens of MB, in many blocks) goes back to the
+    system instead of staying in the process's arenas. Nothing where the C library is not glibc."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            _MALLOC_TRIM.argtypes, _MALLOC_TRIM.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
 
 
 def _overall(codes: dict[int, str]) -> str:
@@ -227,13 +300,39 @@ def _overall(codes: dict[int, str]) -> str:
     return "UNAVAILABLE" if any(kind_of(code).status == "UNAVAILABLE" for code in distinct) else "INTERNAL"
 
 
-def _merge(pages: list[RenderedPage], doctags: dict[int, str], errors: dict[int, str], log: Logger) -> DoclingDocument:
-    """One document in page order; a page without DocTags keeps its number and size and has no content. DocTags
-    that docling-core cannot read fail their own page only (recorded in `errors`; the details in the log)."""
-    blank = Image.new("RGB", (1, 1), "white")
+#: The merge's stand-in page images hold one byte per pixel; past this many pixels in all (a document of many
+#: distinct page sizes), a page gets a stand-in scaled down to fit, whose boxes agree to the last few float bits.
+PLACEHOLDER_PIXELS = 256_000_000
 
-    def tags(page: RenderedPage) -> PageTags:
-        return PageTags(doctags.get(page.number, ""), page.image or blank, page.size_points)
+
+def _merge(
+    pages: Sequence[_PageResult], doctags: dict[int, str], errors: dict[int, str], log: Logger
+) -> DoclingDocument:
+    """One document in page order; a page without DocTags keeps its number and size and has no content. DocTags
+    that docling-core cannot read fail their own page only (recorded in `errors`; the details in the log).
+
+    docling-core places a page's boxes on its image and only reads the image's size (the crops and page images it
+    makes are dropped), so each page gets a blank stand-in of its rendered size, one per distinct size, in a mode of
+    one byte per pixel: the same document as from the rendered images, without keeping them."""
+    blank = Image.new("RGB", (1, 1), "white")
+    stand_ins: dict[tuple[int, int], Image.Image] = {}
+    budget = PLACEHOLDER_PIXELS
+
+    def stand_in(size: tuple[int, int]) -> Image.Image:
+        nonlocal budget
+        if size not in stand_ins:
+            width, height = size
+            if width * height > budget:  # many distinct sizes: smaller stand-ins (1 M px each at least)
+                ratio = min(1.0, (max(budget, 1_000_000) / (width * height)) ** 0.5)
+                width, height = max(1, int(width * ratio)), max(1, int(height * ratio))
+            budget -= width * height
+            stand_ins[size] = Image.new("1", (width, height), 1)
+        return stand_ins[size]
+
+    def tags(page: _PageResult) -> PageTags:
+        if page.number not in doctags:
+            return PageTags("", blank, page.size_points)
+        return PageTags(doctags[page.number], stand_in(page.pixel_size), page.size_points)
 
     try:
         return pages_to_document([tags(p) for p in pages], name="document")
