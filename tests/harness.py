@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -11,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from triton_rag import contract
+from triton_rag.build.model_config import build_config, render
 from triton_rag.client import AdminHeader
 from triton_rag.server import TritonServer, free_ports
 
@@ -105,3 +109,30 @@ def assert_same_results(actual: np.ndarray, expected: np.ndarray) -> None:
     tolerance = 1e-3 if expected.dtype == np.float16 else 1e-4
     np.testing.assert_allclose(actual.astype(np.float32), expected.astype(np.float32), rtol=0, atol=tolerance)
 
+
+
+def add_page_stand_in(
+    repository: Path, page_model: str, page_py: str, document_model: str, document_instances: int | None = None
+) -> None:
+    """Into a prepared docling repository: a python page model `page_model` (the `docling` contract, no batching)
+    running `page_py`, and a copy of `docling_document` named `document_model` that sends its pages to it (with
+    `document_instances` instances where given); both loaded at start-up. What the document endpoint does around
+    the page model (rendering, merging, errors) is then tested apart from the VLM."""
+    endpoint = contract.docling_endpoint()
+    page = type(endpoint)(**{**endpoint.__dict__, "name": page_model, "dynamic_batching": None})
+    (repository / page_model / "1").mkdir(parents=True)
+    (repository / page_model / "config.pbtxt").write_text(render(build_config(page, backend="python"), ""))
+    (repository / page_model / "1" / "model.py").write_text(page_py)
+    config = (repository / contract.DOCLING_DOCUMENT_ENDPOINT / "config.pbtxt").read_text()
+    config = config.replace(f'name: "{contract.DOCLING_DOCUMENT_ENDPOINT}"', f'name: "{document_model}"')
+    config = config.replace(f'string_value: "{contract.DOCLING_ENDPOINT}"', f'string_value: "{page_model}"')
+    if document_instances is not None:
+        config = re.sub(r"instance_group \{\s*count: \d+", f"instance_group {{\n  count: {document_instances}", config)
+        assert f"count: {document_instances}" in config
+    (repository / document_model / "1").mkdir(parents=True)
+    (repository / document_model / "config.pbtxt").write_text(config)
+    model_py = (repository / contract.DOCLING_DOCUMENT_ENDPOINT / "1" / "model.py").read_text()
+    (repository / document_model / "1" / "model.py").write_text(model_py)
+    prepared = json.loads((repository / ".prepared.json").read_text())
+    prepared["startup_models"] += [page_model, document_model]
+    (repository / ".prepared.json").write_text(json.dumps(prepared))

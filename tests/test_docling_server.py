@@ -24,10 +24,9 @@ from docling_core.types.doc import DocItemLabel, DoclingDocument
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, RunningServer, start_server, strings
+from tests.harness import CACHE_DIR, RunningServer, add_page_stand_in, start_server, strings
 from tests.test_docling_parts import IMAGE_MODES, PROMPT, empty_pdf, make_pdf, noise_page, page_in_mode
 from triton_rag import contract
-from triton_rag.build.model_config import build_config, render
 from triton_rag.build.repository import prepare_repository
 from triton_rag.build.settings import DoclingSettings, Settings
 from triton_rag.client import RouterControl
@@ -76,22 +75,7 @@ def docling_server(tmp_path_factory: pytest.TempPathFactory, tiny_docling_dir: P
         model=str(tiny_docling_dir), max_new_tokens=NEW_TOKENS, max_image_pixels=MAX_PIXELS, max_pages=MAX_PAGES
     )
     prepare_repository(Settings(docling=docling, offline_fallback=False), repository, CACHE_DIR, endpoints=("docling",))
-    # the fault-injecting page model, and a docling_document that uses it
-    faulty = contract.docling_endpoint()
-    faulty_page = type(faulty)(**{**faulty.__dict__, "name": "faulty_page", "dynamic_batching": None})
-    (repository / "faulty_page" / "1").mkdir(parents=True)
-    (repository / "faulty_page" / "config.pbtxt").write_text(render(build_config(faulty_page, backend="python"), ""))
-    (repository / "faulty_page" / "1" / "model.py").write_text(FAULTY_PAGE_PY)
-    document_config = (repository / contract.DOCLING_DOCUMENT_ENDPOINT / "config.pbtxt").read_text()
-    document_config = document_config.replace('name: "docling_document"', 'name: "faulty_document"')
-    document_config = document_config.replace('string_value: "docling"', 'string_value: "faulty_page"')
-    (repository / "faulty_document" / "1").mkdir(parents=True)
-    (repository / "faulty_document" / "config.pbtxt").write_text(document_config)
-    model_py = (repository / contract.DOCLING_DOCUMENT_ENDPOINT / "1" / "model.py").read_text()
-    (repository / "faulty_document" / "1" / "model.py").write_text(model_py)
-    prepared = json.loads((repository / ".prepared.json").read_text())
-    prepared["startup_models"] += ["faulty_page", "faulty_document"]
-    (repository / ".prepared.json").write_text(json.dumps(prepared))
+    add_page_stand_in(repository, "faulty_page", FAULTY_PAGE_PY, "faulty_document")  # fault injection
     yield from start_server(repository, tmp_path_factory.mktemp("logs") / "docling_server.log")
 
 

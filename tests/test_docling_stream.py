@@ -7,19 +7,15 @@ mock of what is tested: the memory measured is `docling_document`'s own), so the
 
 from __future__ import annotations
 
-import json
-import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import CACHE_DIR, RunningServer, start_server
+from tests.harness import CACHE_DIR, RunningServer, add_page_stand_in, start_server
 from tests.test_docling_parts import make_pdf
 from tests.test_docling_server import FIXED_DOCTAGS, convert_document, convert_page, encoded
-from triton_rag import contract
-from triton_rag.build.model_config import build_config, render
 from triton_rag.build.repository import prepare_repository
 from triton_rag.build.settings import DoclingSettings, Settings
 from triton_rag.core.doctags import PageTags, pages_to_document
@@ -53,23 +49,7 @@ def stream_server(tmp_path_factory: pytest.TempPathFactory, tiny_docling_dir: Pa
     docling = DoclingSettings(model=str(tiny_docling_dir), max_new_tokens=16, max_pages=MAX_PAGES)
     prepare_repository(Settings(docling=docling, offline_fallback=False), repository, CACHE_DIR, endpoints=("docling",))
     # a page model that answers at once, and a docling_document (one instance: its stub is the one measured) using it
-    endpoint = contract.docling_endpoint()
-    fixed_page = type(endpoint)(**{**endpoint.__dict__, "name": "fixed_page", "dynamic_batching": None})
-    (repository / "fixed_page" / "1").mkdir(parents=True)
-    (repository / "fixed_page" / "config.pbtxt").write_text(render(build_config(fixed_page, backend="python"), ""))
-    (repository / "fixed_page" / "1" / "model.py").write_text(FIXED_PAGE_PY)
-    config = (repository / contract.DOCLING_DOCUMENT_ENDPOINT / "config.pbtxt").read_text()
-    config = config.replace('name: "docling_document"', 'name: "fixed_document"')
-    config = config.replace('string_value: "docling"', 'string_value: "fixed_page"')
-    config = re.sub(r"instance_group \{\s*count: \d+", "instance_group {\n  count: 1", config)
-    assert "count: 1" in config
-    (repository / "fixed_document" / "1").mkdir(parents=True)
-    (repository / "fixed_document" / "config.pbtxt").write_text(config)
-    model_py = (repository / contract.DOCLING_DOCUMENT_ENDPOINT / "1" / "model.py").read_text()
-    (repository / "fixed_document" / "1" / "model.py").write_text(model_py)
-    prepared = json.loads((repository / ".prepared.json").read_text())
-    prepared["startup_models"] += ["fixed_page", "fixed_document"]
-    (repository / ".prepared.json").write_text(json.dumps(prepared))
+    add_page_stand_in(repository, "fixed_page", FIXED_PAGE_PY, "fixed_document", document_instances=1)
     yield from start_server(repository, tmp_path_factory.mktemp("logs") / "docling_stream_server.log")
 
 
