@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import textwrap
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from triton_rag import contract
 from triton_rag.build.model_config import build_config, render
 from triton_rag.client import AdminHeader
-from triton_rag.server import TritonServer, free_ports
+from triton_rag.server import Ports, TritonServer, free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("TRITON_RAG_CACHE", PROJECT_ROOT / ".cache"))
@@ -136,3 +138,46 @@ def add_page_stand_in(
     prepared = json.loads((repository / ".prepared.json").read_text())
     prepared["startup_models"] += [page_model, document_model]
     (repository / ".prepared.json").write_text(json.dumps(prepared))
+
+
+def serve_command(repository: Path, ports: Ports, *options: str) -> list[str]:
+    """`triton-rag serve` (what `make serve` runs) on a prepared `repository` and these ports, as a test starts it
+    in a process of its own; `options` are added (a cache directory, --no-gateway, a gateway port)."""
+    return [
+        sys.executable, "-m", "triton_rag", "serve", "--no-prepare", "--repository", str(repository),
+        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+        *options,
+    ]  # fmt: skip
+
+
+def landscape_failing_page_py(doctags: str) -> str:
+    """model.py of a stand-in for the `docling` page model (fault injection, not a mock of what is tested): it
+    answers every portrait page with `doctags` and its DoclingDocument, and fails every landscape page, so that
+    what is built around the page model (docling_document's merge and page errors, the gateway's conversions) can
+    be checked exactly without the VLM."""
+    return textwrap.dedent(
+        f"""
+        import io
+        import numpy as np
+        import triton_python_backend_utils as pb_utils
+        from PIL import Image
+        from triton_rag.core.doctags import PageTags, pages_to_document
+
+        class TritonPythonModel:
+            def execute(self, requests):
+                responses = []
+                for request in requests:
+                    data = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)[0]
+                    image = Image.open(io.BytesIO(bytes(data)))
+                    if image.width > image.height:
+                        error = pb_utils.TritonError("injected failure for a landscape page")
+                        responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                        continue
+                    document = pages_to_document([PageTags({doctags!r}, image.convert("RGB"))], name="page")
+                    tags = np.array([[{doctags!r}.encode()]], dtype=np.object_)
+                    json_out = np.array([[document.model_dump_json().encode()]], dtype=np.object_)
+                    responses.append(pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("STRUCTURED_JSON", json_out), pb_utils.Tensor("DOCTAGS", tags)]))
+                return responses
+        """
+    )

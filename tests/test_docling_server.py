@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from docling_core.types.doc import DocItemLabel, DoclingDocument
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, RunningServer, add_page_stand_in, start_server, strings
+from tests.harness import CACHE_DIR, RunningServer, add_page_stand_in, landscape_failing_page_py, start_server, strings
 from tests.test_docling_parts import IMAGE_MODES, PROMPT, empty_pdf, make_pdf, noise_page, page_in_mode
 from triton_rag import contract
 from triton_rag.build.repository import prepare_repository
@@ -42,30 +41,7 @@ MAX_PAGES = 4
 FIXED_DOCTAGS = (
     "<doctag><section_header_level_1><loc_50><loc_25><loc_450><loc_50>Title</section_header_level_1></doctag>"
 )
-FAULTY_PAGE_PY = textwrap.dedent(
-    f"""
-    import io
-    import numpy as np
-    import triton_python_backend_utils as pb_utils
-    from PIL import Image
-
-    class TritonPythonModel:
-        def execute(self, requests):
-            responses = []
-            for request in requests:
-                data = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)[0]
-                width, height = Image.open(io.BytesIO(bytes(data))).size
-                if width > height:
-                    error = pb_utils.TritonError("injected failure for a landscape page")
-                    responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-                    continue
-                tags = np.array([[{FIXED_DOCTAGS!r}.encode()]], dtype=np.object_)
-                json_out = np.array([[b"{{}}"]], dtype=np.object_)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("DOCTAGS", tags), pb_utils.Tensor("STRUCTURED_JSON", json_out)]))
-            return responses
-    """
-)
+FAULTY_PAGE_PY = landscape_failing_page_py(FIXED_DOCTAGS)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 from docling_core.types.doc import DoclingDocument
 
-from tests.harness import CACHE_DIR, PROJECT_ROOT, RunningServer, start_server, strings, wait_until
+from tests.harness import (
+    CACHE_DIR,
+    PROJECT_ROOT,
+    RunningServer,
+    landscape_failing_page_py,
+    serve_command,
+    start_server,
+    strings,
+    wait_until,
+)
 from tests.test_docling_parts import make_pdf, noise_page
 from triton_rag import contract
 from triton_rag.build.repository import prepare_repository
@@ -50,32 +58,7 @@ STAND_IN_DOCTAGS = (
 )
 #: The `docling` page model replaced by fixed DocTags (the document merge and the export are what is tested here;
 #: tests/test_docling_server.py checks the real VLM against transformers).
-STAND_IN_PAGE_PY = textwrap.dedent(
-    f"""
-    import io
-    import numpy as np
-    import triton_python_backend_utils as pb_utils
-    from PIL import Image
-    from triton_rag.core.doctags import PageTags, pages_to_document
-
-    class TritonPythonModel:
-        def execute(self, requests):
-            responses = []
-            for request in requests:
-                data = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)[0]
-                image = Image.open(io.BytesIO(bytes(data)))
-                if image.width > image.height:
-                    error = pb_utils.TritonError("injected failure for a landscape page")
-                    responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-                    continue
-                document = pages_to_document([PageTags({STAND_IN_DOCTAGS!r}, image.convert("RGB"))], name="page")
-                tags = np.array([[{STAND_IN_DOCTAGS!r}.encode()]], dtype=np.object_)
-                json_out = np.array([[document.model_dump_json().encode()]], dtype=np.object_)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("STRUCTURED_JSON", json_out), pb_utils.Tensor("DOCTAGS", tags)]))
-            return responses
-    """
-)
+STAND_IN_PAGE_PY = landscape_failing_page_py(STAND_IN_DOCTAGS)
 
 
 def free_port() -> int:
@@ -561,23 +544,7 @@ def test_serve_starts_the_gateway_and_stops_it_with_tritonserver(rag_server: Run
     ports, gateway_port = free_ports(), free_port()
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "triton_rag",
-            "serve",
-            "--no-prepare",
-            "--repository",
-            str(rag_server.repository),
-            "--http-port",
-            str(ports.http),
-            "--grpc-port",
-            str(ports.grpc),
-            "--metrics-port",
-            str(ports.metrics),
-            "--gateway-port",
-            str(gateway_port),
-        ],
+        serve_command(rag_server.repository, ports, "--gateway-port", str(gateway_port)),
         cwd=PROJECT_ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,

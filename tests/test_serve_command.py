@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import CACHE_DIR, PROJECT_ROOT, strings, wait_until
+from tests.harness import CACHE_DIR, PROJECT_ROOT, serve_command, strings, wait_until
 from triton_rag import contract
 from triton_rag.build.repository import prepare_repository
 from triton_rag.build.settings import EmbedSettings, Settings
@@ -85,23 +85,7 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_a_signal(
     environment = {k: v for k, v in os.environ.items() if k not in (admin.KEY_ENV, "TORCHINDUCTOR_CACHE_DIR")}
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "triton_rag",
-            "serve",
-            "--no-prepare",
-            "--repository",
-            str(qwen_repository),
-            "--cache-dir",
-            str(cache_dir),
-            "--http-port",
-            str(ports.http),
-            "--grpc-port",
-            str(ports.grpc),
-            "--metrics-port",
-            str(ports.metrics),
-        ],
+        serve_command(qwen_repository, ports, "--cache-dir", str(cache_dir)),
         cwd=PROJECT_ROOT,
         env=environment,
         stdout=log,
@@ -158,9 +142,7 @@ def test_serve_restarts_tritonserver_when_a_dead_stub_wedged_a_model(tiny_embed_
     ports, cache_dir = free_ports(), tmp_path / "cache"
     environment = {k: v for k, v in os.environ.items() if k not in (admin.KEY_ENV, "TORCHINDUCTOR_CACHE_DIR")}
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "triton_rag", "serve", "--no-prepare", "--no-gateway", "--repository",
-               str(repository), "--cache-dir", str(cache_dir), "--http-port", str(ports.http), "--grpc-port",
-               str(ports.grpc), "--metrics-port", str(ports.metrics)]  # fmt: skip
+    command = serve_command(repository, ports, "--cache-dir", str(cache_dir), "--no-gateway")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{ports.grpc}"

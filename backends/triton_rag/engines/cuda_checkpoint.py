@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -84,8 +85,6 @@ class ContextRelease:
 
 def run_helper(action: str, pid: int | None = None) -> tuple[bool, str]:
     """Run this file as the controller of `pid` (default: this process): (succeeded, what it said)."""
-    import os
-
     command = [_python(), "-I", str(Path(__file__)), action, str(pid or os.getpid())]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=HELPER_TIMEOUT_S, check=False)
