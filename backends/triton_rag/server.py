@@ -440,7 +440,11 @@ class TritonServer:
         _log.warning("restarting tritonserver: it cannot load a model again until it restarts (%s)", reasons)
         self.stop(grace)
         self.start()
-        self.wait_ready(600)
+        try:
+            self.wait_ready(600)
+        except (RuntimeError, TimeoutError) as exc:  # serve_forever's loop sees an exit and ends with its code
+            _log.error("tritonserver restarted but is not ready: %s", exc)
+            return True
         _log.info("tritonserver restarted and ready")
         return True
 
