@@ -21,8 +21,10 @@ from triton_rag.build.repository import startup_models
 from triton_rag.client import AdminHeader, RouterControl, default_key
 from triton_rag.core import admin
 from triton_rag.server import (
+    CPU_ONLY_FLAGS,
     GRPC_KEY_HEADER,
     LOOPBACK,
+    STUB_ALLOCATOR,
     Ports,
     access_flags,
     resolve_admin_key,
@@ -66,11 +68,26 @@ def test_server_command_is_not_strictly_ready_and_keeps_the_generated_configs(tm
     assert "--http-address=0.0.0.0" in server_command(tmp_path, tmp_path, Ports(), "k", host="0.0.0.0")
 
 
+def test_tritonserver_makes_no_gpu_pools_of_its_own(tmp_path: Path) -> None:
+    """With GPUs the server gets no pinned pool and a zero CUDA pool on each (its own CUDA context otherwise);
+    without one, the CPU-only flags instead; a caller's extra flag comes last, so it wins."""
+    two = server_command(tmp_path, tmp_path, Ports(), "k", gpus=2)
+    assert "--pinned-memory-pool-byte-size=0" in two
+    assert {"--cuda-memory-pool-byte-size=0:0", "--cuda-memory-pool-byte-size=1:0"} <= set(two)
+    assert "--allow-gpu-metrics=false" not in two
+    cpu = server_command(tmp_path, tmp_path, Ports(), "k", gpus=0)
+    assert set(CPU_ONLY_FLAGS) <= set(cpu) and not any(flag.startswith("--cuda-memory-pool") for flag in cpu)
+    mine = server_command(tmp_path, tmp_path, Ports(), "k", extra_args=["--cuda-memory-pool-byte-size=0:67108864"])
+    assert mine[-1] == "--cuda-memory-pool-byte-size=0:67108864"
+
+
 def test_server_environment_carries_the_key_and_a_persistent_inductor_cache(tmp_path: Path) -> None:
     env = server_environment(tmp_path, "the-key", {admin.KEY_ENV: "another", "PATH": "/bin"})
     assert env[admin.KEY_ENV] == "the-key"  # the stubs check control requests against the server's own key
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve() / "inductor")
     assert server_environment(tmp_path, "k", {"TORCHINDUCTOR_CACHE_DIR": "/mine"})["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == STUB_ALLOCATOR  # the stubs' torch: segments that grow in place
+    assert server_environment(tmp_path, "k", {"PYTORCH_CUDA_ALLOC_CONF": "x"})["PYTORCH_CUDA_ALLOC_CONF"] == "x"
 
 
 def test_admin_key_from_the_environment_else_a_private_file_made_once(

@@ -52,6 +52,10 @@ RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 #: GPU metrics (DCGM: "Error: Failed to initialize NVML", "DCGM unable to start") and a pinned memory pool for GPU
 #: copies (CUDA: "Unable to allocate pinned system memory ... CUDA driver version is insufficient").
 CPU_ONLY_FLAGS = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0")
+#: How the stubs' torch allocates GPU memory: segments that grow and shrink in place, so passes of changing sizes reuse
+#: one range instead of caching a block per size (BENCHMARKS.md: the encoders grew 0.7-1.0 GiB past their warm-up
+#: under real traffic with torch's default). A value in the caller's environment wins.
+STUB_ALLOCATOR = "expandable_segments:True"
 #: The one error line no flag of tritonserver 2.51 turns off on such a machine: its CUDA block manager starts
 #: unconditionally and logs that the CUDA driver is missing. Harmless (the server runs on the CPU); dropped from its
 #: log there (TritonServer.start), the launcher says instead, once, that no GPU was found.
@@ -156,18 +160,30 @@ def access_flags(host: str, key: str) -> list[str]:
     ]
 
 
-def gpu_present() -> bool:
-    """Whether tritonserver will find a GPU here: the CUDA driver loads, initializes and counts at least one device
-    (CUDA_VISIBLE_DEVICES honoured), as tritonserver's own probe does. No CUDA context is made."""
+def gpu_count() -> int:
+    """The GPUs tritonserver will find here: what the CUDA driver counts once it loads and initializes
+    (CUDA_VISIBLE_DEVICES honoured), as tritonserver's own probe does; 0 without a driver. No CUDA context is made."""
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return False
+        return 0
     count = ctypes.c_int(0)
     try:
-        return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+        return count.value if driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
     except AttributeError:  # not a CUDA driver
-        return False
+        return 0
+
+
+def gpu_present() -> bool:
+    return gpu_count() > 0
+
+
+def gpu_memory_flags(gpus: int) -> list[str]:
+    """tritonserver's flags with `gpus` GPUs: no pinned host pool and no CUDA pool on any of them. The server itself
+    moves no tensor to or from a GPU (every model's inputs and outputs are host tensors; the python stubs do their
+    own GPU work), and those pools need a CUDA context in the server's process: 0.57 GiB of an H200 (BENCHMARKS.md),
+    outside every model's budget, on a card where each GiB decides what stays resident."""
+    return ["--pinned-memory-pool-byte-size=0", *(f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in range(gpus))]
 
 
 def server_environment(cache_dir: Path, admin_key: str, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -186,6 +202,7 @@ def server_environment(cache_dir: Path, admin_key: str, base: dict[str, str] | N
     env[admin.KEY_ENV] = admin_key
     # compiled layers (`compile = true`) reuse their kernels across loads and restarts instead of compiling anew
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir.resolve() / "inductor"))
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", STUB_ALLOCATOR)
     return env
 
 
@@ -197,12 +214,12 @@ def server_command(
     load_models: Sequence[str] = ("*",),
     host: str = LOOPBACK,
     extra_args: Sequence[str] = (),
-    gpu: bool = True,
+    gpus: int = 1,
 ) -> list[str]:
     """Explicit model control; the server reports ready while the router loads and unloads compute models
     (`--strict-readiness=false`; each model's readiness is /v2/models/<name>/ready); configs are used as `prepare`
-    wrote them (`--disable-auto-complete-config`). Without a GPU (`gpu` False): CPU_ONLY_FLAGS, before `extra_args`
-    (which can override them)."""
+    wrote them (`--disable-auto-complete-config`). With `gpus` GPUs: gpu_memory_flags; without (0): CPU_ONLY_FLAGS;
+    both before `extra_args` (which can override them)."""
     command = [
         str(tritonserver_binary()),
         f"--model-repository={repository.resolve()}",
@@ -217,8 +234,7 @@ def server_command(
         "--disable-auto-complete-config",
         *access_flags(host, admin_key),
     ]
-    if not gpu:
-        command += CPU_ONLY_FLAGS
+    command += gpu_memory_flags(gpus) if gpus else CPU_ONLY_FLAGS
     command += [f"--load-model={name}" for name in load_models]
     return command + list(extra_args)
 
@@ -338,11 +354,12 @@ class TritonServer:
         self.ports = ports
         self.host = host
         self.admin_key = admin_key or resolve_admin_key(cache_dir)
-        self.gpu = gpu_present()
+        gpus = gpu_count()
+        self.gpu = gpus > 0
         if not self.gpu:
             _log.info("no GPU found (no CUDA driver or device): tritonserver runs on the CPU only")
         self.command = server_command(
-            repository, prepare_backends(cache_dir), ports, self.admin_key, load_models, host, extra_args, self.gpu
+            repository, prepare_backends(cache_dir), ports, self.admin_key, load_models, host, extra_args, gpus
         )
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None

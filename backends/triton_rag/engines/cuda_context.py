@@ -42,3 +42,15 @@ def trim_stack_reserve(device: torch.device, stack_bytes: int = TRIMMED_STACK_BY
         _log.warning(f"could not lower the CUDA stack limit to {stack_bytes} bytes (CUresult {result}); harmless")
         return False
     return True
+
+
+def allocator_summary(device: torch.device) -> str:
+    """What torch's caching allocator holds on `device` (activations, CUDA-graph pools, workspaces; the weight arena
+    is outside it): for a load's log, so a model's measured footprint can be split into its parts."""
+    stats = torch.cuda.memory_stats(device)
+    mib = 1 << 20
+    return (
+        f"torch's allocator holds {stats.get('reserved_bytes.all.current', 0) / mib:.0f} MiB "
+        f"({stats.get('allocated_bytes.all.current', 0) / mib:.0f} MiB in use, "
+        f"{stats.get('allocated_bytes.all.peak', 0) / mib:.0f} MiB at the peak)"
+    )

@@ -38,7 +38,7 @@ from triton_rag.core.batching import graph_shape, graph_shapes, plan_packed_pass
 from triton_rag.core.precision import Device, choose_precision
 from triton_rag.engines.checkpoint import read_lm_head_rows
 from triton_rag.engines.cuda_checkpoint import ContextRelease
-from triton_rag.engines.cuda_context import trim_stack_reserve
+from triton_rag.engines.cuda_context import allocator_summary, trim_stack_reserve
 from triton_rag.engines.device_cap import apply_device_cap
 from triton_rag.engines.encoder_common import (
     DTYPES,
@@ -301,6 +301,7 @@ class TorchEncoder:
         log(
             f"warmed up in {done - started:.1f} s: first batches (compilation) {first - started:.1f} s, "
             f"the other CUDA graphs {done - first:.1f} s ({len(self._graphs)} graphs in all)"
+            + (f"; {allocator_summary(self.device)}" if self.device.type == "cuda" else "")
         )
 
     def validate(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
