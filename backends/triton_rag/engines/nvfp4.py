@@ -260,8 +260,11 @@ class Nvfp4Linear(nn.Module):
         return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
     def _decoded_weight(self) -> torch.Tensor:
-        """`fp8_weight`'s values; on CUDA from the decode kernel (registered by `load_weight`)."""
+        """`fp8_weight`'s values; on CUDA from the decode kernel (registered by `load_weight` when the weight lands on
+        the GPU; here for a layer moved there afterwards, `.to(cuda)`, where importing it is not yet done)."""
         if self.weight.is_cuda:
+            import triton_rag.engines.nvfp4_decode  # noqa: F401  (registers the op; a no-op once imported)
+
             decode = torch.ops.triton_rag.nvfp4_decode_fp8
             return decode(self.weight, self.weight_block_scale, self.weight_row_factor)
         return self.fp8_weight()
