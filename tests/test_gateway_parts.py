@@ -5,8 +5,10 @@ counts against transformers' tokenizers on the same files."""
 from __future__ import annotations
 
 import base64
+import itertools
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import orjson
@@ -17,7 +19,16 @@ from tritonclient.utils import InferenceServerException
 
 from triton_rag.build import repository
 from triton_rag.build.settings import GatewaySettings, SettingsError, load_settings
-from triton_rag.core.text import QWEN3_POOL_TOKEN, format_embed_text
+from triton_rag.core.errors import TooLarge
+from triton_rag.core.text import (
+    QWEN3_POOL_TOKEN,
+    EmbedTokenization,
+    RerankTokenization,
+    decode_utf8,
+    format_embed_text,
+    format_rerank_pair,
+    text_byte_limit,
+)
 from triton_rag.gateway import catalog, convert, embeddings, rerank
 from triton_rag.gateway.__main__ import api_keys, exposure_problem, is_loopback
 from triton_rag.gateway.errors import BadRequest, Internal, NotFound, Unavailable, Unprocessable, error_body, style_of
@@ -251,3 +262,65 @@ def test_a_huge_text_is_refused_before_it_is_tokenized(tiny_embed_dir: Path) -> 
     with pytest.raises(BadRequest, match="^input 0 is 52428800 bytes, more than the"):
         counter.count(["x" * 50 * 2**20], "")
     assert time.monotonic() - started < 1.0
+
+
+def bytes_long(size: int) -> str:
+    """A text of exactly `size` UTF-8 bytes, two-byte characters but one: a single word ([UNK] to MiniLM)."""
+    return "é" * (size // 2) + "a" * (size % 2)
+
+
+def endpoint_reads(values: dict[str, str], limit: int, cut: bool = False) -> dict[str, str] | None:
+    """Each field as the endpoint reads its tensor (core.text.decode_utf8 at `limit`): None when it refuses one."""
+    try:
+        return {name: decode_utf8([value.encode()], name, limit, cut)[0] for name, value in values.items()}
+    except TooLarge:
+        return None
+
+
+MINILM_MAX_LENGTH = 128
+
+
+def minilm_counter(minilm_dir: Path, overflow: Literal["reject", "truncate"]) -> EmbedCounter:
+    return EmbedCounter(FastTokenizer.from_file(minilm_dir / "tokenizer.json"), MINILM_MAX_LENGTH, overflow, "")
+
+
+def test_the_gateway_refuses_for_size_exactly_what_the_endpoint_refuses(minilm_dir: Path) -> None:
+    """TEXT and INSTRUCTION are each held to text_byte_limit on their own, as the endpoint holds them: a text at
+    the limit with an instruction (a prompt over it) is counted; one byte over either is refused, naming it."""
+    limit = text_byte_limit(MINILM_MAX_LENGTH)
+    counter = minilm_counter(minilm_dir, "reject")
+    for text_delta, task_delta in itertools.product(range(-2, 3), repeat=2):
+        text, instruction = bytes_long(limit + text_delta), bytes_long(limit + task_delta)
+        if endpoint_reads({"TEXT": text, "INSTRUCTION": instruction}, limit) is not None:
+            assert counter.count(["short", text], instruction) > 0
+            continue
+        with pytest.raises(BadRequest) as caught:
+            counter.count(["short", text], instruction)
+        what, size = ("input 1", limit + text_delta) if text_delta > 0 else ("instruction", limit + task_delta)
+        assert caught.value.code == "input_too_long" and caught.value.param == what.split()[0]
+        assert caught.value.message.startswith(f"{what} is {size} bytes, more than the {limit} bytes")
+
+
+def test_truncate_cuts_each_field_as_the_endpoint_does(minilm_dir: Path, tiny_rerank_dir: Path) -> None:
+    """overflow = "truncate": each field cut to the byte limit on its own (a character split by the cut dropped),
+    then the prompt formatted, as the endpoint does; before, the formatted prompt was cut, which dropped the text
+    after a long instruction (or the document after a long query) from the count."""
+    limit = text_byte_limit(MINILM_MAX_LENGTH)
+    text, instruction = "a" + "é" * limit, "i" * (limit + 500)  # both over the limit; the cut splits an "é"
+    read = endpoint_reads({"TEXT": text, "INSTRUCTION": instruction}, limit, cut=True)
+    assert read is not None and len(read["TEXT"]) == limit // 2 and len(read["INSTRUCTION"]) == limit
+    tokenizer = FastTokenizer.from_file(minilm_dir / "tokenizer.json")
+    endpoint = EmbedTokenization(tokenizer, MINILM_MAX_LENGTH, "truncate", None)
+    expected = endpoint.encode([format_embed_text(read["TEXT"], read["INSTRUCTION"])])
+    assert minilm_counter(minilm_dir, "truncate").count([text], instruction) == len(expected[0].ids) > 5
+
+    rerank_limit = text_byte_limit(256)
+    query, document = "q" + " " * (rerank_limit + 9), "d" + " " * (rerank_limit + 9)  # spaces: few tokens
+    read = endpoint_reads({"QUERY": query, "DOCUMENT": document}, rerank_limit, cut=True)
+    assert read is not None
+    tokenizer = FastTokenizer.from_file(tiny_rerank_dir / "tokenizer.json")
+    pair = RerankTokenization(tokenizer, 256, "truncate").encode(
+        [format_rerank_pair(read["QUERY"], read["DOCUMENT"], "Judge")]
+    )
+    counter = RerankCounter(tokenizer, 256, "truncate", "Judge")
+    assert counter.count(query, [document], "") == len(pair[0].ids) and not pair[0].truncated

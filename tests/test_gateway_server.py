@@ -26,12 +26,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from docling_core.types.doc import DoclingDocument
+from tritonclient.utils import InferenceServerException
 
 from tests.harness import (
     CACHE_DIR,
     PROJECT_ROOT,
     RunningServer,
     landscape_failing_page_py,
+    rerank,
     serve_command,
     start_server,
     strings,
@@ -41,11 +43,17 @@ from tests.test_docling_parts import make_pdf, noise_page
 from triton_rag import contract
 from triton_rag.build.repository import prepare_repository
 from triton_rag.build.settings import DoclingSettings, EmbedSettings, RerankSettings, Settings
+from triton_rag.core.text import format_embed_text, format_rerank_pair, text_byte_limit
 
 pytestmark = pytest.mark.server
 
 KEY = "gateway-test-key"
 BODY_LIMIT = 4 * 2**20
+#: The endpoints' max_length here (rag_server), and the bytes each of their text fields may have.
+EMBED_MAX_LENGTH = 128
+RERANK_MAX_LENGTH = 256
+EMBED_BYTES = text_byte_limit(EMBED_MAX_LENGTH)
+RERANK_BYTES = text_byte_limit(RERANK_MAX_LENGTH)
 TEXTS = [
     "Paris is the capital of France.",
     "The mitochondria is the powerhouse of the cell.",
@@ -124,8 +132,8 @@ def rag_server(
 ) -> Iterator[RunningServer]:
     repository = tmp_path_factory.mktemp("gateway_repository")
     settings = Settings(
-        embed=EmbedSettings(model=str(minilm_dir), max_length=128),
-        rerank=RerankSettings(model=str(tiny_rerank_dir), max_length=256),
+        embed=EmbedSettings(model=str(minilm_dir), max_length=EMBED_MAX_LENGTH),
+        rerank=RerankSettings(model=str(tiny_rerank_dir), max_length=RERANK_MAX_LENGTH),
         docling=DoclingSettings(model=str(tiny_docling_dir), max_new_tokens=8, max_pages=4),
         offline_fallback=False,
     )
@@ -422,6 +430,103 @@ def test_over_long_rerank_document_names_its_index(gateway: Gateway) -> None:
     with gateway.http() as http:
         answer = http.post("/v1/rerank", json={"query": "q", "documents": ["a", "b", "word " * 300]})
     assert answer.status_code == 400 and answer.json()["message"].startswith("documents 2")
+
+
+def triton_refuses(server: RunningServer, model: str, inputs: list[grpcclient.InferInput]) -> str:
+    """Triton's own INVALID_ARGUMENT message for a request the endpoint refuses."""
+    with pytest.raises(InferenceServerException) as caught:
+        server.client().infer(model, inputs)
+    assert "INVALID_ARGUMENT" in str(caught.value.status()), caught.value
+    return str(caught.value.message())
+
+
+def test_embed_texts_are_held_to_the_endpoints_byte_limit_each_on_its_own(
+    gateway: Gateway, rag_server: RunningServer
+) -> None:
+    """The gateway applies the endpoint's byte rule as the endpoint does: to TEXT and INSTRUCTION each, not to the
+    prompt they are formatted into. A text of exactly the limit (in bytes: "é" is two) with an instruction is
+    answered as Triton answers it; one byte more is refused by both, naming the input, its size and the limit."""
+    at_limit = "é" * (EMBED_BYTES // 2)
+    assert len(at_limit.encode()) == EMBED_BYTES < len(format_embed_text(at_limit, "Find facts").encode())
+    instruction = "i" * EMBED_BYTES  # an instruction at the limit too
+    with gateway.http() as http:
+        for text, task in ((at_limit, "Find facts"), ("capital of France", instruction)):
+            body = {"model": "qwen_embed", "input": [TEXTS[0], text], "input_type": "query", "instruction": task}
+            answer = http.post("/v1/embeddings", json=body)
+            assert answer.status_code == 200, answer.text
+            rows = np.array([d["embedding"] for d in answer.json()["data"]], dtype=np.float32)
+            np.testing.assert_array_equal(rows, direct_embed(rag_server, [TEXTS[0], text], task))
+        over = at_limit + "a"
+        body = {"model": "qwen_embed", "input": [TEXTS[0], over], "input_type": "query", "instruction": "Find facts"}
+        refused = http.post("/v1/embeddings", json=body)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == ("input", "input_too_long", "invalid_request_error")
+        assert error["message"].startswith(f"input 1 is {EMBED_BYTES + 1} bytes, more than the {EMBED_BYTES} bytes")
+        assert f"max_length {EMBED_MAX_LENGTH} tokens" in error["message"]
+        message = triton_refuses(rag_server, contract.EMBED_ENDPOINT, [strings("TEXT", [over])])
+        assert message.startswith(f"TEXT row 0 is {EMBED_BYTES + 1:,} bytes")
+        body = {"model": "qwen_embed", "input": "x", "input_type": "query", "instruction": instruction + "i"}
+        refused = http.post("/v1/embeddings", json=body)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("instruction", "input_too_long")
+        assert error["message"].startswith(f"instruction is {EMBED_BYTES + 1} bytes, more than the {EMBED_BYTES}")
+        inputs = [strings("TEXT", ["x"]), strings("INSTRUCTION", [instruction + "i"])]
+        assert triton_refuses(rag_server, contract.EMBED_ENDPOINT, inputs).startswith("INSTRUCTION row 0 is")
+
+
+def test_rerank_query_documents_and_instruction_are_held_to_the_byte_limit_each_on_its_own(
+    gateway: Gateway, rag_server: RunningServer
+) -> None:
+    """QUERY, DOCUMENT and INSTRUCTION are checked apart (the endpoint's rule): a query and a document of exactly the
+    limit, whose pair is twice over it, are scored as Triton scores them, with an instruction and with the
+    endpoint's default one (which is not the client's to count); one byte more is refused by both."""
+    query = "q" + " " * (RERANK_BYTES - 1)  # long runs of spaces are few tokens: the pair fits max_length
+    document = "d" + " " * (RERANK_BYTES - 1)
+    assert len(format_rerank_pair(query, document, "").encode()) > 2 * RERANK_BYTES
+    with gateway.http() as http:
+        for instruction in ("Find facts", None):
+            body = {"model": "qwen_rerank", "query": query, "documents": [TEXTS[0], document]}
+            if instruction:
+                body["instruction"] = instruction
+            answer = http.post("/v2/rerank", json=body)
+            assert answer.status_code == 200, answer.text
+            scores = {r["index"]: r["relevance_score"] for r in answer.json()["results"]}
+            direct = rerank(rag_server, [(query, TEXTS[0]), (query, document)], instruction)
+            np.testing.assert_allclose([scores[0], scores[1]], direct, atol=1e-5)
+        overs = [
+            ({"query": query + " ", "documents": ["a"]}, "query is"),
+            ({"query": "q", "documents": ["a", document + " "]}, "documents 1 is"),
+            ({"query": "q", "documents": ["a"], "instruction": "i" * (RERANK_BYTES + 1)}, "instruction is"),
+        ]
+        for body, name in overs:
+            refused = http.post("/v1/rerank", json=body)
+            assert refused.status_code == 400 and set(refused.json()) == {"message"}  # Cohere's shape
+            message = refused.json()["message"]
+            assert message.startswith(f"{name} {RERANK_BYTES + 1} bytes, more than the {RERANK_BYTES} bytes")
+            assert f"max_length {RERANK_MAX_LENGTH} tokens" in message
+    inputs = [strings("QUERY", [query + " "]), strings("DOCUMENT", ["a"])]
+    assert triton_refuses(rag_server, contract.RERANK_ENDPOINT, inputs).startswith("QUERY row 0 is")
+    inputs = [strings("QUERY", ["q"]), strings("DOCUMENT", [document + " "])]
+    assert triton_refuses(rag_server, contract.RERANK_ENDPOINT, inputs).startswith("DOCUMENT row 0 is")
+    inputs = [strings("QUERY", ["q"]), strings("DOCUMENT", ["a"]), strings("INSTRUCTION", ["i" * (RERANK_BYTES + 1)])]
+    assert triton_refuses(rag_server, contract.RERANK_ENDPOINT, inputs).startswith("INSTRUCTION row 0 is")
+
+
+def test_text_with_no_utf8_form_is_a_400(gateway: Gateway) -> None:
+    """JSON's \\ud800 escape decodes to a lone surrogate, which has no UTF-8 bytes to send to Triton."""
+    headers = {"Content-Type": "application/json"}
+    with gateway.http() as http:
+        body = b'{"model": "qwen_embed", "input": ["a", "b\\ud800c"]}'
+        refused = http.post("/v1/embeddings", content=body, headers=headers)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("input", "invalid_text")
+        assert error["message"].startswith("input 1 is not valid Unicode text")
+        body = b'{"query": "q", "documents": ["a\\udfffb"], "max_tokens_per_doc": 4}'
+        refused = http.post("/v2/rerank", content=body, headers=headers)
+        assert refused.status_code == 400 and refused.json()["message"].startswith("documents 0 is not valid")
 
 
 def test_api_keys_and_the_body_limit(gateway: Gateway) -> None:

@@ -2,8 +2,9 @@
 # Packs what the GPU machine lacks (it has torch and transformers, no network) into .bench/, small enough to carry
 # there (64 MiB per run): the embedded tritonserver slimmed to the Python 3.12 stub, the tritonclient that drives it,
 # numpy 1.26 (that stub was built against numpy 1.x), what the docling endpoints import (docling-core and its
-# import-time dependencies, PDFium), the Qwen3 tokenizer and cl100k_base (granite-docling's tokenizer is rebuilt from
-# it). tools/gpu_setup.sh unpacks it there. Each file is written beside its old copy and then renamed over it.
+# import-time dependencies, PDFium), what the gateway imports (FastAPI, uvicorn), the Qwen3 tokenizer and
+# cl100k_base (granite-docling's tokenizer is rebuilt from it). tools/gpu_setup.sh unpacks it there. Each file is
+# written beside its old copy and then renamed over it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,10 +18,13 @@ mkdir -p "$out" "$work/site"
 # environment runs (and tests) them with; pandas 2.x, which runs on the stub's numpy 1.26.
 docling=(docling-core pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
          typing-extensions pandas python-dateutil pytz tabulate pypdfium2)
+# the gateway (`serve`'s HTTP front door, tools/bench_gateway.py) imports these beyond what the machine has (httpx,
+# grpcio, anyio, h11, click, tokenizers are there)
+gateway=(fastapi starlette uvicorn prometheus-client python-multipart annotated-doc opentelemetry-api orjson)
 mapfile -t docling_pins < <("$PY" -c 'import sys
 from importlib.metadata import version
 for name in sys.argv[1:]:
-    print(f"{name}=={version(name)}")' "${docling[@]}")
+    print(f"{name}=={version(name)}")' "${docling[@]}" "${gateway[@]}")
 
 echo "pack-gpu-bundle: downloading wheels for CPython 3.12"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -3,10 +3,11 @@
 
 The token counts are the endpoint's own: the same prompt formatting and the same tokenization rules
 (triton_rag.core.text), so a text over `max_length` is refused here with its index, and `usage` counts what the
-encoder runs. A text's bytes are capped before it is tokenized (issue 23: tokenizing 50 MB took a minute and GBs):
-the endpoints' own rule, `max_length` x `core.text.MAX_BYTES_PER_TOKEN` bytes (`text_byte_limit`): above it a text is
-refused (overflow = "reject") or cut to that many bytes for counting (overflow = "truncate": the endpoint does the
-same).
+encoder runs. Each text field's bytes are checked before it is formatted or tokenized (issue 23: tokenizing 50 MB
+took a minute and GBs) by the endpoints' own rule, applied as they apply it: field by field (the input; the query,
+each document, the instruction), each against `core.text.text_byte_limit(max_length)` through
+`core.text.decode_utf8`, never the formatted prompt. Above the limit a field is refused (overflow = "reject") or cut
+to it (overflow = "truncate"), as the endpoint refuses or cuts the same field.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any, Literal
 
 from tokenizers import Tokenizer
 
+from triton_rag.core.errors import TooLarge
 from triton_rag.core.text import (
     MAX_BYTES_PER_TOKEN,
     EmbedTokenization,
     InputError,
     RerankTokenization,
+    decode_utf8,
     format_embed_text,
     format_rerank_pair,
     text_byte_limit,
@@ -74,13 +77,55 @@ class FastTokenizer:
         return text[: encoding.offsets[tokens - 1][1]]
 
 
-def _limit_error(what: str, index: int, size: int, limit: int, max_length: int) -> BadRequest:
-    return BadRequest(
-        f"{what} {index} is {size} bytes, more than the {limit} bytes a text of max_length {max_length} tokens can "
-        "have here; split it into smaller chunks",
-        param=what.split("[")[0],
-        code="input_too_long",
-    )
+def _decode(text: str, name: str, param: str, limit: int, cut: bool) -> str:
+    """`text` through `core.text.decode_utf8`, the function each endpoint reads its text tensors with (a str is
+    encoded to the UTF-8 bytes the gateway sends): TooLarge above `limit` bytes unless `cut`, which cuts it to
+    `limit` bytes at a character boundary. A str that has no UTF-8 form (a lone surrogate, which JSON's \\ud800
+    escapes can carry) is refused here: it could not be sent."""
+    try:
+        return decode_utf8([text], name, limit, cut)[0]
+    except UnicodeEncodeError as exc:
+        raise BadRequest(
+            f"{name} is not valid Unicode text (a lone surrogate at character {exc.start}); send the text as UTF-8",
+            param=param,
+            code="invalid_text",
+        ) from None
+
+
+class TextFields:
+    """The endpoint's byte rule for its text fields (TEXT and INSTRUCTION; QUERY, DOCUMENT and INSTRUCTION), applied
+    here as the endpoint applies it: each field on its own against `core.text.text_byte_limit(max_length)`, before
+    the prompt is formatted (the prompt's own bytes are never counted), through the same `core.text.decode_utf8`.
+    overflow = "reject": a field over the limit is refused (BadRequest naming it, its size and the limit);
+    "truncate": cut to the limit, as the endpoint cuts it."""
+
+    def __init__(self, max_length: int, overflow: Overflow) -> None:
+        self.max_length = max_length
+        self.overflow = overflow
+        self.byte_limit = text_byte_limit(max_length)
+
+    def read(self, text: str, what: str, index: int | None = None, required: bool = True) -> str:
+        """The field as the endpoint reads it. `what`: the request's field ("input", "query", "documents",
+        "instruction"), named with `index` in errors; `required`: the endpoint refuses it empty (after a cut)."""
+        name = what if index is None else f"{what} {index}"
+        try:
+            field = _decode(text, name, what, self.byte_limit, cut=self.overflow == "truncate")
+        except TooLarge:
+            raise BadRequest(
+                f"{name} is {len(text.encode())} bytes, more than the {self.byte_limit} bytes one text may have "
+                f"for max_length {self.max_length} tokens ({MAX_BYTES_PER_TOKEN} bytes a token; each text is checked "
+                "on its own, without the prompt around it); split it into smaller chunks",
+                param=what,
+                code="input_too_long",
+            ) from None
+        if required and not field.strip():  # the endpoint's require_non_empty, on what is left after a cut
+            raise BadRequest(
+                f"{name} is only whitespace in its first {self.byte_limit} bytes, which is all the endpoint reads "
+                'of it (overflow = "truncate")',
+                param=what,
+                code="empty_input",
+            )
+        return field
 
 
 def _input_error(error: InputError, what: str, offset: int = 0) -> BadRequest:
@@ -94,76 +139,53 @@ def _input_error(error: InputError, what: str, offset: int = 0) -> BadRequest:
 
 
 class EmbedCounter:
-    """Token counts (and the max_length check) of texts as the `qwen_embed` endpoint tokenizes them."""
+    """Token counts (and the byte and max_length checks) of texts as the `qwen_embed` endpoint tokenizes them."""
 
     def __init__(self, tokenizer: FastTokenizer, max_length: int, overflow: Overflow, pool_token: str) -> None:
         append_id = tokenizer.convert_tokens_to_ids(pool_token) if pool_token else None
         self.tokenization = EmbedTokenization(tokenizer, max_length, overflow, append_id)
-        self.max_length = max_length
-        self.overflow = overflow
-        self.byte_limit = text_byte_limit(max_length)  # the endpoints' own rule
+        self.fields = TextFields(max_length, overflow)  # the endpoint's own byte rule, per field
 
     def count(self, texts: Sequence[str], instruction: str) -> int:
         """The tokens of all texts (prompt and special tokens included); BadRequest naming the first text over a
-        limit ("input N")."""
-        rows: list[str] = []
-        for index, text in enumerate(texts):
-            row = format_embed_text(text, instruction)
-            size = len(row.encode())
-            if size > self.byte_limit:
-                if self.overflow == "reject":
-                    raise _limit_error("input", index, size, self.byte_limit, self.max_length)
-                row = row.encode()[: self.byte_limit].decode(errors="ignore")
-            rows.append(row)
-        result = self.tokenization.encode_groups([rows])[0]
+        limit ("input N"), or the instruction. `instruction` is what is sent as INSTRUCTION ("" when none is)."""
+        fields = [self.fields.read(text, "input", index) for index, text in enumerate(texts)]
+        if instruction:
+            instruction = self.fields.read(instruction, "instruction", required=False)
+        result = self.tokenization.encode_groups([[format_embed_text(text, instruction) for text in fields]])[0]
         if isinstance(result, InputError):
             raise _input_error(result, "input")
         return sum(len(row.ids) for row in result)
 
 
 class RerankCounter:
-    """Token counts (and the max_length check) of (query, document) pairs as `qwen_rerank` tokenizes them."""
+    """Token counts (and the byte and max_length checks) of (query, document) pairs as `qwen_rerank` tokenizes
+    them."""
 
     def __init__(self, tokenizer: FastTokenizer, max_length: int, overflow: Overflow, default_instruction: str) -> None:
         self.tokenizer = tokenizer
         self.tokenization = RerankTokenization(tokenizer, max_length, overflow)
-        self.max_length = max_length
-        self.overflow = overflow
         self.default_instruction = default_instruction
-        self.byte_limit = text_byte_limit(max_length)  # the endpoints' own rule
-
-    def check_query(self, query: str, instruction: str) -> None:
-        size = len(query.encode()) + len(instruction.encode())
-        if size > self.byte_limit and self.overflow == "reject":
-            raise BadRequest(
-                f"the query (with its instruction) is {size} bytes, more than the {self.byte_limit} bytes a pair of "
-                f"max_length {self.max_length} tokens can have",
-                param="query",
-                code="input_too_long",
-            )
+        self.fields = TextFields(max_length, overflow)  # the endpoint's own byte rule, per field
 
     def count(self, query: str, documents: Sequence[str], instruction: str) -> int:
-        """The tokens of every pair (prompt included); BadRequest naming the first document over a limit."""
-        instruction = instruction or self.default_instruction
-        self.check_query(query, instruction)
-        rows: list[str] = []
-        for index, document in enumerate(documents):
-            row = format_rerank_pair(query, document, instruction)
-            size = len(row.encode())
-            if size > self.byte_limit:
-                if self.overflow == "reject":
-                    raise _limit_error("documents", index, size, self.byte_limit, self.max_length)
-                row = row.encode()[: self.byte_limit].decode(errors="ignore")
-            rows.append(row)
+        """The tokens of every pair (prompt included); BadRequest naming the query, the instruction or the first
+        document over a limit. `instruction` is what is sent as INSTRUCTION ("": none, the endpoint's default
+        instruction, which is the deployment's and not checked against the limit, as the endpoint does not)."""
+        query = self.fields.read(query, "query")
+        fields = [self.fields.read(document, "documents", index) for index, document in enumerate(documents)]
+        given = self.fields.read(instruction, "instruction", required=False) if instruction else ""
+        rows = [format_rerank_pair(query, document, given or self.default_instruction) for document in fields]
         result = self.tokenization.encode_groups([rows])[0]
         if isinstance(result, InputError):
             raise _input_error(result, "documents")
         return sum(len(row.ids) for row in result)
 
     def cut_documents(self, documents: Sequence[str], max_tokens: int) -> list[str]:
-        """Cohere's `max_tokens_per_doc`: each document cut after that many tokens (bytes capped first)."""
+        """Cohere's `max_tokens_per_doc`: each document cut after that many tokens (its bytes capped first, so that
+        a huge document is not tokenized in full)."""
         cap = max_tokens * MAX_BYTES_PER_TOKEN
         return [
-            self.tokenizer.cut_to_tokens(d.encode()[:cap].decode(errors="ignore") if len(d) > cap else d, max_tokens)
-            for d in documents
+            self.tokenizer.cut_to_tokens(_decode(text, f"documents {index}", "documents", cap, cut=True), max_tokens)
+            for index, text in enumerate(documents)
         ]
