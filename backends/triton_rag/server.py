@@ -179,10 +179,10 @@ def gpu_present() -> bool:
 
 
 def gpu_memory_flags(gpus: int) -> list[str]:
-    """tritonserver's flags with `gpus` GPUs: no pinned host pool and no CUDA pool on any of them. The server itself
-    moves no tensor to or from a GPU (every model's inputs and outputs are host tensors; the python stubs do their
-    own GPU work), and those pools need a CUDA context in the server's process: 0.57 GiB of an H200 (BENCHMARKS.md),
-    outside every model's budget, on a card where each GiB decides what stays resident."""
+    """tritonserver's flags with `gpus` GPUs: no pinned host pool (256 MiB of page-locked RAM) and no CUDA pool (64 MiB
+    of each GPU). The server itself moves no tensor to or from a GPU (every model's inputs and outputs are host
+    tensors; the python stubs do their own GPU work), so neither pool is ever used. Its CUDA context stays (~0.5 GiB
+    of an H200 with or without these flags, BENCHMARKS.md): only hiding the GPU from it would remove that."""
     return ["--pinned-memory-pool-byte-size=0", *(f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in range(gpus))]
 
 
