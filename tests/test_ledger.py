@@ -408,13 +408,29 @@ def test_a_waiter_gives_up_after_the_queue_timeout() -> None:
     assert isinstance(error, TimedOut) and str(error) == "waited 11 s for a (loading); giving up"
 
 
-def test_stop_fails_every_waiter_and_every_later_request() -> None:
+def test_stop_fails_every_waiter_and_every_later_request_for_a_model() -> None:
     books = two_models()
     waiting = books.request("ACQUIRE", "a")
     books.send(Stop(now=books.now))
     assert isinstance(books.error(waiting), Unavailable) and str(books.error(waiting)) == STOPPING
-    late = books.request("STATUS")
+    late = books.request("ACQUIRE", "b")
     assert str(books.error(late)) == STOPPING and not books.ledger.pending()
+    assert books.status(books.request("STATUS"))  # still readable while it stops
+
+
+def test_the_stop_action_refuses_new_leases_but_takes_back_the_ones_in_use() -> None:
+    """What `serve` sends before tritonserver's shutdown: the endpoints' waiting requests end (UNAVAILABLE,
+    "stopping") instead of waiting for a load the shutdown will never finish; a lease in use still comes back."""
+    books = two_models()
+    held = books.lease(acquire_loaded(books, "a"))
+    waiting = books.request("ACQUIRE", "b")
+    stop = books.request("STOP")
+    assert books.status(stop)  # answered with the ledger
+    assert str(books.error(waiting)) == STOPPING
+    assert str(books.error(books.request("PIN", "a"))) == STOPPING
+    release = books.request("RELEASE", lease=held)
+    assert isinstance(books.replies(release)[0], SendEmpty)
+    assert not books.ledger.pending()
 
 
 def test_requests_held_for_the_first_look_are_answered_on_stop() -> None:

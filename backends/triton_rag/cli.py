@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         from triton_rag.client import RouterControl
 
         router = RouterControl(server.grpc_url, key=server.admin_key)
-        return server.serve_forever(gateway=gateway, wedged=router.wedged)
+        return server.serve_forever(gateway=gateway, wedged=router.wedged, stop_router=router.stop)
     return 0
 
 

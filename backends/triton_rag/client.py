@@ -91,6 +91,16 @@ class RouterControl:
             return {}
         return {name: row["wedged"] for name, row in models.items() if row.get("wedged")}
 
+    def stop(self) -> bool:
+        """STOP: the server is shutting down, so the router refuses every waiting and later ACQUIRE/PIN (the
+        endpoints' requests end with UNAVAILABLE instead of waiting for a load). False when there is no router to
+        tell (not loaded, or the server no longer answers)."""
+        try:
+            self._ledger("STOP")
+        except InferenceServerException:
+            return False
+        return True
+
     def pin(self, model: str) -> dict[str, Any]:
         """Load `model` if needed and keep it resident until `unpin`."""
         return self._ledger("PIN", [model])

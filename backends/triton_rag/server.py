@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from triton_rag import contract
 from triton_rag.core import admin
 from triton_rag.core.admin import GRPC_KEY_HEADER  # noqa: F401  (re-exported for the launcher's callers)
 
@@ -48,6 +50,10 @@ LOOPBACK = "127.0.0.1"
 #: among them), trace and logging settings name files the server writes. Health, metadata, inference, statistics
 #: and model-config (read-only; perf_analyzer reads it) stay open.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+#: Seconds tritonserver waits for its models to unload after SIGTERM (`--exit-timeout-secs`) before it exits anyway.
+EXIT_TIMEOUT_SECONDS = 20
+#: Seconds the gateway gets to answer its requests in flight when serve stops (uvicorn's graceful shutdown is 10 s).
+GATEWAY_GRACE_SECONDS = 15.0
 #: tritonserver's flags on a machine without a GPU (gpu_present() False), where its defaults only log alarming lines:
 #: GPU metrics (DCGM: "Error: Failed to initialize NVML", "DCGM unable to start") and a pinned memory pool for GPU
 #: copies (CUDA: "Unable to allocate pinned system memory ... CUDA driver version is insufficient").
@@ -229,7 +235,7 @@ def server_command(
         f"--grpc-port={ports.grpc}",
         f"--metrics-port={ports.metrics}",
         "--allow-metrics=true",
-        "--exit-timeout-secs=20",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
         "--strict-readiness=false",
         "--disable-auto-complete-config",
         *access_flags(host, admin_key),
@@ -261,6 +267,18 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def drain_order(startup_models: Sequence[str]) -> list[list[str]]:
+    """The models `serve` unloads itself before it stops tritonserver, stage by stage: callers before the models they
+    call (docling_document calls docling; every endpoint calls the router and its compute model). What is left
+    (the router and the compute models it loaded) then has no caller when tritonserver unloads it. Unloading all at
+    once, as tritonserver's own shutdown does, let endpoint requests call a router or encoder that was already gone:
+    INTERNAL errors to clients and, in tritonserver 2.51, an abort (boost lock_exception) that left the python
+    backend's /dev/shm regions behind."""
+    callers = [name for name in startup_models if name == contract.DOCLING_DOCUMENT_ENDPOINT]
+    endpoints = [name for name in startup_models if name not in callers and name != contract.ROUTER]
+    return [stage for stage in (callers, endpoints) if stage]
 
 
 def terminate_group(process: subprocess.Popen[bytes], grace: float) -> int:
@@ -350,6 +368,7 @@ class TritonServer:
         if load_models is None:
             load_models = startup_models(repository)
         self.repository = repository
+        self.startup_models = [name for name in load_models if name != "*"]  # what `drain` unloads, in its order
         self.cache_dir = cache_dir
         self.ports = ports
         self.host = host
@@ -465,6 +484,47 @@ class TritonServer:
         _log.info("tritonserver restarted and ready")
         return True
 
+    def drain(self, seconds: float) -> bool:
+        """Unload the endpoints (`drain_order`, stage by stage) through the repository API within `seconds`: each
+        answers what it has in flight (its router and compute model are still there) and takes no new request.
+        True when every stage finished in time; False (logged) otherwise, or when the server is not up."""
+        deadline = time.monotonic() + seconds
+        for stage in drain_order(self.startup_models):
+            for name in stage:
+                if self._repository_call(f"models/{name}/unload", deadline) is None:
+                    return False
+            while any(self._model_state(name, deadline) not in ("UNAVAILABLE", None) for name in stage):
+                if time.monotonic() >= deadline:
+                    _log.warning("stopping: %s still had requests in flight after %.0f s", ", ".join(stage), seconds)
+                    return False
+                time.sleep(0.1)
+        return True
+
+    def _repository_call(self, path: str, deadline: float) -> bytes | None:
+        """A POST to /v2/repository/<path> with the admin key, or None (logged at debug) when the server does not
+        answer before `deadline`."""
+        request = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/{path}", data=b"{}", method="POST",
+            headers={admin.KEY_NAME: self.admin_key, "Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=max(0.5, deadline - time.monotonic())) as response:
+                return bytes(response.read())
+        except urllib.error.HTTPError as exc:  # answered, with an error (a model already unloading, say)
+            _log.debug("repository API %s: %s", path, exc)
+            return b""
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            _log.debug("repository API %s: %s", path, exc)
+            return None
+
+    def _model_state(self, name: str, deadline: float) -> str | None:
+        """`name`'s state in the repository index (READY, UNLOADING, UNAVAILABLE, ...); None when it is not there."""
+        index = self._repository_call("index", deadline)
+        entries = json.loads(index) if index else None
+        if not isinstance(entries, list):
+            return "UNKNOWN"
+        return {entry["name"]: entry.get("state") for entry in entries}.get(name)
+
     def _kill_group(self) -> None:
         """SIGKILL what is left of the server's process group (it leads its own): stubs of a server that did not
         clean up, or the server itself past its grace period."""
@@ -479,42 +539,43 @@ class TritonServer:
         grace: float = 30.0,
         gateway: GatewayProcess | None = None,
         wedged: Callable[[], dict[str, str]] | None = None,
+        stop_router: Callable[[], object] | None = None,
     ) -> int:
-        """Run in the foreground until the server exits or SIGINT/SIGTERM arrives; then stop it cleanly, and the
-        gateway (started right after tritonserver) before it. `wedged`: asked every WEDGE_CHECK_SECONDS while the
-        server is up, the models it cannot load again (the router's STATUS); any there makes a clean restart of
-        tritonserver (`restart_wedged`), at most MAX_RESTARTS an hour.
+        """Run in the foreground until the server exits or SIGINT/SIGTERM arrives; then stop in order (`_stop_in_order`:
+        the gateway, the endpoints' requests in flight, tritonserver). `wedged`: asked every WEDGE_CHECK_SECONDS
+        while the server is up, the models it cannot load again (the router's STATUS); any there makes a clean
+        restart of tritonserver (`restart_wedged`), at most MAX_RESTARTS an hour. `stop_router`: tells the router
+        the server is stopping (RouterControl.stop), for requests still waiting halfway through the grace period.
 
-        The signal handler only forwards SIGTERM: waiting happens here, in one place, so the handler can never
-        deadlock against a wait that it interrupted."""
+        The signal handler only records the request: the stopping and waiting happen here, in one place, so the
+        handler can never deadlock against a wait that it interrupted."""
         stop_requested: list[float] = []
 
         def on_signal(signum: int, _frame: object) -> None:
-            if not stop_requested and self.process is not None:
+            if not stop_requested:
                 stop_requested.append(time.monotonic())
-                _log.info("received %s: stopping tritonserver", signal.Signals(signum).name)
-                os.kill(self.process.pid, signal.SIGTERM)
+                _log.info("received %s: stopping", signal.Signals(signum).name)
 
-        def on_signal_with_gateway(signum: int, frame: object) -> None:
-            if gateway is not None and gateway.process is not None and gateway.process.poll() is None:
-                gateway.process.send_signal(signal.SIGTERM)  # stop letting clients in first
-            on_signal(signum, frame)
-
-        signal.signal(signal.SIGINT, on_signal_with_gateway)
-        signal.signal(signal.SIGTERM, on_signal_with_gateway)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         self.start()
         assert self.process is not None
         if gateway is not None:
             gateway.start()
         restarts: list[float] = []
         next_check = time.monotonic() + WEDGE_CHECK_SECONDS
+        kill_at: float | None = None
         try:
             while True:
                 try:
                     code = self.process.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
-                    if stop_requested and time.monotonic() - stop_requested[0] > grace:
+                    if stop_requested and kill_at is None:
+                        self._stop_in_order(gateway, grace, stop_router)
+                        kill_at = time.monotonic() + EXIT_TIMEOUT_SECONDS + 5
+                    if kill_at is not None and time.monotonic() > kill_at:
+                        _log.warning("tritonserver did not exit in time: killing what is left of it")
                         self._kill_group()
                     if wedged is not None and not stop_requested and time.monotonic() >= next_check:
                         self.restart_wedged(wedged, restarts, grace)
@@ -529,3 +590,28 @@ class TritonServer:
             self._kill_group()
             self._finish_log()
         return 0 if stop_requested else code
+
+    def _stop_in_order(
+        self, gateway: GatewayProcess | None, grace: float, stop_router: Callable[[], object] | None
+    ) -> None:
+        """First the gateway (no client let in while Triton stops; it finishes its own requests). Then the endpoints
+        are unloaded (`drain`): for half of `grace` their requests in flight get their answers, the router and the
+        compute models still being there; then the router is told to stop (`stop_router`), which ends what still
+        waits for a model with UNAVAILABLE ("the router is stopping"), for the other half. Last SIGTERM to
+        tritonserver, which unloads the router and the compute models, by now without callers."""
+        if gateway is not None:
+            gateway.stop(GATEWAY_GRACE_SECONDS)
+        started = time.monotonic()
+        drained = self.drain(grace / 2)
+        if not drained and stop_router is not None:
+            _log.info("stopping: telling the router to refuse what still waits for a model")
+            stop_router()
+            drained = self.drain(grace / 2)
+        _log.info(
+            "endpoints stopped in %.1f s%s; stopping tritonserver",
+            time.monotonic() - started,
+            "" if drained else " (not all: see above)",
+        )
+        assert self.process is not None
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)

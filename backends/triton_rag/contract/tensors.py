@@ -212,7 +212,7 @@ def with_residency(encoder: ModelContract) -> ModelContract:
 ROUTER = "router"
 
 #: What the router does with a request; see docs/ROUTER.md.
-ROUTER_ACTIONS = ("ACQUIRE", "RELEASE", "STATUS", "PIN", "UNPIN", "PLAN", "RECONCILE")
+ROUTER_ACTIONS = ("ACQUIRE", "RELEASE", "STATUS", "PIN", "UNPIN", "PLAN", "RECONCILE", "STOP")
 
 
 def router() -> ModelContract:
@@ -221,7 +221,8 @@ def router() -> ModelContract:
         doc=(
             "Residency of the compute models under a memory budget (load on first use, evict idle models, LRU or "
             "the client's plan). Endpoints use ACQUIRE/RELEASE around each compute call; clients may use STATUS, "
-            "PIN, UNPIN, PLAN and RECONCILE. Not batched: one request per action."
+            "PIN, UNPIN, PLAN and RECONCILE; `serve` sends STOP when it shuts down. Not batched: one request per "
+            "action."
         ),
         max_batch_size=0,
         inputs=(

@@ -131,8 +131,12 @@ class Ledger:
         #: books before answering them): after a bug, whichever of them is neither answered nor pending gets one.
         owed = self.pending() | ({event.request} if isinstance(event, Request) else set())
         try:
-            if self.stopped:
-                if isinstance(event, Request):
+            if self.stopped:  # leases still come back and STATUS still reads; nothing new starts
+                if isinstance(event, Request) and event.action == Action.RELEASE:
+                    self._emit(SendEmpty(event.request))
+                elif isinstance(event, Request) and event.action == Action.STATUS:
+                    self._send_status(event.request)
+                elif isinstance(event, Request):
                     self._emit(SendError(event.request, Unavailable(STOPPING)))
                 return self._take()
             self._dispatch(event)
@@ -246,6 +250,8 @@ class Ledger:
         elif action == Action.RECONCILE:
             self._query_repository(replies=[request])
             return
+        elif action == Action.STOP:
+            self._stop()
         self._send_status(request)
 
     def _grant(self, entry: Entry) -> None:

@@ -28,6 +28,9 @@ class Action(str, Enum):
     UNPIN = "UNPIN"
     PLAN = "PLAN"
     RECONCILE = "RECONCILE"
+    #: The server is shutting down: every waiting and later ACQUIRE/PIN is refused (UNAVAILABLE, "stopping"), so the
+    #: endpoints' requests end instead of waiting for a model the shutdown will not load; leases keep working.
+    STOP = "STOP"
 
 
 #: Actions anyone may send: reading the ledger, and returning a lease (whose id only its holder knows).

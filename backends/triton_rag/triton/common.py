@@ -55,11 +55,16 @@ def answer_code(model_name: str, error: Any) -> str:
     BLS caller every error as INTERNAL, whatever code the model answered with (triton-inference-server/server#7804),
     and answers a request to a model that is not loaded (never loaded, unloaded, not in the repository) with
     INTERNAL too ("Model 'x' is not ready"), so an INTERNAL answer from a model that Triton says is not ready is
-    UNAVAILABLE: Triton's state decides, not words. Where a later Triton keeps the codes, they pass through."""
+    UNAVAILABLE: Triton's state decides, not words. A server that cannot even answer that question is stopping:
+    UNAVAILABLE too. Where a later Triton keeps the codes, they pass through."""
     code = code_name(error.code())
-    if code == "INTERNAL" and not pb_utils.is_model_ready(model_name):
+    if code != "INTERNAL":
+        return code
+    try:
+        ready = pb_utils.is_model_ready(model_name)
+    except pb_utils.TritonModelException:  # "Server not ready": it is shutting down, and so is every model in it
         return "UNAVAILABLE"
-    return code
+    return code if ready else "UNAVAILABLE"
 
 
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
