@@ -408,6 +408,23 @@ def test_a_waiter_gives_up_after_the_queue_timeout() -> None:
     assert isinstance(error, TimedOut) and str(error) == "waited 11 s for a (loading); giving up"
 
 
+def test_two_contenders_serve_their_queues_at_each_switch_even_with_no_minimum_residency() -> None:
+    """Two models that fit one at a time, requests waiting for both, min_residency 0: each load first serves the
+    requests that queued for it. (Found on the real server: each finished load was unloaded at once for the other
+    model's waiters, before granting its own, and no request was ever answered.)"""
+    books = Books([ModelSpec("a", 581 << 20), ModelSpec("b", 581 << 20)], budget=800 << 20, min_residency=0.0)
+    for_a = [books.request("ACQUIRE", "a") for _ in range(3)]
+    for_b = [books.request("ACQUIRE", "b") for _ in range(3)]
+    out = books.loaded("a")
+    assert not only(out, Unload) and {type(books.replies(r)[0]) for r in for_a} == {GrantLease}
+    for request in for_a:
+        books.request("RELEASE", lease=books.lease(request))
+    assert only(books.effects, Unload)[-1].model == "a"  # now it makes room for b
+    books.send(Unloaded(model="a", now=books.now, seconds=0.1, unreleased=0, remaining=()))
+    books.loaded("b")
+    assert {type(books.replies(r)[0]) for r in for_b} == {GrantLease}
+
+
 def test_stop_fails_every_waiter_and_every_later_request_for_a_model() -> None:
     books = two_models()
     waiting = books.request("ACQUIRE", "a")

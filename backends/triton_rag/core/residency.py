@@ -300,7 +300,10 @@ def _make_room(
     for victim in ordered:
         if freed >= shortfall:
             break
-        settled = victim.idle or now - victim.loaded_at >= policy.min_residency
+        # a model that has not yet served the requests that queued for its load stays open for them (rule 5), even
+        # at min_residency 0: else two contenders unload each other as each load finishes, serving nobody
+        unserved = victim.waiting > 0 and victim.oldest_wait <= victim.loaded_at
+        settled = victim.idle or (now - victim.loaded_at >= policy.min_residency and not unserved)
         if settled:
             room.closed.add(victim.name)
             freed += evictions.evict(victim, now_unload=victim.in_flight == 0)
