@@ -8,6 +8,8 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from tests.harness import CACHE_DIR, PROJECT_ROOT, serve_command, strings, wait_until
 from triton_rag import contract
 from triton_rag.build.repository import prepare_repository
-from triton_rag.build.settings import EmbedSettings, Settings
+from triton_rag.build.settings import EmbedSettings, RerankSettings, RouterSettings, Settings
 from triton_rag.core import admin
 from triton_rag.server import free_ports, pytriton_root
 from triton_rag.triton.router.memory import STUB_NAME
@@ -173,3 +175,86 @@ def test_serve_restarts_tritonserver_when_a_dead_stub_wedged_a_model(tiny_embed_
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def unmapped_shm_regions(names: set[str]) -> set[str]:
+    """Of these /dev/shm names, the ones that still exist and that no live process maps: left behind."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            lines = maps.read_text().splitlines()
+        except OSError:
+            continue
+        mapped |= {line.split("/dev/shm/")[1].strip() for line in lines if "/dev/shm/" in line}
+    return {name for name in names if (Path("/dev/shm") / name).exists()} - mapped
+
+
+def test_serve_stops_under_load_answering_what_is_in_flight_and_leaving_nothing_behind(
+    tiny_embed_dir: Path, tiny_rerank_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 23, item 6: SIGTERM while 8 clients embed and rerank under a budget that fits one encoder at a time (the
+    router swaps them). Every request gets an answer: its result, or a clear refusal (the endpoint is gone, the
+    server stops), never INTERNAL and never a hang; serve exits 0 in time; tritonserver does not abort on its way out
+    and no python-backend /dev/shm region is left unmapped."""
+    repository = tmp_path / "repository"
+    settings = Settings(
+        embed=EmbedSettings(model=str(tiny_embed_dir), max_length=512),
+        rerank=RerankSettings(model=str(tiny_rerank_dir), max_length=512),
+        router=RouterSettings(budget="800MiB", min_residency_seconds=0.0),  # the tiny encoders: 581 MiB estimated
+        offline_fallback=False,
+    )
+    prepare_repository(settings, repository, CACHE_DIR, endpoints=("embed", "rerank"))
+    ports = free_ports()
+    shm_before = set(os.listdir("/dev/shm"))
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            serve_command(repository, ports, "--cache-dir", str(CACHE_DIR), "--no-gateway"),
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"127.0.0.1:{ports.grpc}"
+    stop = threading.Event()
+    answers: list[tuple[float, str]] = []  # (when it ended, "ok" or the error's first line)
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        triton = grpcclient.InferenceServerClient(url)
+        while not stop.is_set():
+            try:
+                if index % 2:
+                    triton.infer(contract.EMBED_ENDPOINT, [strings("TEXT", [f"text {index} " * 20])], client_timeout=90)
+                else:
+                    pair = [strings("QUERY", ["q"]), strings("DOCUMENT", [f"document {index} " * 20])]
+                    triton.infer(contract.RERANK_ENDPOINT, pair, client_timeout=90)
+                outcome = "ok"
+            except InferenceServerException as exc:
+                outcome = str(exc).splitlines()[0]
+            with lock:
+                answers.append((time.monotonic(), outcome))
+            if outcome.startswith("[StatusCode.UNAVAILABLE] failed to connect"):
+                return  # the server is gone
+
+    threads = [threading.Thread(target=client, args=(index,), daemon=True) for index in range(8)]
+    try:
+        assert wait_until(lambda: ready(ports.http) or process.poll() is not None, 300), "server never got ready"
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: sum(outcome == "ok" for _, outcome in answers) >= 20, 120), answers[-5:]
+        signalled = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+        stopped = time.monotonic()
+    finally:
+        stop.set()
+        if process.poll() is None:
+            process.kill()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "a client still waits for an answer"
+    late = [outcome for ended, outcome in answers if ended > signalled]
+    assert "ok" in late  # requests in flight at the signal were answered
+    assert not [outcome for outcome in late if "INTERNAL" in outcome], late
+    assert stopped - signalled < 60
+    text = log_path.read_text()
+    assert "endpoints stopped in" in text and "lock_exception" not in text and "Signal (6)" not in text
+    assert wait_until(lambda: not unmapped_shm_regions(set(os.listdir("/dev/shm")) - shm_before), 10)
