@@ -140,6 +140,17 @@ def add_page_stand_in(
     (repository / ".prepared.json").write_text(json.dumps(prepared))
 
 
+def process_memory(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak since the last reset: write "5" to /proc/<pid>/clear_refs) of a process, in
+    bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
 def serve_command(repository: Path, ports: Ports, *options: str) -> list[str]:
     """`triton-rag serve` (what `make serve` runs) on a prepared `repository` and these ports, as a test starts it
     in a process of its own; `options` are added (a cache directory, --no-gateway, a gateway port)."""

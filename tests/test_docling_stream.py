@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import CACHE_DIR, RunningServer, add_page_stand_in, start_server
+from tests.harness import CACHE_DIR, RunningServer, add_page_stand_in, process_memory, start_server
 from tests.test_docling_parts import make_pdf
 from tests.test_docling_server import FIXED_DOCTAGS, convert_document, convert_page, encoded
 from triton_rag.build.repository import prepare_repository
@@ -68,24 +68,14 @@ def test_a_pdf_longer_than_the_pages_in_flight_converts_as_each_page_alone(strea
     assert document.model_dump_json() == expected.model_dump_json()
 
 
-def _memory(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (the peak since the last reset) of a process, in bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 def test_a_document_of_large_pages_converts_in_bounded_memory(stream_server) -> None:
     (pid,) = stub_pids("fixed_document", stream_server.server.process.pid)  # type: ignore[union-attr]
     pdf = make_pdf(*[(3100, 3100)] * MAX_PAGES)
     convert_document(stream_server, make_pdf((612, 792)), "fixed_document")  # warm: imports, first allocations
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    baseline = _memory(pid)["VmRSS"]
+    baseline = process_memory(pid)["VmRSS"]
     document, errors = convert_document(stream_server, pdf, "fixed_document")
-    after = _memory(pid)
+    after = process_memory(pid)
     assert errors == {} and sorted(document.pages) == list(range(1, MAX_PAGES + 1))
     assert all((p.size.width, p.size.height) == (3100.0, 3100.0) for p in document.pages.values())
     peak, held = after["VmHWM"] - baseline, after["VmRSS"] - baseline

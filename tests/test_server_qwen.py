@@ -13,7 +13,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests import reference
-from tests.harness import PROJECT_ROOT, RunningServer, embed, rerank, strings
+from tests.harness import PROJECT_ROOT, RunningServer, embed, process_memory, rerank, strings
+from triton_rag.triton.router.memory import stub_pids
 
 pytestmark = pytest.mark.server
 
@@ -133,6 +134,29 @@ def test_bad_input_gets_a_clear_error_and_the_server_carries_on(qwen_server: Run
     # The next good request is answered.
     assert embed(qwen_server, ["still alive"]).shape == (1, DIM)
     assert rerank(qwen_server, [("still", "alive")]).shape == (1,)
+
+
+def test_the_endpoints_memory_comes_back_after_their_largest_requests(qwen_server: RunningServer) -> None:
+    """Issue 23: after the largest requests an endpoint accepts (a full batch of texts of ~max_length tokens: 64 to
+    embed, 16 pairs to rerank) and the largest it refuses after tokenizing (a full batch at the byte limit), each
+    endpoint stub's RSS is within 20% of its baseline."""
+    server_pid = qwen_server.server.process.pid  # type: ignore[union-attr]
+    longest = "word " * 400  # ~400 tokens: under max_length 512 with the rerank prompt and a 20-word query
+    at_byte_limit = "x" * (512 * 32)  # tokenized, then refused for its length
+    embed(qwen_server, ["warm"])
+    rerank(qwen_server, [("warm", "up")])
+    stubs = {name: stub_pids(name, server_pid)[0] for name in ("qwen_embed", "qwen_rerank")}
+    baseline = {name: process_memory(pid)["VmRSS"] for name, pid in stubs.items()}
+    for _ in range(5):
+        assert embed(qwen_server, [longest] * 64).shape == (64, DIM)
+        assert rerank(qwen_server, [("query " * 20, longest)] * 16).shape == (16,)
+        assert_rejected(qwen_server, "qwen_embed", [strings("TEXT", [at_byte_limit] * 64)], "max_length 512")
+        pairs = [strings("QUERY", ["q"] * 16), strings("DOCUMENT", [at_byte_limit] * 16)]
+        assert_rejected(qwen_server, "qwen_rerank", pairs, "512")
+    for name, pid in stubs.items():
+        after = process_memory(pid)["VmRSS"]
+        print(f"{name} stub RSS: baseline {baseline[name] >> 20} MiB, after {after >> 20} MiB")
+        assert after <= 1.2 * baseline[name], f"{name}: {baseline[name] >> 20} -> {after >> 20} MiB"
 
 
 def test_a_bad_request_does_not_fail_its_batch_mates(qwen_server: RunningServer) -> None:

@@ -102,6 +102,8 @@ class DoclingSettings:
 
 #: Where the gateway listens unless told otherwise: this machine only (the same default as tritonserver's).
 GATEWAY_LOOPBACK = "127.0.0.1"
+#: The most gateway processes `[gateway] workers = "auto"` starts (GatewaySettings.worker_count).
+GATEWAY_AUTO_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,17 @@ class GatewaySettings:
     #: docling-serve's `http` sources make the gateway fetch a URL a client names (a server-side request on its
     #: behalf): refused unless this is true.
     allow_http_sources: bool = False
+    #: Processes serving the port (uvicorn workers; one Python process parses, validates and tokenizes on one core):
+    #: a number, or "auto" (`worker_count`).
+    workers: str = "auto"
 
     def __post_init__(self) -> None:
         try:
             parse_bytes(self.max_body_bytes)
         except PolicyError as exc:
             raise SettingsError(f"[gateway] max_body_bytes: {exc}") from None
+        if self.workers != "auto" and not (self.workers.isascii() and self.workers.isdigit() and int(self.workers)):
+            raise SettingsError(f'[gateway] workers must be "auto" or a whole number of at least 1, got {self.workers!r}')
         if not self.host.strip():
             raise SettingsError("[gateway] host is empty")
         if self.port > 65535:
@@ -149,6 +156,15 @@ class GatewaySettings:
     def body_limit(self) -> int:
         """`max_body_bytes` in bytes."""
         return parse_bytes(self.max_body_bytes)
+
+    def worker_count(self, cpus: int) -> int:
+        """`workers` as a number. "auto": a quarter of the `cpus`, at most GATEWAY_AUTO_WORKERS, at least 1: the
+        other cores stay with tritonserver and its python stubs, which do the work of every request (a worker uses
+        one core at most; 4 of them answer more small requests than Triton does on 16 cores: BENCHMARKS.md,
+        "Gateway"). A 2-core machine gets 1."""
+        if self.workers == "auto":
+            return max(1, min(GATEWAY_AUTO_WORKERS, cpus // 4))
+        return int(self.workers)
 
 
 @dataclass(frozen=True)

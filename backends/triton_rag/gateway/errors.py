@@ -65,6 +65,17 @@ class NotFound(GatewayError):
     default_code = "model_not_found"
 
 
+class MethodNotAllowed(GatewayError):
+    """A JSON API route asked with another method than POST."""
+
+    status = 405
+    kind = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": "POST"}
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     kind = "invalid_request_error"
