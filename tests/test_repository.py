@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from triton_rag.build.settings import (
     load_settings,
     settings_file,
 )
-from triton_rag.build.sources import ModelSourceError, resolve_model
+from triton_rag.build.sources import HUB_RETRY_SECONDS, UNREACHABLE_FILE, ModelSourceError, resolve_model
 from triton_rag.contract.params import (
     DoclingDocumentParameters,
     DoclingPageParameters,
@@ -397,6 +398,24 @@ def test_unreachable_hub_falls_back_loudly(
     model = resolve_model("ibm-granite/granite-docling-258M", "docling", tmp_path, True, log=messages.append)
     assert model.origin == "offline" and model.config["model_type"] == "idefics3"
     assert any("RANDOM-WEIGHT granite-docling" in m for m in messages)
+    # the first failure is remembered: the later models (and the next start) did not try the hub again
+    assert sum(m.startswith("downloading ") for m in messages) == 1
+    assert any(m.startswith("not trying the hub for ibm-granite/granite-docling-258M") for m in messages)
+    assert (tmp_path / UNREACHABLE_FILE).exists()
+
+
+def test_a_remembered_unreachable_hub_is_tried_again_after_its_time(
+    tmp_path: Path, tiny_embed_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / UNREACHABLE_FILE
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"time": time.time() - HUB_RETRY_SECONDS - 1, "error": "old"}))
+    earlier = tmp_path / "hub" / "Qwen--Qwen3-Embedding-0.6B"
+    shutil.copytree(tiny_embed_dir, earlier)  # a copy downloaded before, so that no stand-in is built
+    messages: list[str] = []
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    model = resolve_model("Qwen/Qwen3-Embedding-0.6B", "embed", tmp_path, offline_fallback=False, log=messages.append)
+    assert model.path == earlier and messages[0].startswith("downloading ")  # tried again (then the earlier copy)
 
 
 def test_docker_compose_file_is_valid(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,12 @@ _log = logging.getLogger(__name__)
 
 Origin = Literal["local", "hub", "offline"]
 Log = Callable[[str], None]
+
+#: Where a failed attempt to reach the hub is remembered (under the cache directory), and for how long: the next
+#: starts within that time skip the hub (a firewalled machine can take tens of seconds per model to time out) and
+#: say so. Deleting the file makes the next start try again at once.
+UNREACHABLE_FILE = Path("hub") / ".unreachable.json"
+HUB_RETRY_SECONDS = 3600.0
 
 
 class ModelSourceError(RuntimeError):
@@ -74,6 +81,30 @@ def _download(repo_id: str, dest: Path, log: Log) -> Path:
     return dest
 
 
+def _download_unless_unreachable(repo_id: str, dest: Path, cache_dir: Path, log: Log) -> Path:
+    """`_download`, unless the hub was found unreachable less than HUB_RETRY_SECONDS ago (then ConnectionError at
+    once, with when and why). A failure is remembered, a success forgets it."""
+    marker = cache_dir / UNREACHABLE_FILE
+    try:
+        seen = json.loads(marker.read_text())
+        since = time.time() - float(seen["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        seen, since = None, None
+    if seen is not None and since is not None and 0 <= since < HUB_RETRY_SECONDS:
+        retry = time.strftime("%H:%M", time.localtime(float(seen["time"]) + HUB_RETRY_SECONDS))
+        log(f"not trying the hub for {repo_id}: it was unreachable {since / 60:.0f} min ago; it is tried again from "
+            f"{retry} (delete {marker} to try now)")  # fmt: skip
+        raise ConnectionError(str(seen.get("error", "unreachable")))
+    try:
+        path = _download(repo_id, dest, log)
+    except ConnectionError as exc:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"time": time.time(), "error": str(exc)}))
+        raise
+    marker.unlink(missing_ok=True)
+    return path
+
+
 def resolve_model(
     spec: str,
     kind: Literal["embed", "rerank", "docling"],
@@ -90,7 +121,7 @@ def resolve_model(
         raise ModelSourceError(f"{spec!r} is neither an existing directory nor a hub id of the form org/name")
     dest = cache_dir / "hub" / spec.replace("/", "--")
     try:
-        return ResolvedModel(spec, _download(spec, dest, log), "hub")
+        return ResolvedModel(spec, _download_unless_unreachable(spec, dest, cache_dir, log), "hub")
     except ConnectionError as exc:
         if (dest / "config.json").exists():
             log(f"the hub is unreachable ({exc}); using the copy of {spec} downloaded earlier at {dest}")
