@@ -221,6 +221,22 @@ def test_settings_keys_and_exposure(tmp_path: Path) -> None:
         api_keys(load_settings(None, ["gateway.api_keys=bad key"]).gateway, {})
 
 
+def test_workers_auto_leaves_most_cores_to_triton_and_a_bad_count_is_refused(tmp_path: Path) -> None:
+    auto = GatewaySettings()
+    assert auto.workers == "auto"
+    assert [auto.worker_count(cpus) for cpus in (1, 2, 4, 7, 8, 12, 16, 64)] == [1, 1, 1, 1, 2, 3, 4, 4]
+    assert load_settings(None, ["gateway.workers=3"]).gateway.worker_count(2) == 3  # as given, whatever the cores
+    config = tmp_path / "rag.toml"
+    config.write_text("[gateway]\nworkers = 2\n")  # a TOML integer
+    assert load_settings(config).gateway.worker_count(64) == 2
+    message = 'workers must be "auto" or a number of at least 1'
+    for bad in ("0", "-1", "two", "1.5", "", " 2", "\u00b2", "True"):
+        with pytest.raises(SettingsError, match=message):
+            GatewaySettings(workers=bad)
+    with pytest.raises(SettingsError, match=message):
+        load_settings(None, ["gateway.workers=0"])
+
+
 def test_the_prepared_file_name_is_builds() -> None:
     assert catalog.PREPARED_FILE == repository.PREPARED_FILE
     assert catalog.model_ids("Qwen/Qwen3-Embedding-8B", "qwen_embed") == (

@@ -10,6 +10,7 @@ converted document has content and a failed page can be checked; `docling_docume
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from docling_core.types.doc import DoclingDocument
+from prometheus_client.metrics_core import Metric
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import (
@@ -48,6 +52,7 @@ from triton_rag.core.text import format_embed_text, format_rerank_pair, text_byt
 pytestmark = pytest.mark.server
 
 KEY = "gateway-test-key"
+JSON = {"Content-Type": "application/json"}
 BODY_LIMIT = 4 * 2**20
 #: The endpoints' max_length here (rag_server), and the bytes each of their text fields may have.
 EMBED_MAX_LENGTH = 128
@@ -529,6 +534,21 @@ def test_text_with_no_utf8_form_is_a_400(gateway: Gateway) -> None:
         assert refused.status_code == 400 and refused.json()["message"].startswith("documents 0 is not valid")
 
 
+def test_json_routes_refuse_other_methods_and_bodies_that_are_not_json(gateway: Gateway) -> None:
+    with gateway.http() as http:
+        wrong_method = http.get("/v1/embeddings")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+        broken = http.post("/v1/embeddings", content=b'{"model": "qwen_embed", "input": ', headers=JSON)
+        assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_request"
+        assert broken.json()["error"]["message"].startswith("the body is not valid JSON")
+        form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+        form = http.post("/v2/rerank", content=b"query=q", headers=form_type)
+        assert form.status_code == 400 and "Content-Type: application/json" in form.json()["message"]
+        untyped = http.post("/v1/embeddings", content=b'{"model": "qwen_embed", "input": "x"}')
+        assert untyped.status_code == 200  # no Content-Type: read as JSON, as FastAPI reads it
+
+
 def test_api_keys_and_the_body_limit(gateway: Gateway) -> None:
     body = {"model": "qwen_embed", "input": "x"}
     with gateway.http(key=None) as http:
@@ -571,6 +591,103 @@ def test_many_concurrent_clients_get_their_own_answers(gateway: Gateway, rag_ser
         np.testing.assert_allclose(row, direct[i % 4], atol=2e-3)
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command's name (state, parent, ...), or None once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """Those of `pids` still running (a zombie has ended)."""
+    return [pid for pid in pids if (stat := _stat(pid)) is not None and stat[0] != "Z"]
+
+
+def processes_below(pid: int) -> dict[int, str]:
+    """The live processes under `pid` (children, theirs, ...) and their command lines."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[0] != "Z":
+            parents[int(entry.name)] = int(stat[1])
+    below: set[int] = set()
+    while more := {child for child, parent in parents.items() if parent in below | {pid}} - below:
+        below |= more
+    commands = {}
+    for child in below:
+        try:
+            commands[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return commands
+
+
+def requests_served(families: Iterable[Metric]) -> float:
+    """rag_gateway_requests_total of /v1/embeddings answered with 200."""
+    wanted = {"route": "/v1/embeddings", "status": "200"}
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "rag_gateway_requests_total" and sample.labels == wanted
+    )
+
+
+def test_several_workers_answer_count_every_request_in_one_metrics_and_stop_with_the_gateway(
+    rag_server: RunningServer, tmp_path: Path
+) -> None:
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.parser import text_string_to_metric_families
+
+    log = tmp_path / "gateway.log"
+    gateway = start_gateway(rag_server.repository, rag_server.server.grpc_url, log, "gateway.workers=2")
+    try:
+        below = processes_below(gateway.process.pid)
+        workers = [pid for pid, command in below.items() if "spawn_main" in command]
+        assert len(workers) == 2, below
+        state = Path(
+            dict(
+                line.split("=", 1)
+                for line in (Path("/proc") / str(workers[0]) / "environ").read_text().split("\0")
+                if "=" in line
+            )["TRITON_RAG_GATEWAY_STATE"]
+        )
+        assert state.is_dir() and oct(state.stat().st_mode & 0o777) == "0o700"
+        direct = direct_embed(rag_server, TEXTS)
+
+        def one(i: int) -> np.ndarray:  # a connection each: the workers take turns at accepting them
+            answer = httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "qwen_embed", "input": TEXTS[i % 4]})
+            assert answer.status_code == 200, answer.text
+            return np.array(answer.json()["data"][0]["embedding"], dtype=np.float32)
+
+        sent = 48
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(one, range(sent)))
+        for i, row in enumerate(answers):
+            np.testing.assert_allclose(row, direct[i % 4], atol=2e-3)
+        per_worker = {
+            int(path.stem.rsplit("_", 1)[1]): requests_served(MultiProcessCollector.merge([str(path)]))
+            for path in (state / "metrics").glob("counter_*.db")
+        }
+        assert sum(per_worker.values()) == sent and sum(1 for n in per_worker.values() if n) == 2, per_worker
+        assert set(per_worker) <= set(workers)
+        metrics = httpx.get(f"{gateway.url}/metrics").text  # whichever worker answers: every worker's counts
+        assert requests_served(text_string_to_metric_families(metrics)) == sent
+    finally:
+        gateway.stop()
+    assert gateway.process.returncode == 0 and not alive(workers)  # the parent waited for its workers
+    # and multiprocessing's resource tracker ends once the parent's end of its pipe is closed
+    assert wait_until(lambda: not alive(below), 5), {pid: below[pid] for pid in alive(below)}
+    assert not state.exists()
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_worker_count_that_is_not_a_number_is_refused(rag_server: RunningServer) -> None:
+    command = [sys.executable, "-m", "triton_rag.gateway", "--repository", str(rag_server.repository)]
+    result = subprocess.run(command + ["--set", "gateway.workers=many"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'workers must be "auto" or a number of at least 1' in result.stderr
+
+
 def test_triton_down_is_503_with_retry_after(rag_server: RunningServer, tmp_path: Path) -> None:
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     gateway = start_gateway(rag_server.repository, dead, tmp_path / "gateway.log", "gateway.retry_after_seconds=7")
@@ -588,6 +705,54 @@ def test_triton_down_is_503_with_retry_after(rag_server: RunningServer, tmp_path
     finally:
         gateway.stop()
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()
+
+
+def forward(port: int, target: str) -> socket.socket:
+    """Open `port` from now on, each connection piped to `target` ("host:port"): Triton coming up there."""
+    host, target_port = target.rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", port))
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection((host, int(target_port)))
+                threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+def test_the_gateway_reaches_triton_within_a_second_or_two_of_it_coming_up(
+    rag_server: RunningServer, tmp_path: Path
+) -> None:
+    """gRPC's own reconnection backoff grows to minutes while Triton cannot be reached (serve starts the gateway
+    before Triton is ready), and a request meanwhile is a 503: the gateway caps it at a second."""
+    port = free_port()
+    gateway = start_gateway(rag_server.repository, f"127.0.0.1:{port}", tmp_path / "gateway.log", "gateway.workers=1")
+    listener = None
+    try:
+        down_until = time.monotonic() + 10  # gRPC's default backoff would be at 6.5 s between attempts by now
+        while time.monotonic() < down_until:
+            assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 503
+            time.sleep(0.5)
+        listener = forward(port, rag_server.server.grpc_url)
+        reachable = time.monotonic()
+        assert wait_until(lambda: httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200, 10, 0.05)
+        assert time.monotonic() - reachable < 2.5
+    finally:
+        gateway.stop()
+        if listener is not None:
+            listener.close()
 
 
 def test_a_public_gateway_without_keys_refuses_to_start(rag_server: RunningServer) -> None:
@@ -648,11 +813,9 @@ def test_serve_starts_the_gateway_and_stops_it_with_tritonserver(rag_server: Run
 
     ports, gateway_port = free_ports(), free_port()
     log = open(tmp_path / "serve.log", "wb")
+    options = ("--gateway-port", str(gateway_port), "--set", "gateway.workers=2")
     process = subprocess.Popen(
-        serve_command(rag_server.repository, ports, "--gateway-port", str(gateway_port)),
-        cwd=PROJECT_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        serve_command(rag_server.repository, ports, *options), cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{gateway_port}"
 
@@ -665,10 +828,18 @@ def test_serve_starts_the_gateway_and_stops_it_with_tritonserver(rag_server: Run
     try:
         assert wait_until(healthy, 300), (tmp_path / "serve.log").read_text()
         assert process.poll() is None, (tmp_path / "serve.log").read_text()
-        answer = httpx.post(f"{url}/v1/embeddings", json={"model": "qwen_embed", "input": "hello"}, timeout=60)
-        assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384
+
+        def embed() -> httpx.Response:
+            return httpx.post(f"{url}/v1/embeddings", json={"model": "qwen_embed", "input": "hello"}, timeout=60)
+
+        # a worker whose channel tried Triton before it listened answers 503 until it tries again (within a second)
+        assert wait_until(lambda: embed().status_code == 200, 10)
+        assert len(embed().json()["data"][0]["embedding"]) == 384
+        below = processes_below(process.pid)  # tritonserver and its stubs, the gateway and its 2 workers
+        assert sum("spawn_main" in command for command in below.values()) == 2, below
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+        assert not alive(below), {pid: below[pid] for pid in alive(below)}
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/health", timeout=2)
         text = (tmp_path / "serve.log").read_text()

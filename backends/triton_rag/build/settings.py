@@ -145,7 +145,7 @@ class GatewaySettings:
         except PolicyError as exc:
             raise SettingsError(f"[gateway] max_body_bytes: {exc}") from None
         if self.workers != "auto" and not (self.workers.isascii() and self.workers.isdigit() and int(self.workers)):
-            raise SettingsError(f'[gateway] workers must be "auto" or a whole number of at least 1, got {self.workers!r}')
+            raise SettingsError(f'[gateway] workers must be "auto" or a number of at least 1, got {self.workers!r}')
         if not self.host.strip():
             raise SettingsError("[gateway] host is empty")
         if self.port > 65535:
@@ -158,10 +158,10 @@ class GatewaySettings:
         return parse_bytes(self.max_body_bytes)
 
     def worker_count(self, cpus: int) -> int:
-        """`workers` as a number. "auto": a quarter of the `cpus`, at most GATEWAY_AUTO_WORKERS, at least 1: the
-        other cores stay with tritonserver and its python stubs, which do the work of every request (a worker uses
-        one core at most; 4 of them answer more small requests than Triton does on 16 cores: BENCHMARKS.md,
-        "Gateway"). A 2-core machine gets 1."""
+        """`workers` as a number. "auto": a quarter of the `cpus`, at most GATEWAY_AUTO_WORKERS, at least 1. The
+        other cores stay with tritonserver and its python stubs, which spend 2.5-3.4 times the gateway's CPU on a
+        small request (BENCHMARKS.md, "Gateway"); a worker uses one core at most, and 4 of them answer about twice
+        what Triton served on 16 cores. A 2-core machine gets 1 (a second worker there measured slower)."""
         if self.workers == "auto":
             return max(1, min(GATEWAY_AUTO_WORKERS, cpus // 4))
         return int(self.workers)

@@ -1,6 +1,7 @@
 """The gateway process: `python -m triton_rag.gateway --repository R --triton-url HOST:PORT [--config F] [--set
 gateway.KEY=VALUE ...]`. `triton-rag serve` starts it after tritonserver and stops it with tritonserver; it can run
-on its own beside any tritonserver that serves a prepared repository."""
+on its own beside any tritonserver that serves a prepared repository. With `[gateway] workers` above 1 it is the
+parent of that many worker processes (gateway.workers)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from triton_rag.build.settings import GatewaySettings, SettingsError, load_settings
 from triton_rag.core import logs
 from triton_rag.gateway.catalog import CatalogError, load_catalog
+from triton_rag.gateway.workers import FACTORY, LOG_FORMAT, MULTIPROCESS_ENV, available_cpus, shared_state
 
 _log = logging.getLogger("triton_rag.gateway")
 
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="overrides [gateway] host")
     parser.add_argument("--port", type=int, help="overrides [gateway] port")
     args = parser.parse_args(argv)
-    logs.configure("stderr", fmt="[triton-rag gateway] %(message)s")
+    logs.configure("stderr", fmt=LOG_FORMAT)
     overrides = list(args.overrides)
     if args.host:
         overrides.append(f"gateway.host={args.host}")
@@ -84,29 +87,38 @@ def main(argv: list[str] | None = None) -> int:
         _log.error("error: %s", exc)
         return 2
 
+    workers = settings.worker_count(available_cpus())
+    if workers == 1:
+        os.environ.pop(MULTIPROCESS_ENV, None)  # serving alone: the samples stay in this process's registry
+
     import uvicorn
 
-    from triton_rag.gateway.app import GatewayConfig, create_app, guarded
+    from triton_rag.gateway.app import GatewayConfig, create_app
 
     config = GatewayConfig(settings, keys, catalog, args.triton_url)
-    app = guarded(create_app(config), config)
     served = ", ".join(f"{model.endpoint} as {model.id!r}" for model in catalog.models())
     _log.info(
-        "listening on http://%s:%d (Triton gRPC %s; %s; %s)",
+        "listening on http://%s:%d (Triton gRPC %s; %s; %s; %d worker process%s)",
         settings.host,
         settings.port,
         args.triton_url,
         served,
         f"{len(keys)} API key(s)" if keys else "no API key asked for",
+        workers,
+        "" if workers == 1 else "es",
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(config), **options)
+        return 0
+    with shared_state(config):
+        uvicorn.run(FACTORY, factory=True, workers=workers, **options)
     return 0
 
 

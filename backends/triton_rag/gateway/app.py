@@ -5,11 +5,15 @@ Routes: `POST /v1/embeddings` (OpenAI), `POST /v1/rerank` (Jina / Cohere v1), `P
 `POST /v1/convert/file` and `POST /v1/convert/source` (docling-serve), `GET /v1/models` (OpenAI), `GET /health`
 (200 only when Triton is ready), `GET /metrics` (Prometheus). /health and /metrics need no key; the rest do when
 keys are configured.
+
+The layers, outermost first: `Guard` (metrics, key, body limit), `JsonApi` (the embeddings and rerank routes, the
+gateway's hot path), FastAPI (every other route).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import secrets
 import time
@@ -22,7 +26,7 @@ import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from triton_rag.build.settings import GatewaySettings
@@ -33,6 +37,7 @@ from triton_rag.gateway.errors import (
     BadRequest,
     GatewayError,
     Internal,
+    MethodNotAllowed,
     PayloadTooLarge,
     Unauthorized,
     Unavailable,
@@ -69,6 +74,8 @@ class GatewayConfig:
     catalog: Catalog
     #: Triton's gRPC endpoint, "host:port".
     triton_url: str
+    #: prometheus_client's multiprocess directory when several worker processes serve (gateway.workers).
+    metrics_dir: str | None = None
 
 
 class BodyTooLarge(HTTPException):
@@ -80,6 +87,30 @@ class BodyTooLarge(HTTPException):
 
 def _error_response(error: GatewayError, path: str) -> JSONResponse:
     return JSONResponse(error_body(error, style_of(path)), status_code=error.status, headers=error.headers())
+
+
+def _gateway_error(error: GatewayError, path: str) -> JSONResponse:
+    if isinstance(error, Unavailable):
+        _log.info("%s: 503: %s", path, error.message)
+    return _error_response(error, path)
+
+
+def _invalid(errors: Sequence[Any], path: str) -> JSONResponse:
+    message, param = _validation_message(errors)
+    # docling-serve (FastAPI) answers a malformed request with 422; OpenAI and Cohere with 400
+    problem: GatewayError = (
+        Unprocessable(message, param=param, code="invalid_request")
+        if style_of(path) == "docling"
+        else BadRequest(message, param=param, code="invalid_request")
+    )
+    return _error_response(problem, path)
+
+
+def _bug(error: Exception, path: str) -> JSONResponse:
+    reference = secrets.token_hex(4)
+    _log.error("%s: internal error, reference %s", path, reference, exc_info=error)
+    problem = Internal(f"internal error (gateway log reference {reference}); the gateway's log has the details")
+    return _error_response(problem, path)
 
 
 class Guard:
@@ -174,8 +205,86 @@ def _validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
-def create_app(config: GatewayConfig, shell: TritonShell | None = None) -> FastAPI:
-    metrics = GatewayMetrics()
+@dataclass(frozen=True)
+class JsonRoute:
+    """`POST path`: the body validated as `request`, answered by `answer` (the response body)."""
+
+    path: str
+    request: type[BaseModel]
+    answer: Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole body (the Guard's `receive` counts it against the limit), or None if the client went away."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _json_body(scope: Scope, body: bytes) -> Any:
+    """The body as FastAPI reads a JSON body: parsed when its Content-Type is absent or JSON (application/json,
+    application/*+json), by the standard library's parser (which keeps a lone surrogate's escape, refused later
+    with its own message)."""
+    content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
+    kind = content_type.partition(b";")[0].strip().lower()
+    if kind and kind != b"application/json" and not (kind.startswith(b"application/") and kind.endswith(b"+json")):
+        raise BadRequest(
+            f"the body must be JSON (Content-Type: application/json), not {kind.decode('latin-1')}",
+            code="invalid_request",
+        )
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_request") from None
+
+
+class JsonApi:
+    """The JSON API routes (embeddings, rerank) answered here, in front of FastAPI, which serves every other path.
+    The same pydantic models validate the same JSON, errors keep each API's shape and message; what is left out is
+    FastAPI's routing, dependency solving and middleware stack, which cost more CPU per request than the route's
+    own work, tokenization included (BENCHMARKS.md, "Gateway")."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[JsonRoute]) -> None:
+        self.app = app
+        self.routes = {route.path: route for route in routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route  # the Guard's metrics label, as FastAPI's router sets its own routes
+        response = await self._respond(route, scope, receive)
+        if response is not None:
+            await response(scope, receive, send)
+
+    async def _respond(self, route: JsonRoute, scope: Scope, receive: Receive) -> Response | None:
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"{route.path} answers POST only")
+            body = await _read_body(receive)
+            if body is None:
+                return None
+            request = route.request.model_validate(_json_body(scope, body))
+            return JSONResponse(await route.answer(request))
+        except BodyTooLarge:
+            raise  # the Guard answers it
+        except ValidationError as error:
+            return _invalid(error.errors(), route.path)
+        except GatewayError as error:
+            return _gateway_error(error, route.path)
+        except Exception as error:
+            return _bug(error, route.path)
+
+
+def create_app(config: GatewayConfig, shell: TritonShell | None = None) -> ASGIApp:
+    """What uvicorn serves: the Guard, the JSON API routes, FastAPI for the rest."""
+    metrics = GatewayMetrics(config.metrics_dir)
     triton = shell or TritonShell(
         config.triton_url, config.settings.request_timeout_seconds, config.settings.retry_after_seconds, metrics
     )
@@ -195,14 +304,10 @@ def create_app(config: GatewayConfig, shell: TritonShell | None = None) -> FastA
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.metrics = metrics
-    app.state.shell = triton
 
     @app.exception_handler(GatewayError)
     async def on_gateway_error(request: Request, error: GatewayError) -> JSONResponse:
-        if isinstance(error, Unavailable):
-            _log.info("%s: 503: %s", request.url.path, error.message)
-        return _error_response(error, request.url.path)
+        return _gateway_error(error, request.url.path)
 
     @app.exception_handler(BodyTooLarge)
     async def on_too_large(request: Request, _: BodyTooLarge) -> JSONResponse:
@@ -212,22 +317,11 @@ def create_app(config: GatewayConfig, shell: TritonShell | None = None) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(error.errors())
-        path = request.url.path
-        # docling-serve (FastAPI) answers a malformed request with 422; OpenAI and Cohere with 400
-        problem: GatewayError = (
-            Unprocessable(message, param=param, code="invalid_request")
-            if style_of(path) == "docling"
-            else BadRequest(message, param=param, code="invalid_request")
-        )
-        return _error_response(problem, path)
+        return _invalid(error.errors(), request.url.path)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, error: Exception) -> JSONResponse:
-        reference = secrets.token_hex(4)
-        _log.error("%s: internal error, reference %s", request.url.path, reference, exc_info=error)
-        problem = Internal(f"internal error (gateway log reference {reference}); the gateway's log has the details")
-        return _error_response(problem, request.url.path)
+        return _bug(error, request.url.path)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -251,22 +345,24 @@ def create_app(config: GatewayConfig, shell: TritonShell | None = None) -> FastA
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest) -> JSONResponse:
+    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         answer, count = await create_embeddings(body, catalog, triton, settings.max_inputs)
         metrics.inputs.labels("/v1/embeddings").inc(count)
-        return JSONResponse(answer)
+        return answer
 
-    def rerank_route(version: Version, path: str) -> Callable[[RerankRequest], Awaitable[JSONResponse]]:
-        async def route(body: RerankRequest) -> JSONResponse:
-            answer, count = await rerank(version, body, catalog, triton, settings.max_inputs)
+    def rerank_route(version: Version, path: str) -> JsonRoute:
+        async def answer(body: RerankRequest) -> dict[str, Any]:
+            result, count = await rerank(version, body, catalog, triton, settings.max_inputs)
             metrics.inputs.labels(path).inc(count)
-            return JSONResponse(answer)
+            return result
 
-        return route
+        return JsonRoute(path, RerankRequest, answer)
 
-    app.post("/v1/rerank")(rerank_route("v1", "/v1/rerank"))
-    app.post("/v2/rerank")(rerank_route("v2", "/v2/rerank"))
+    json_routes = [
+        JsonRoute("/v1/embeddings", EmbeddingRequest, embeddings),
+        rerank_route("v1", "/v1/rerank"),
+        rerank_route("v2", "/v2/rerank"),
+    ]
 
     @app.post("/v1/convert/file")
     async def convert_file(request: Request) -> JSONResponse:
@@ -337,12 +433,7 @@ def create_app(config: GatewayConfig, shell: TritonShell | None = None) -> FastA
         metrics.inputs.labels("/v1/convert/source").inc()
         return JSONResponse(answer)
 
-    return app
+    return Guard(JsonApi(app, json_routes), config, metrics)
 
 
-def guarded(app: FastAPI, config: GatewayConfig) -> ASGIApp:
-    """The application behind the Guard (keys, body limit, metrics): what uvicorn serves."""
-    return Guard(app, config, app.state.metrics)
-
-
-__all__ = ["GatewayConfig", "ValidationError", "create_app", "guarded"]
+__all__ = ["GatewayConfig", "create_app"]

@@ -2,29 +2,25 @@
 own `GET /metrics` (Triton's port has the models' and the router's).
 
 With several worker processes (`gateway.workers`) every worker writes its samples to files in prometheus_client's
-multiprocess directory, which the parent process makes before it starts them and names in $PROMETHEUS_MULTIPROC_DIR;
-`/metrics`, whichever worker answers it, adds up all of them."""
+multiprocess directory, which the parent process makes before it starts them; `/metrics`, whichever worker answers
+it, adds up all of them."""
 
 from __future__ import annotations
 
-import os
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-
-#: prometheus_client reads it when it is imported: set, its metrics are kept in files there (multiprocess mode).
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Latency buckets (seconds): from a lone query (a few ms) to a long PDF (minutes).
 BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class GatewayMetrics:
-    """One registry per application (tests run several in one process); in multiprocess mode the samples are the
-    directory's, so /metrics reads them from there."""
+    """One registry per application (tests run several in one process). `shared_dir`: prometheus_client's
+    multiprocess directory (the process was started with $PROMETHEUS_MULTIPROC_DIR naming it, so its samples are
+    written there), which /metrics reads every worker's samples from."""
 
-    def __init__(self) -> None:
-        self.shared_dir = os.environ.get(MULTIPROCESS_ENV)
+    def __init__(self, shared_dir: str | None = None) -> None:
+        self.shared_dir = shared_dir
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "rag_gateway_requests_total",
@@ -57,12 +53,21 @@ class GatewayMetrics:
             ["model", "outcome"],
             registry=self.registry,
         )
+        #: Each (route, status)'s series, looked up once: `labels` takes a lock and checks its values every call.
+        self._series: dict[tuple[str, int], tuple[Counter, Counter | None, Histogram]] = {}
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        if status >= 400:
-            self.errors.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        series = self._series.get((route, status))
+        if series is None:
+            code = str(status)
+            errors = self.errors.labels(route, code) if status >= 400 else None
+            series = (self.requests.labels(route, code), errors, self.latency.labels(route))
+            self._series[(route, status)] = series
+        requests, errors, latency = series
+        requests.inc()
+        if errors is not None:
+            errors.inc()
+        latency.observe(seconds)
 
     def render(self) -> bytes:
         if self.shared_dir:

@@ -60,7 +60,8 @@ class FastTokenizer:
                 copy.enable_truncation(max_length)
                 self._truncating[max_length] = copy
             tokenizer = self._truncating[max_length]
-        encodings = tokenizer.encode_batch(list(text), add_special_tokens=add_special_tokens)
+        # the ids only: without the offsets, which nothing here reads, the Qwen3 tokenizer takes ~16% less time
+        encodings = tokenizer.encode_batch_fast(list(text), add_special_tokens=add_special_tokens)
         return {"input_ids": [encoding.ids for encoding in encodings]}
 
     def convert_tokens_to_ids(self, tokens: str) -> int:

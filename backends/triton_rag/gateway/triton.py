@@ -25,6 +25,23 @@ _log = logging.getLogger(__name__)
 UNAVAILABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "NOT_FOUND"})
 
 
+#: gRPC waits longer and longer between attempts to reconnect to a Triton it could not reach (up to 2 minutes), and
+#: fails a request at once while it waits (503): after Triton's start (serve starts the gateway before Triton is
+#: ready) or a restart, each worker's channel tries again at least every second.
+RECONNECT_BACKOFF_MS = 1000
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel arguments (no message size limit; its keepalive options are gRPC's defaults), and
+    the reconnection backoff capped at RECONNECT_BACKOFF_MS."""
+    return [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+    ]
+
+
 #: Above this many texts a request's tokenization runs on a worker thread (the tokenizer releases the GIL), so a
 #: large request does not hold up the event loop; below, a thread hop would cost more than the tokenization.
 THREAD_ROWS = 16
@@ -97,7 +114,7 @@ class TritonShell:
     @property
     def client(self) -> grpcclient.InferenceServerClient:
         if self._client is None:  # made on the event loop that uses it
-            self._client = grpcclient.InferenceServerClient(self.url)
+            self._client = grpcclient.InferenceServerClient(self.url, channel_args=channel_args())
         return self._client
 
     async def close(self) -> None:
@@ -138,18 +155,18 @@ class TritonShell:
 
     async def _rows(self, model: str, max_batch: int, columns: dict[str, Sequence[str]], output: str) -> np.ndarray:
         total = len(next(iter(columns.values())))
-        parts = chunks(total, max_batch)
-        answers = await asyncio.gather(
-            *(
-                self._infer(
-                    model,
-                    [strings(name, values[part.start : part.stop]) for name, values in columns.items()],
-                    [output],
-                    part,
-                )
-                for part in parts
+        calls = [
+            self._infer(
+                model,
+                [strings(name, values[part.start : part.stop]) for name, values in columns.items()],
+                [output],
+                part,
             )
-        )
+            for part in chunks(total, max_batch)
+        ]
+        if len(calls) == 1:  # most requests: awaited as it is, no task made and scheduled for it
+            return (await calls[0])[output]
+        answers = await asyncio.gather(*calls)
         return np.concatenate([answer[output] for answer in answers], axis=0)
 
     async def embed(self, model: str, max_batch: int, texts: Sequence[str], instruction: str) -> np.ndarray:
