@@ -19,8 +19,8 @@ mkdir -p "$out" "$work/site"
 docling=(docling-core pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
          typing-extensions pandas python-dateutil pytz tabulate pypdfium2)
 # the gateway (`serve`'s HTTP front door, tools/bench_gateway.py) imports these beyond what the machine has (httpx,
-# grpcio, anyio, h11, click, tokenizers are there)
-gateway=(fastapi starlette uvicorn prometheus-client python-multipart annotated-doc opentelemetry-api orjson)
+# grpcio, anyio, h11, click, tokenizers, uvloop and aiohttp are there)
+gateway=(fastapi starlette uvicorn httptools prometheus-client python-multipart annotated-doc opentelemetry-api orjson)
 mapfile -t docling_pins < <("$PY" -c 'import sys
 from importlib.metadata import version
 for name in sys.argv[1:]:
