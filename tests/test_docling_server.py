@@ -117,6 +117,17 @@ def test_pages_alone_in_one_request_and_concurrently_agree(docling_server) -> No
     assert together == [alone[i % 3] for i in range(6)]
 
 
+def document_of_pages_alone(server: RunningServer, pdf: bytes) -> DoclingDocument:
+    """What docling_document must answer for `pdf`: each page rendered here and converted alone by the `docling`
+    endpoint, the pages merged by core.doctags."""
+    rendered = render_pdf(pdf, Limits())
+    page_tags = [convert_page(server, [encoded(page.image)])[0][0] for page in rendered]  # type: ignore[arg-type]
+    return pages_to_document(
+        [PageTags(tags, page.image, page.size_points) for tags, page in zip(page_tags, rendered, strict=True)],  # type: ignore[arg-type]
+        name="document",
+    )
+
+
 def test_a_pdf_becomes_one_document_with_its_pages_in_points(docling_server) -> None:
     pdf = make_pdf((612, 792), (842, 595))
     document, errors = convert_document(docling_server, pdf)
@@ -125,13 +136,7 @@ def test_a_pdf_becomes_one_document_with_its_pages_in_points(docling_server) -> 
         1: (1, 612.0, 792.0),
         2: (2, 842.0, 595.0),
     }
-    rendered = render_pdf(pdf, Limits())
-    page_tags = [convert_page(docling_server, [encoded(page.image)])[0][0] for page in rendered]  # type: ignore[arg-type]
-    expected = pages_to_document(
-        [PageTags(tags, page.image, page.size_points) for tags, page in zip(page_tags, rendered, strict=True)],  # type: ignore[arg-type]
-        name="document",
-    )
-    assert document == expected
+    assert document == document_of_pages_alone(docling_server, pdf)
 
 
 def test_a_failed_page_is_reported_and_keeps_its_place(docling_server) -> None:

@@ -15,11 +15,9 @@ import pytest
 
 from tests.harness import CACHE_DIR, RunningServer, add_page_stand_in, process_memory, start_server
 from tests.test_docling_parts import make_pdf
-from tests.test_docling_server import FIXED_DOCTAGS, convert_document, convert_page, encoded
+from tests.test_docling_server import FIXED_DOCTAGS, convert_document, document_of_pages_alone
 from triton_rag.build.repository import prepare_repository
 from triton_rag.build.settings import DoclingSettings, Settings
-from triton_rag.core.doctags import PageTags, pages_to_document
-from triton_rag.core.pdf import Limits, render_pdf
 from triton_rag.triton.router.memory import stub_pids
 
 MAX_PAGES = 16
@@ -60,12 +58,7 @@ def test_a_pdf_longer_than_the_pages_in_flight_converts_as_each_page_alone(strea
     pdf = make_pdf(*sizes)  # more pages than are ever in flight at once
     document, errors = convert_document(stream_server, pdf)
     assert errors == {}
-    rendered = render_pdf(pdf, Limits())
-    page_tags = [convert_page(stream_server, [encoded(page.image)])[0][0] for page in rendered]  # type: ignore[arg-type]
-    expected = pages_to_document(
-        [PageTags(tags, page.image, page.size_points) for tags, page in zip(page_tags, rendered, strict=True)],  # type: ignore[arg-type]
-        name="document",
-    )
+    expected = document_of_pages_alone(stream_server, pdf)
     assert document == expected
     assert document.model_dump_json() == expected.model_dump_json()
 

@@ -493,7 +493,7 @@ class TritonServer:
             for name in stage:
                 if self._repository_call(f"models/{name}/unload", deadline) is None:
                     return False
-            while any(self._model_state(name, deadline) not in ("UNAVAILABLE", None) for name in stage):
+            while any(state not in ("UNAVAILABLE", None) for state in self._model_states(stage, deadline)):
                 if time.monotonic() >= deadline:
                     _log.warning("stopping: %s still had requests in flight after %.0f s", ", ".join(stage), seconds)
                     return False
@@ -517,13 +517,15 @@ class TritonServer:
             _log.debug("repository API %s: %s", path, exc)
             return None
 
-    def _model_state(self, name: str, deadline: float) -> str | None:
-        """`name`'s state in the repository index (READY, UNLOADING, UNAVAILABLE, ...); None when it is not there."""
+    def _model_states(self, names: Sequence[str], deadline: float) -> list[str | None]:
+        """Each of `names`' state in one read of the repository index (READY, UNLOADING, UNAVAILABLE, ...; None when
+        it is not there; UNKNOWN for all when the index cannot be read)."""
         index = self._repository_call("index", deadline)
         entries = json.loads(index) if index else None
         if not isinstance(entries, list):
-            return "UNKNOWN"
-        return {entry["name"]: entry.get("state") for entry in entries}.get(name)
+            return ["UNKNOWN"] * len(names)
+        states = {entry["name"]: entry.get("state") for entry in entries}
+        return [states.get(name) for name in names]
 
     def _kill_group(self) -> None:
         """SIGKILL what is left of the server's process group (it leads its own): stubs of a server that did not
